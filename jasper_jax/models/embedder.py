@@ -1,0 +1,123 @@
+"""The student: encoder -> pooling -> named projection heads -> L2-normalised vectors.
+
+Parameter tree: `{"encoder": <HF-named tree>, "heads": {"dense_1152": {kernel, bias}, ...}}`.
+Heads are independent linear layers on the pooled vector (the paper's FC1..FC4); a head named
+`dense_<dim>` exports to the sentence-transformers folder `2_Dense_<dim>`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jasper_jax.models.bert import BertConfig, BertEncoder
+from jasper_jax.models.layers import Dense
+from jasper_jax.models.pooling import POOLING_MODES, l2_normalize, pool
+from jasper_jax.models.qwen2 import Qwen2Config, Qwen2Encoder
+
+EncoderConfig = BertConfig | Qwen2Config
+ENCODERS = {"bert": BertEncoder, "qwen2": Qwen2Encoder}
+POOLED = "pooled"  # the name under which the bare pooled vector is returned
+
+
+def head_name(dim: int) -> str:
+    return f"dense_{dim}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedderConfig:
+    """Everything that fixes the student's architecture.
+
+    Attributes:
+      encoder: the encoder's own config (BERT or Qwen2).
+      pooling: one of POOLING_MODES.
+      heads: output dims of the projection heads, e.g. (1152, 256, 128); named `dense_<dim>`.
+      default_head: the head `encode` uses when none is named; None means the pooled vector.
+    """
+
+    encoder: EncoderConfig
+    pooling: str = "mean"
+    heads: tuple[int, ...] = ()
+    default_head: str | None = None
+
+    def __post_init__(self):
+        if self.pooling not in POOLING_MODES:
+            raise ValueError(f"pooling {self.pooling!r}: choose one of {POOLING_MODES}")
+        if len(set(self.heads)) != len(self.heads):
+            raise ValueError(f"head dims {self.heads} must be distinct")
+        if self.default_head not in (None, POOLED, *self.head_names):
+            raise ValueError(f"default head {self.default_head!r} is not one of {self.head_names}")
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        return tuple(head_name(d) for d in self.heads)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.encoder.hidden_size
+
+
+class Embedder(nn.Module):
+    """Call: (input_ids [B, L], attention_mask [B, L]) -> {name: [B, dim] unit vectors}.
+
+    `heads` selects which outputs to compute (names from `config.head_names` and/or "pooled");
+    None computes all of them. `inputs_embeds` [B, L, hidden] replaces token embeddings.
+    """
+
+    config: EmbedderConfig
+    dtype: jnp.dtype = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        enc = self.config.encoder
+        self.encoder = ENCODERS[enc.model_type](enc, dtype=self.dtype, remat=self.remat)
+        self.heads = {
+            head_name(d): Dense(d, ("embed", "head_out"), dtype=jnp.float32)
+            for d in self.config.heads
+        }
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array,
+        inputs_embeds: jax.Array | None = None,
+        heads: Sequence[str] | None = None,
+        deterministic: bool = True,
+    ) -> dict[str, jax.Array]:
+        hidden = self.encoder(input_ids, attention_mask, inputs_embeds, deterministic=deterministic)
+        return self.project(self.pool(hidden, attention_mask), heads)
+
+    def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
+        """[B, L, hidden] -> [B, hidden] float32 (not normalised)."""
+        return pool(hidden, attention_mask, self.config.pooling)
+
+    def project(
+        self, pooled: jax.Array, heads: Sequence[str] | None = None
+    ) -> dict[str, jax.Array]:
+        """Pooled [B, hidden] -> {name: [B, dim]} L2-normalised float32 vectors."""
+        names = (POOLED, *self.config.head_names) if heads is None else tuple(heads)
+        out = {}
+        for name in names:
+            if name == POOLED:
+                out[name] = l2_normalize(pooled)
+            elif name in self.heads:
+                out[name] = l2_normalize(self.heads[name](pooled))
+            else:
+                raise KeyError(f"head {name!r} not in {(POOLED, *self.config.head_names)}")
+        return out
+
+
+def init_params(config: EmbedderConfig, rng: jax.Array, seq_len: int = 8):
+    """Random boxed parameters (with logical axis metadata) for `config`."""
+    ids = jnp.zeros((1, seq_len), jnp.int32)
+    return Embedder(config).init(rng, ids, jnp.ones_like(ids))["params"]
+
+
+def abstract_params(config: EmbedderConfig):
+    """Shapes and logical axes of the parameters, without allocating them."""
+    return jax.eval_shape(functools.partial(init_params, config), jax.random.key(0))
