@@ -62,6 +62,18 @@ class EmbedderConfig:
         return self.encoder.hidden_size
 
 
+class ProjectionHeads(nn.Module):
+    """Independent linear heads on the pooled vector, params `heads/dense_<dim>/{kernel,bias}`."""
+
+    dims: tuple[int, ...]
+
+    @nn.compact
+    def __call__(self, pooled: jax.Array, name: str) -> jax.Array:
+        """pooled [B, hidden] float32 -> [B, dim] for head `name` (computed in float32)."""
+        dim = dict(zip(map(head_name, self.dims), self.dims, strict=True))[name]
+        return Dense(dim, ("embed", "head_out"), dtype=jnp.float32, name=name)(pooled)
+
+
 class Embedder(nn.Module):
     """Call: (input_ids [B, L], attention_mask [B, L]) -> {name: [B, dim] unit vectors}.
 
@@ -73,14 +85,7 @@ class Embedder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     remat: bool = False
 
-    def setup(self):
-        enc = self.config.encoder
-        self.encoder = ENCODERS[enc.model_type](enc, dtype=self.dtype, remat=self.remat)
-        self.heads = {
-            head_name(d): Dense(d, ("embed", "head_out"), dtype=jnp.float32)
-            for d in self.config.heads
-        }
-
+    @nn.compact
     def __call__(
         self,
         input_ids: jax.Array,
@@ -89,26 +94,22 @@ class Embedder(nn.Module):
         heads: Sequence[str] | None = None,
         deterministic: bool = True,
     ) -> dict[str, jax.Array]:
-        hidden = self.encoder(input_ids, attention_mask, inputs_embeds, deterministic=deterministic)
-        return self.project(self.pool(hidden, attention_mask), heads)
-
-    def pool(self, hidden: jax.Array, attention_mask: jax.Array) -> jax.Array:
-        """[B, L, hidden] -> [B, hidden] float32 (not normalised)."""
-        return pool(hidden, attention_mask, self.config.pooling)
-
-    def project(
-        self, pooled: jax.Array, heads: Sequence[str] | None = None
-    ) -> dict[str, jax.Array]:
-        """Pooled [B, hidden] -> {name: [B, dim]} L2-normalised float32 vectors."""
-        names = (POOLED, *self.config.head_names) if heads is None else tuple(heads)
+        cfg = self.config
+        encoder = ENCODERS[cfg.encoder.model_type](
+            cfg.encoder, dtype=self.dtype, remat=self.remat, name="encoder"
+        )
+        hidden = encoder(input_ids, attention_mask, inputs_embeds, deterministic=deterministic)
+        pooled = pool(hidden, attention_mask, cfg.pooling)
+        projection = ProjectionHeads(cfg.heads, name="heads")
+        names = (POOLED, *cfg.head_names) if heads is None else tuple(heads)
         out = {}
         for name in names:
             if name == POOLED:
                 out[name] = l2_normalize(pooled)
-            elif name in self.heads:
-                out[name] = l2_normalize(self.heads[name](pooled))
+            elif name in cfg.head_names:
+                out[name] = l2_normalize(projection(pooled, name))
             else:
-                raise KeyError(f"head {name!r} not in {(POOLED, *self.config.head_names)}")
+                raise KeyError(f"head {name!r} not in {(POOLED, *cfg.head_names)}")
         return out
 
 

@@ -115,10 +115,15 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
 
         out = {}
         for f in files:
-            # framework="flax" reads bf16 too (numpy has no bfloat16 dtype).
-            with safe_open(str(f), framework="flax") as handle:
-                for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                    out[key] = np.asarray(handle.get_tensor(key), dtype=np.float32)
+            try:
+                # framework="flax" reads bf16 too (numpy has no bfloat16 dtype).
+                with safe_open(str(f), framework="flax") as handle:
+                    for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                        out[key] = np.asarray(handle.get_tensor(key), dtype=np.float32)
+            except Exception as e:  # safetensors raises its own error types for corrupt files
+                raise UserError(
+                    f"{f} is corrupt or truncated ({e}); re-download or re-export the model"
+                ) from e
         return out
     bins = sorted(folder.glob("pytorch_model*.bin"))
     if not bins:

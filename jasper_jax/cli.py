@@ -1,0 +1,68 @@
+"""`jasper-jax` command line: a thin layer that parses flags and calls library code.
+
+Every sub-command reports bad input as one line on stderr and exit code 2 (no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from jasper_jax.errors import UserError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _encode_args(p: argparse.ArgumentParser) -> Command:
+    p.add_argument("--model", required=True, help="local HF / sentence-transformers folder")
+    p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
+    p.add_argument("--output", required=True, help=".npy file for the [N, dim] float32 vectors")
+    p.add_argument("--head", default=None, help="output head: 'pooled', 'dense_<dim>' or '<dim>'")
+    p.add_argument("--prompt", default=None, help="text prepended to every input (e.g. a query)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=None, help="tokens; default: the model's")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh shape")
+
+    def run(args: argparse.Namespace) -> int:
+        from jasper_jax.commands.encode import encode_main
+
+        return encode_main(args)
+
+    return run
+
+
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
+    "encode": ("encode texts into L2-normalised vectors (.npy)", _encode_args),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+    parser = argparse.ArgumentParser(
+        prog="jasper-jax", description="Jasper/Stella embedding distillation in JAX/Flax."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    runners = {}
+    for name, (help_text, add) in SUBCOMMANDS.items():
+        runners[name] = add(sub.add_parser(name, help=help_text, description=help_text))
+    return parser, runners
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    parser, runners = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return runners[args.command](args)
+    except UserError as e:
+        print(f"jasper-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jasper-jax {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

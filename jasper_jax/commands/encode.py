@@ -1,0 +1,91 @@
+"""`jasper-jax encode`: one text per line in, an .npy of unit vectors out (row i = line i)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from jasper_jax.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Lines of a UTF-8 file without their line endings; names the first bad byte otherwise."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise UserError(f"input file {path} does not exist") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise UserError(
+            f"{path} is not UTF-8 (byte {e.start}, line {line}); convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path} > fixed.txt`"
+        ) from e
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the final newline ends the last line; it does not start a new one
+    return [line.rstrip("\r") for line in lines]
+
+
+def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
+    """Writes beside the target, then renames: an existing file is never left half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def parse_mesh(text: str) -> tuple[int, int, int]:
+    try:
+        shape = tuple(int(x) for x in text.split(","))
+    except ValueError as e:
+        raise UserError(f"--mesh {text!r}: expected three integers like 2,1,4") from e
+    if len(shape) != 3:
+        raise UserError(f"--mesh {text!r}: expected data,fsdp,tensor, e.g. -1,1,1")
+    return shape  # type: ignore[return-value]
+
+
+def encode_main(args: argparse.Namespace) -> int:
+    from jasper_jax import sharding
+    from jasper_jax.encode import TextEncoder, resolve_head
+    from jasper_jax.models.loading import load_model
+
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
+    if args.max_length is not None and args.max_length < 2:
+        raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
+    texts = read_lines(args.input)
+    model = load_model(args.model)
+    resolve_head(model.config, args.head)  # fail before any compile
+    encoder = TextEncoder(
+        model,
+        dtype=args.dtype,
+        mesh=sharding.make_mesh(parse_mesh(args.mesh)),
+        batch_size=args.batch_size,
+    )
+    vectors = encoder.encode(
+        texts, head=args.head, prompt=args.prompt, max_length=args.max_length, progress=True
+    )
+    save_npy_atomic(args.output, vectors)
+    log.info(
+        "wrote %s: %d x %d float32 (%d texts reached max length and were truncated)",
+        args.output,
+        *vectors.shape,
+        encoder.last_truncated,
+    )
+    return 0

@@ -1,0 +1,160 @@
+"""Batch text encoding with a loaded model: tokenise, bucket by length, run sharded, unsort.
+
+Texts are sorted by token count and padded to a few bucket lengths (powers of two) so a whole
+corpus compiles a handful of programs; every batch has the same row count (short batches are
+padded with empty rows), sharded over the mesh's (data, fsdp) axes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from jasper_jax import sharding
+from jasper_jax.errors import UserError
+from jasper_jax.models.embedder import POOLED, Embedder, EmbedderConfig, abstract_params
+from jasper_jax.models.loading import LoadedModel
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def bucket_length(n: int, max_length: int, smallest: int = 16) -> int:
+    """Smallest power of two >= n (at least `smallest`), capped at `max_length`."""
+    length = smallest
+    while length < n:
+        length *= 2
+    return min(length, max_length)
+
+
+def resolve_head(config: EmbedderConfig, head: str | None) -> str:
+    """Maps a user's `--head` (None, "pooled", "dense_256" or "256") to an output name."""
+    if head is None:
+        return config.default_head or POOLED
+    if head.isdigit():
+        head = f"dense_{head}"
+    if head not in (POOLED, *config.head_names):
+        raise UserError(
+            f"--head {head!r} does not exist in this model; available: "
+            f"{[POOLED, *config.head_names]}"
+        )
+    return head
+
+
+@dataclasses.dataclass
+class Tokenized:
+    """Token ids per text (no padding) and how many texts were cut at max_length."""
+
+    ids: list[list[int]]
+    truncated: int
+
+
+def tokenize(
+    tokenizer: Any, texts: Sequence[str], max_length: int, prompt: str | None
+) -> Tokenized:
+    """Tokenises like sentence-transformers: the prompt is prepended to the text; truncation keeps
+    the special tokens. A text is counted truncated when it fills `max_length` exactly."""
+    if prompt:
+        texts = [prompt + t for t in texts]
+    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
+    ids = [list(x) for x in enc["input_ids"]]
+    return Tokenized(ids, sum(len(x) >= max_length for x in ids))
+
+
+class TextEncoder:
+    """Encodes texts into L2-normalised float32 vectors with one loaded model.
+
+    Args:
+      model: from `jasper_jax.models.loading.load_model`.
+      dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
+      mesh: device mesh; defaults to data parallelism over all devices.
+      batch_size: rows per step, rounded up to a multiple of the mesh's batch axes.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        dtype: str = "float32",
+        mesh: jax.sharding.Mesh | None = None,
+        batch_size: int = 64,
+        tokenizer: Any = None,
+    ):
+        if dtype not in DTYPES:
+            raise UserError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
+        self.model = model
+        self.mesh = mesh or sharding.make_mesh((-1, 1, 1))
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        self.batch_size = -(-batch_size // shards) * shards
+        self.module = Embedder(model.config, dtype=DTYPES[dtype])
+        self.tokenizer = tokenizer or _load_tokenizer(model.folder)
+        shardings = sharding.param_shardings(abstract_params(model.config), self.mesh)
+        self.params = jax.device_put(model.params, shardings)
+        self._in_sharding = sharding.batch_sharding(self.mesh, 2)
+        self._fns: dict[str, Any] = {}
+
+    def _fn(self, head: str):
+        if head not in self._fns:
+
+            def run(params, ids, mask):
+                return self.module.apply({"params": params}, ids, mask, heads=(head,))[head]
+
+            self._fns[head] = jax.jit(run)
+        return self._fns[head]
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        *,
+        head: str | None = None,
+        prompt: str | None = None,
+        max_length: int | None = None,
+        progress: bool = False,
+    ) -> np.ndarray:
+        """texts -> [len(texts), dim] float32 unit vectors, row i for text i."""
+        head = resolve_head(self.model.config, head)
+        max_length = min(max_length or self.model.max_seq_length, _position_limit(self.model))
+        tok = tokenize(self.tokenizer, texts, max_length, prompt)
+        self.last_truncated = tok.truncated
+        order = np.argsort([len(x) for x in tok.ids], kind="stable")
+        out: np.ndarray | None = None
+        bar = tqdm(total=len(texts), unit="text", disable=not progress, desc="encode")
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            ids, mask = self._pad([tok.ids[i] for i in rows], max_length)
+            vecs = np.asarray(self._fn(head)(self.params, ids, mask))[: len(rows)]
+            if out is None:
+                out = np.zeros((len(texts), vecs.shape[-1]), np.float32)
+            out[rows] = vecs
+            bar.update(len(rows))
+        bar.close()
+        return out if out is not None else np.zeros((0, 0), np.float32)
+
+    def _pad(self, rows: list[list[int]], max_length: int):
+        length = bucket_length(max(len(r) for r in rows), max_length)
+        pad_id = self.tokenizer.pad_token_id or 0
+        ids = np.full((self.batch_size, length), pad_id, np.int32)
+        mask = np.zeros((self.batch_size, length), np.int32)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        put = lambda x: jax.device_put(x, self._in_sharding)
+        return put(ids), put(mask)
+
+
+def _position_limit(model: LoadedModel) -> int:
+    return getattr(model.config.encoder, "max_position_embeddings", 1 << 30)
+
+
+def _load_tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a tokenizer from {folder}: {e}") from e
