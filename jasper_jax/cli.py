@@ -34,8 +34,24 @@ def _encode_args(p: argparse.ArgumentParser) -> Command:
     return run
 
 
+def _train_args(p: argparse.ArgumentParser) -> Command:
+    from jasper_jax.commands.train import add_distributed_args
+
+    p.add_argument("--config", required=True, help="configs/NAME.py[:STAGE] or NAME[:STAGE]")
+    p.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, run.json")
+    add_distributed_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from jasper_jax.commands.train import train_main
+
+        return train_main(args)
+
+    return run
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
     "encode": ("encode texts into L2-normalised vectors (.npy)", _encode_args),
+    "train": ("train one stage: --config FILE[:STAGE] [--config.a.b=v ...]", _train_args),
 }
 
 
@@ -52,8 +68,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     parser, runners = build_parser()
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return runners[args.command](args)
     except UserError as e:

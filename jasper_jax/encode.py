@@ -98,42 +98,51 @@ class TextEncoder:
         self._in_sharding = sharding.batch_sharding(self.mesh, 2)
         self._fns: dict[str, Any] = {}
 
-    def _fn(self, head: str):
-        if head not in self._fns:
+    def _fn(self, heads: tuple[str, ...]):
+        if heads not in self._fns:
 
             def run(params, ids, mask):
-                return self.module.apply({"params": params}, ids, mask, heads=(head,))[head]
+                return self.module.apply({"params": params}, ids, mask, heads=heads)
 
-            self._fns[head] = jax.jit(run)
-        return self._fns[head]
+            self._fns[heads] = jax.jit(run)
+        return self._fns[heads]
 
-    def encode(
+    def encode(self, texts: Sequence[str], *, head: str | None = None, **kwargs) -> np.ndarray:
+        """texts -> [len(texts), dim] float32 unit vectors, row i for text i.
+
+        kwargs: prompt, max_length, progress (see `encode_heads`).
+        """
+        head = resolve_head(self.model.config, head)
+        return self.encode_heads(texts, heads=(head,), **kwargs)[head]
+
+    def encode_heads(
         self,
         texts: Sequence[str],
         *,
-        head: str | None = None,
+        heads: Sequence[str],
         prompt: str | None = None,
         max_length: int | None = None,
         progress: bool = False,
-    ) -> np.ndarray:
-        """texts -> [len(texts), dim] float32 unit vectors, row i for text i."""
-        head = resolve_head(self.model.config, head)
+    ) -> dict[str, np.ndarray]:
+        """texts -> {head: [len(texts), dim] float32 unit vectors}, one encoder pass per batch."""
+        heads = tuple(resolve_head(self.model.config, h) for h in heads)
         max_length = min(max_length or self.model.max_seq_length, _position_limit(self.model))
         tok = tokenize(self.tokenizer, texts, max_length, prompt)
         self.last_truncated = tok.truncated
         order = np.argsort([len(x) for x in tok.ids], kind="stable")
-        out: np.ndarray | None = None
+        out: dict[str, np.ndarray] = {}
         bar = tqdm(total=len(texts), unit="text", disable=not progress, desc="encode")
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             ids, mask = self._pad([tok.ids[i] for i in rows], max_length)
-            vecs = np.asarray(self._fn(head)(self.params, ids, mask))[: len(rows)]
-            if out is None:
-                out = np.zeros((len(texts), vecs.shape[-1]), np.float32)
-            out[rows] = vecs
+            for name, vecs in self._fn(heads)(self.params, ids, mask).items():
+                vecs = np.asarray(vecs)[: len(rows)]
+                out.setdefault(name, np.zeros((len(texts), vecs.shape[-1]), np.float32))[rows] = (
+                    vecs
+                )
             bar.update(len(rows))
         bar.close()
-        return out if out is not None else np.zeros((0, 0), np.float32)
+        return out
 
     def _pad(self, rows: list[list[int]], max_length: int):
         length = bucket_length(max(len(r) for r in rows), max_length)

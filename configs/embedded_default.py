@@ -1,0 +1,80 @@
+"""The embedded default: the paper's recipe at 2-core-CPU scale, on bundled teachers and data.
+
+Teachers all-mpnet-base-v2 (768) + all-MiniLM-L6-v2 (384) -> 1152-d target; the student is the
+MiniLM-L6 architecture initialised from all-MiniLM-L6-v2 (as Jasper's student is one of its own
+teachers). `get_config("2")` gives stage 2; stages differ only by the overrides in STAGES.
+`jasper-jax demo` fills in data dirs and init_from for each stage.
+"""
+
+import ml_collections
+
+TEACHER_DIM = 768 + 384
+REDUCED_HEADS = (256, 128)
+
+# Per-stage differences from the base (paper: 1e-4 / 8e-5 / 7e-5 learning rates).
+STAGES = {
+    1: dict(trainable="heads", heads=(TEACHER_DIM,), lr=1e-3, steps=150),
+    2: dict(trainable="heads+last_layers", heads=(TEACHER_DIM,), lr=2e-4, steps=150),
+    3: dict(trainable="all", heads=(TEACHER_DIM, *REDUCED_HEADS), lr=1e-4, steps=150),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    stage = int(arg or 1)
+    if stage not in STAGES:
+        raise ValueError(f"embedded_default has text stages {sorted(STAGES)}; got {arg!r}")
+    s = STAGES[stage]
+    c = ml_collections.ConfigDict()
+    c.name = "embedded_default"
+    c.stage = stage
+    c.seed = 0
+    c.dtype = "float32"  # compute dtype; "bfloat16" on accelerators
+    c.mesh_shape = (-1, 1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+    c.trainable = s["trainable"]
+    c.init_from = ""  # previous stage's workdir (weights only); "" starts from model.init_hf
+
+    c.model = ml_collections.ConfigDict()
+    c.model.init_hf = "all-MiniLM-L6-v2"  # local HF folder or a bundled teacher's name
+    c.model.pooling = "mean"
+    c.model.heads = s["heads"]
+    c.model.trainable_last_layers = 3
+    c.model.dropout = True
+    c.model.remat = False
+
+    c.teachers = ("all-mpnet-base-v2", "all-MiniLM-L6-v2")  # for `demo` to build the data
+    c.data = ml_collections.ConfigDict()
+    c.data.train_dir = ""
+    c.data.eval_dir = ""
+    c.data.batch_size = 64
+    c.data.max_length = 48
+    c.data.prompt = ""
+    c.data.worker_count = 0
+    c.data.eval_texts = 1000
+    c.data.train_texts = 12000  # corpus texts the demo encodes with the teachers
+    c.data.corpus = "embedded"
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.cosine = 10.0
+    c.loss.similarity = 200.0
+    c.loss.relative_similarity = 20.0
+    c.loss.margin = 0.015
+    c.loss.mrl_dims = ()
+    c.loss.infonce = 0.0
+    c.loss.gor = 0.0
+    c.loss.resim_block_size = 1024
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.lr = s["lr"]
+    c.optim.warmup_fraction = 0.05
+    c.optim.weight_decay = 0.01
+    c.optim.clip_norm = 1.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.999
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = s["steps"]
+    c.train.log_every = 10
+    c.train.checkpoint_every = 50
+    c.train.keep_checkpoints = 2
+    c.train.max_nonfinite_in_row = 5
+    return c

@@ -1,0 +1,123 @@
+"""Configs are data: `configs/<name>.py` defines `get_config(arg) -> ConfigDict`.
+
+`load_config("configs/embedded_default.py:2", ["--config.optim.lr=3e-5"])` imports the file, calls
+`get_config("2")`, applies command-line overrides (typed by the existing field), and validates the
+whole config before any work starts, naming the field that is wrong.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+
+from jasper_jax.errors import UserError
+
+TRAINABLE = ("heads", "heads+last_layers", "all", "vision")
+DTYPES = ("float32", "bfloat16")
+
+
+def _import_config_module(path: Path):
+    spec = importlib.util.spec_from_file_location(f"_jasper_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise UserError(f"{path} defines no get_config(arg=None) function")
+    return module
+
+
+def resolve_config_path(spec: str) -> tuple[Path, str | None]:
+    """ "configs/x.py:2" -> (path, "2"); a bare name ("embedded_default") looks in configs/."""
+    path_text, _, arg = spec.partition(":")
+    path = Path(path_text)
+    if not path.exists() and not path.suffix:
+        path = Path(__file__).resolve().parent.parent / "configs" / f"{path_text}.py"
+    if not path.exists():
+        raise UserError(
+            f"config file {path_text} does not exist (e.g. configs/embedded_default.py)"
+        )
+    return path, arg or None
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        if text.lower() in ("true", "1", "yes"):
+            return True
+        if text.lower() in ("false", "0", "no"):
+            return False
+        raise ValueError(f"expected true/false, got {text!r}")
+    if isinstance(current, int) and not isinstance(current, bool):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str) or current is None:
+        return text
+    value = ast.literal_eval(text)  # tuples and lists: --config.model.heads=(1152,256)
+    return tuple(value) if isinstance(current, tuple) else value
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
+    """Applies `--config.a.b=value` strings in place; unknown fields and bad values raise."""
+    for item in overrides:
+        if not item.startswith("--config.") or "=" not in item:
+            raise UserError(f"override {item!r}: write it as --config.section.field=value")
+        key, _, text = item[len("--config.") :].partition("=")
+        parent, name = config, key.split(".")[-1]
+        for part in key.split(".")[:-1]:
+            if part not in parent:
+                raise UserError(f"override {item!r}: config has no section {part!r}")
+            parent = parent[part]
+        if name not in parent:
+            raise UserError(
+                f"override {item!r}: no field {name!r}; fields here: {sorted(parent.keys())}"
+            )
+        try:
+            parent[name] = _parse_value(text, parent[name])
+        except (ValueError, SyntaxError, TypeError) as e:
+            raise UserError(f"override {item!r}: {e}") from e
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    path, arg = resolve_config_path(spec)
+    config = _import_config_module(path).get_config(arg)
+    apply_overrides(config, overrides)
+    validate_config(config)
+    return config
+
+
+def _check(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise UserError(f"config field {field}: {message}")
+
+
+def validate_config(c: ml_collections.ConfigDict) -> None:
+    """Checks every field the engine reads; raises UserError naming the first wrong one."""
+    _check(c.stage in (1, 2, 3, 4), "stage", f"{c.stage!r} must be 1, 2, 3 or 4")
+    _check(c.trainable in TRAINABLE, "trainable", f"{c.trainable!r} must be one of {TRAINABLE}")
+    _check(c.dtype in DTYPES, "dtype", f"{c.dtype!r} must be one of {DTYPES}")
+    _check(c.model.pooling in ("mean", "cls", "last"), "model.pooling", "use mean, cls or last")
+    heads = tuple(c.model.heads)
+    _check(len(heads) > 0 and all(int(d) > 0 for d in heads), "model.heads", "positive dims")
+    _check(len(set(heads)) == len(heads), "model.heads", f"{heads} has a repeated dim")
+    _check(c.model.trainable_last_layers >= 0, "model.trainable_last_layers", "must be >= 0")
+    _check(c.data.batch_size >= 2, "data.batch_size", "in-batch losses need at least 2 rows")
+    _check(c.data.max_length >= 4, "data.max_length", "must be at least 4 tokens")
+    o = c.optim
+    _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
+    _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", "must be in [0, 1)")
+    _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    _check(o.clip_norm > 0, "optim.clip_norm", "must be > 0")
+    t = c.train
+    _check(t.steps >= 1, "train.steps", "must be >= 1")
+    for f in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_row"):
+        _check(t[f] >= 1, f"train.{f}", "must be >= 1")
+    w = c.loss
+    for f in ("cosine", "similarity", "relative_similarity", "infonce", "gor"):
+        _check(w[f] >= 0, f"loss.{f}", "weights must be >= 0")
+    _check(w.margin >= 0, "loss.margin", "must be >= 0")
+    if w.mrl_dims:
+        _check(max(w.mrl_dims) <= max(heads), "loss.mrl_dims", "dims must fit the widest head")
+    _check(len(tuple(c.mesh_shape)) == 3, "mesh_shape", "give (data, fsdp, tensor)")

@@ -1,0 +1,276 @@
+"""One train loop for every stage: `train_and_evaluate(config, workdir)`.
+
+Start-up order:
+  1. this workdir's own latest checkpoint: full state and data-iterator state (resume);
+  2. else `config.init_from`: params of the previous stage's latest checkpoint (fresh optimiser);
+     parameters it lacks (new heads) keep their random init and are logged;
+  3. else the encoder from the HF folder `config.model.init_hf`, heads at random init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import signal
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import traverse_util
+
+from jasper_jax import sharding
+from jasper_jax.errors import UserError
+from jasper_jax.losses import LossConfig
+from jasper_jax.models.embedder import Embedder, head_name, init_params
+from jasper_jax.models.loading import LoadedModel
+from jasper_jax.train import checkpoint as ckpt
+from jasper_jax.train import state as st
+from jasper_jax.train.reporting import MetricWriter, Progress, step_flops
+from jasper_jax.train.setup import StudentSetup, prepare_student
+
+log = logging.getLogger("jasper_jax.train")
+
+
+class TrainingStopped(UserError):
+    """Training stopped early on purpose (non-finite streak); the message says why."""
+
+
+def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
+    return LossConfig(
+        cosine_weight=c.loss.cosine,
+        similarity_weight=c.loss.similarity,
+        resim_weight=c.loss.relative_similarity,
+        margin=c.loss.margin,
+        mrl_dims=tuple(c.loss.mrl_dims) or None,
+        gor_weight=c.loss.gor,
+        block_size=c.loss.resim_block_size,
+    )
+
+
+def run_identity(c: ml_collections.ConfigDict, student: StudentSetup) -> dict:
+    return {
+        "config": c.name,
+        "stage": c.stage,
+        "student": student.config.encoder.model_type,
+        "hidden": student.config.hidden_size,
+        "heads": list(c.model.heads),
+        "teacher_dim": student.teacher_dim,
+        "train_data": str(Path(c.data.train_dir).resolve()),
+        "seed": c.seed,
+    }
+
+
+def _initial_params(c, student: StudentSetup, shardings) -> Any:
+    """Random params (sharded), overwritten by HF weights and/or the previous stage's params."""
+    init = jax.jit(
+        functools.partial(lambda cfg, rng: nn.meta.unbox(init_params(cfg, rng)), student.config),
+        out_shardings=shardings,
+    )
+    params = traverse_util.flatten_dict(init(jax.random.key(c.seed)))
+    loaded = traverse_util.flatten_dict({"encoder": student.encoder_params})
+    source = "HF weights " + str(student.folder)
+    if c.init_from:
+        previous, step = ckpt.load_params(c.init_from)
+        loaded = traverse_util.flatten_dict(previous)
+        source = f"{c.init_from} step {step}"
+    flat_shardings = traverse_util.flatten_dict(shardings)
+    fresh = []
+    for path in params:
+        if path in loaded:
+            if tuple(loaded[path].shape) != tuple(params[path].shape):
+                raise UserError(
+                    f"{'/'.join(path)} has shape {loaded[path].shape} in {source} but "
+                    f"{params[path].shape} in this config: model.heads or the student differ"
+                )
+            params[path] = jax.device_put(
+                np.asarray(loaded[path], np.float32), flat_shardings[path]
+            )
+        else:
+            fresh.append("/".join(path))
+    log.info("initialised from %s; %d tensors at random init: %s", source, len(fresh), fresh)
+    return traverse_util.unflatten_dict(params)
+
+
+def _global_batch(batch: dict, mesh) -> dict:
+    """Per-process numpy batch -> global jax arrays sharded over (data, fsdp)."""
+    out = {}
+    for name in ("input_ids", "attention_mask", "teacher"):
+        local = batch[name]
+        spec = sharding.batch_sharding(mesh, local.ndim)
+        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        out[name] = jax.make_array_from_process_local_data(spec, local, global_shape)
+    return out
+
+
+class _Preemption:
+    """SIGTERM (TPU preemption, `kill`) sets a flag; the loop saves and stops at a step edge."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint at the end of this step")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+    """Trains one stage in `workdir`; returns {"status", "step", "eval": {...}}."""
+    workdir = Path(workdir)
+    mesh = sharding.make_mesh(tuple(c.mesh_shape))
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if c.data.batch_size % shards or c.data.batch_size % jax.process_count():
+        raise UserError(
+            f"config field data.batch_size: {c.data.batch_size} must divide evenly over the "
+            f"{shards} data-parallel devices and {jax.process_count()} processes"
+        )
+    student = prepare_student(c)
+    model = Embedder(student.config, dtype=jnp.dtype(c.dtype), remat=c.model.remat)
+    abstract = jax.eval_shape(functools.partial(init_params, student.config), jax.random.key(0))
+    param_shardings = sharding.param_shardings(abstract, mesh)
+    checkpointer = ckpt.Checkpointer(workdir, run_identity(c, student), c.train.keep_checkpoints)
+
+    tx = st.make_optimizer(c)
+    schedule = st.learning_rate_schedule(c.optim, c.train.steps)
+    paths = st.trainable_paths(nn.meta.unbox(abstract), c)
+    data = student.pipeline(c)
+    abstract_state = jax.eval_shape(
+        functools.partial(st.init_state, paths=paths, tx=tx, seed=c.seed), nn.meta.unbox(abstract)
+    )
+    state_shardings = _state_shardings(abstract_state, param_shardings, tx, paths, mesh)
+
+    start = checkpointer.latest_step()
+    if start is not None:
+        target = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            abstract_state,
+            state_shardings,
+        )
+        state = checkpointer.restore(start, target, data)
+        log.info("resumed from %s at step %d", workdir / ckpt.CHECKPOINT_DIR, start)
+    else:
+        params = _initial_params(c, student, param_shardings)
+        state = jax.jit(
+            functools.partial(st.init_state, paths=paths, tx=tx, seed=c.seed),
+            out_shardings=state_shardings,
+        )(params)
+        start = 0
+    forward = student.forward(model, c)
+    from jasper_jax.train.step import make_train_step
+
+    step_fn = jax.jit(
+        make_train_step(forward, loss_config(c), tx, paths, schedule),
+        in_shardings=(state_shardings, None),
+        out_shardings=(state_shardings, None),
+        donate_argnums=0,
+    )
+    result = _run(c, workdir, step_fn, state, data, checkpointer, mesh, start)
+    if result["status"] == "finished":
+        result["eval"] = evaluate_student(c, student, result.pop("state").params, mesh)
+        MetricWriter(workdir / "tb").scalars(
+            result["step"], {f"eval/{k}": v for k, v in _flatten(result["eval"]).items()}
+        )
+    result.pop("state", None)
+    checkpointer.close()
+    return result
+
+
+def _state_shardings(abstract_state, param_shardings, tx, paths, mesh):
+    """Shardings of the whole state: params as the rules say; optimiser state as XLA propagates
+    from the trainable params (Adam moments follow their parameter); scalars replicated."""
+    trainable_sh, _ = st.split_params(param_shardings, paths)
+    trainable_abs, _ = st.split_params(abstract_state.params, paths)
+    arg = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), trainable_abs, trainable_sh
+    )
+    opt_sh = jax.jit(tx.init).lower(arg).compile().output_shardings
+    rep = sharding.replicated(mesh)
+    return st.TrainState(
+        step=rep, params=param_shardings, opt_state=opt_sh, rng=rep, skipped=rep, bad_in_row=rep
+    )
+
+
+def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start) -> dict[str, Any]:
+    writer = MetricWriter(workdir / "tb")
+    preemption = _Preemption()
+    label = f"{c.name} stage {c.stage}"
+    progress, status, step = None, "finished", start
+    try:
+        for step in range(start, c.train.steps):
+            batch = _global_batch(next(data), mesh)
+            if progress is None:
+                flops = step_flops(step_fn.lower(state, batch).compile())
+                progress = Progress(label, c.train.steps, start, flops)
+            state, metrics = step_fn(state, batch)
+            done = step + 1
+            progress.add_tokens(float(metrics["tokens"]))
+            if int(metrics["bad_in_row"]) >= c.train.max_nonfinite_in_row:
+                raise TrainingStopped(
+                    f"{label}: {c.train.max_nonfinite_in_row} updates in a row had a non-finite "
+                    f"loss or gradient (last at step {done}); stopped without saving, the last "
+                    f"good checkpoint in {workdir / ckpt.CHECKPOINT_DIR} is intact. Check the "
+                    "teacher vectors for NaN, lower optim.lr, or use dtype=float32"
+                )
+            if done % c.train.log_every == 0 or done == c.train.steps:
+                values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values.update(progress.report(done, values))
+                writer.scalars(done, {f"train/{k}": v for k, v in values.items()})
+            stop = preemption.requested or checkpointer.reached_preemption(done)
+            if stop or done % c.train.checkpoint_every == 0 or done == c.train.steps:
+                checkpointer.save(done, state, data)
+            if stop:
+                log.warning(
+                    "%s: preempted; saved step %d, re-run the command to resume", label, done
+                )
+                status, step = "preempted", done
+                break
+        else:
+            step = c.train.steps
+    finally:
+        preemption.restore()
+        writer.close()
+    return {"status": status, "step": step, "state": state}
+
+
+def evaluate_student(c, student: StudentSetup, params, mesh) -> dict[str, dict[str, float]]:
+    """Held-out fidelity per head: cosine to teacher (full head), pairwise Spearman, NN recall."""
+    from jasper_jax.data.pipeline import load_eval_arrays
+    from jasper_jax.encode import TextEncoder
+    from jasper_jax.fidelity import fidelity_metrics
+
+    if not c.data.eval_dir:
+        return {}
+    texts, teacher, _ = load_eval_arrays(c.data.eval_dir, limit=c.data.eval_texts)
+    if teacher.shape[1] != student.teacher_dim:
+        raise UserError(
+            f"eval data {c.data.eval_dir} has teacher dim {teacher.shape[1]} but the train data "
+            f"has {student.teacher_dim}; build both with the same teachers"
+        )
+    loaded = LoadedModel(
+        dataclasses.replace(student.config, default_head=head_name(student.teacher_dim)),
+        jax.device_get(params),
+        student.folder,
+        c.data.max_length,
+        {},
+    )
+    encoder = TextEncoder(loaded, dtype=c.dtype, mesh=mesh, batch_size=c.data.batch_size)
+    vectors = encoder.encode_heads(texts, heads=student.config.head_names, prompt=c.data.prompt)
+    return {name: fidelity_metrics(v, teacher) for name, v in vectors.items()}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, float]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
