@@ -49,8 +49,16 @@ def _train_args(p: argparse.ArgumentParser) -> Command:
     return run
 
 
+def _teachers_args(p: argparse.ArgumentParser) -> Command:
+    from jasper_jax.data.teachers_cli import add_teachers_args, teachers_main
+
+    add_teachers_args(p)
+    return teachers_main
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
     "encode": ("encode texts into L2-normalised vectors (.npy)", _encode_args),
+    "teachers": ("precompute teacher vectors into a TFDS dataset", _teachers_args),
     "train": ("train one stage: --config FILE[:STAGE] [--config.a.b=v ...]", _train_args),
 }
 

@@ -9,7 +9,6 @@ Start-up order:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import logging
 import signal
@@ -18,7 +17,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import traverse_util
@@ -26,12 +24,11 @@ from flax import traverse_util
 from jasper_jax import sharding
 from jasper_jax.errors import UserError
 from jasper_jax.losses import LossConfig
-from jasper_jax.models.embedder import Embedder, head_name, init_params
-from jasper_jax.models.loading import LoadedModel
 from jasper_jax.train import checkpoint as ckpt
 from jasper_jax.train import state as st
 from jasper_jax.train.reporting import MetricWriter, Progress, step_flops
-from jasper_jax.train.setup import StudentSetup, prepare_student
+from jasper_jax.train.setup import Task, make_task
+from jasper_jax.train.step import make_train_step
 
 log = logging.getLogger("jasper_jax.train")
 
@@ -52,28 +49,23 @@ def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
     )
 
 
-def run_identity(c: ml_collections.ConfigDict, student: StudentSetup) -> dict:
+def run_identity(c: ml_collections.ConfigDict, task: Task) -> dict:
     return {
         "config": c.name,
         "stage": c.stage,
-        "student": student.config.encoder.model_type,
-        "hidden": student.config.hidden_size,
         "heads": list(c.model.heads),
-        "teacher_dim": student.teacher_dim,
         "train_data": str(Path(c.data.train_dir).resolve()),
         "seed": c.seed,
+        **task.identity(),
     }
 
 
-def _initial_params(c, student: StudentSetup, shardings) -> Any:
-    """Random params (sharded), overwritten by HF weights and/or the previous stage's params."""
-    init = jax.jit(
-        functools.partial(lambda cfg, rng: nn.meta.unbox(init_params(cfg, rng)), student.config),
-        out_shardings=shardings,
-    )
+def _initial_params(c, task: Task, shardings) -> Any:
+    """Random params (sharded), overwritten by HF weights or the previous stage's params."""
+    init = jax.jit(lambda rng: nn.meta.unbox(task.init(rng)), out_shardings=shardings)
     params = traverse_util.flatten_dict(init(jax.random.key(c.seed)))
-    loaded = traverse_util.flatten_dict({"encoder": student.encoder_params})
-    source = "HF weights " + str(student.folder)
+    pretrained, source = task.pretrained()
+    loaded = traverse_util.flatten_dict(pretrained)
     if c.init_from:
         previous, step = ckpt.load_params(c.init_from)
         loaded = traverse_util.flatten_dict(previous)
@@ -96,10 +88,10 @@ def _initial_params(c, student: StudentSetup, shardings) -> Any:
     return traverse_util.unflatten_dict(params)
 
 
-def _global_batch(batch: dict, mesh) -> dict:
+def _global_batch(batch: dict, mesh, keys: tuple[str, ...]) -> dict:
     """Per-process numpy batch -> global jax arrays sharded over (data, fsdp)."""
     out = {}
-    for name in ("input_ids", "attention_mask", "teacher"):
+    for name in keys:
         local = batch[name]
         spec = sharding.batch_sharding(mesh, local.ndim)
         global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
@@ -132,16 +124,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
             f"config field data.batch_size: {c.data.batch_size} must divide evenly over the "
             f"{shards} data-parallel devices and {jax.process_count()} processes"
         )
-    student = prepare_student(c)
-    model = Embedder(student.config, dtype=jnp.dtype(c.dtype), remat=c.model.remat)
-    abstract = jax.eval_shape(functools.partial(init_params, student.config), jax.random.key(0))
+    task = make_task(c)
+    abstract = jax.eval_shape(task.init, jax.random.key(0))
     param_shardings = sharding.param_shardings(abstract, mesh)
-    checkpointer = ckpt.Checkpointer(workdir, run_identity(c, student), c.train.keep_checkpoints)
+    checkpointer = ckpt.Checkpointer(workdir, run_identity(c, task), c.train.keep_checkpoints)
 
     tx = st.make_optimizer(c)
     schedule = st.learning_rate_schedule(c.optim, c.train.steps)
     paths = st.trainable_paths(nn.meta.unbox(abstract), c)
-    data = student.pipeline(c)
+    data = task.pipeline(c)
     abstract_state = jax.eval_shape(
         functools.partial(st.init_state, paths=paths, tx=tx, seed=c.seed), nn.meta.unbox(abstract)
     )
@@ -157,24 +148,21 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
         state = checkpointer.restore(start, target, data)
         log.info("resumed from %s at step %d", workdir / ckpt.CHECKPOINT_DIR, start)
     else:
-        params = _initial_params(c, student, param_shardings)
+        params = _initial_params(c, task, param_shardings)
         state = jax.jit(
             functools.partial(st.init_state, paths=paths, tx=tx, seed=c.seed),
             out_shardings=state_shardings,
         )(params)
         start = 0
-    forward = student.forward(model, c)
-    from jasper_jax.train.step import make_train_step
-
     step_fn = jax.jit(
-        make_train_step(forward, loss_config(c), tx, paths, schedule),
+        make_train_step(task.forward(c), loss_config(c), tx, paths, schedule),
         in_shardings=(state_shardings, None),
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
-    result = _run(c, workdir, step_fn, state, data, checkpointer, mesh, start)
+    result = _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, task.batch_keys)
     if result["status"] == "finished":
-        result["eval"] = evaluate_student(c, student, result.pop("state").params, mesh)
+        result["eval"] = task.evaluate(c, result.pop("state").params, mesh)
         MetricWriter(workdir / "tb").scalars(
             result["step"], {f"eval/{k}": v for k, v in _flatten(result["eval"]).items()}
         )
@@ -198,14 +186,14 @@ def _state_shardings(abstract_state, param_shardings, tx, paths, mesh):
     )
 
 
-def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start) -> dict[str, Any]:
+def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> dict[str, Any]:
     writer = MetricWriter(workdir / "tb")
     preemption = _Preemption()
     label = f"{c.name} stage {c.stage}"
     progress, status, step = None, "finished", start
     try:
         for step in range(start, c.train.steps):
-            batch = _global_batch(next(data), mesh)
+            batch = _global_batch(next(data), mesh, keys)
             if progress is None:
                 flops = step_flops(step_fn.lower(state, batch).compile())
                 progress = Progress(label, c.train.steps, start, flops)
@@ -238,32 +226,6 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start) -> dict[st
         preemption.restore()
         writer.close()
     return {"status": status, "step": step, "state": state}
-
-
-def evaluate_student(c, student: StudentSetup, params, mesh) -> dict[str, dict[str, float]]:
-    """Held-out fidelity per head: cosine to teacher (full head), pairwise Spearman, NN recall."""
-    from jasper_jax.data.pipeline import load_eval_arrays
-    from jasper_jax.encode import TextEncoder
-    from jasper_jax.fidelity import fidelity_metrics
-
-    if not c.data.eval_dir:
-        return {}
-    texts, teacher, _ = load_eval_arrays(c.data.eval_dir, limit=c.data.eval_texts)
-    if teacher.shape[1] != student.teacher_dim:
-        raise UserError(
-            f"eval data {c.data.eval_dir} has teacher dim {teacher.shape[1]} but the train data "
-            f"has {student.teacher_dim}; build both with the same teachers"
-        )
-    loaded = LoadedModel(
-        dataclasses.replace(student.config, default_head=head_name(student.teacher_dim)),
-        jax.device_get(params),
-        student.folder,
-        c.data.max_length,
-        {},
-    )
-    encoder = TextEncoder(loaded, dtype=c.dtype, mesh=mesh, batch_size=c.data.batch_size)
-    vectors = encoder.encode_heads(texts, heads=student.config.head_names, prompt=c.data.prompt)
-    return {name: fidelity_metrics(v, teacher) for name, v in vectors.items()}
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, float]:

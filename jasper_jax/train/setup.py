@@ -1,18 +1,38 @@
-"""What a text stage needs before it trains: the student's architecture and HF weights, the
-teacher dimension of the data (checked against the heads), the input pipeline, the forward."""
+"""What a stage trains on, behind one small interface (`Task`), so the loop is stage-agnostic.
+
+A task gives the loop: the Flax module and its random init, the pretrained parameters to load
+(HF weights; the previous stage's params are loaded by the loop), the input pipeline, the
+forward `(params, batch, rng) -> (student vectors per head, targets)`, the batch keys to put on
+devices, and a held-out evaluation. `TextTask` covers stages 1-3.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from jasper_jax.errors import UserError
-from jasper_jax.models.embedder import Embedder, EmbedderConfig, head_name
-from jasper_jax.models.loading import load_model
+from jasper_jax.models.embedder import Embedder, EmbedderConfig, head_name, init_params
+from jasper_jax.models.loading import LoadedModel, load_model
+
+
+class Task(Protocol):
+    model: nn.Module
+    batch_keys: tuple[str, ...]
+
+    def init(self, rng: jax.Array) -> Any: ...  # boxed params (with logical axes)
+    def pretrained(self) -> tuple[dict, str]: ...  # ({"encoder": ...}, description)
+    def pipeline(self, c: ml_collections.ConfigDict) -> Any: ...
+    def forward(self, c: ml_collections.ConfigDict) -> Any: ...
+    def evaluate(self, c, params: Any, mesh: Any) -> dict[str, dict[str, float]]: ...
+    def identity(self) -> dict: ...
 
 
 def resolve_model_folder(name_or_path: str) -> Path:
@@ -37,12 +57,57 @@ def teacher_dim_of(data_dir: str) -> int:
     return int(source[0]["teacher"].shape[-1])
 
 
+def student_config(c: ml_collections.ConfigDict, loaded: LoadedModel, teacher_dim: int):
+    heads = tuple(int(d) for d in c.model.heads)
+    if teacher_dim not in heads:
+        raise UserError(
+            f"config field model.heads {heads} has no head of the teacher dim {teacher_dim}: "
+            "the config and the teacher data disagree (wrong teachers or heads)"
+        )
+    return EmbedderConfig(
+        encoder=loaded.config.encoder,
+        pooling=c.model.pooling,
+        heads=heads,
+        default_head=head_name(teacher_dim),
+    )
+
+
 @dataclasses.dataclass
-class StudentSetup:
+class TextTask:
+    """Stages 1-3: texts in, student head vectors vs concatenated teacher vectors."""
+
     config: EmbedderConfig
-    encoder_params: Any
-    folder: Path
+    loaded: LoadedModel
     teacher_dim: int
+    model: nn.Module
+    batch_keys: tuple[str, ...] = ("input_ids", "attention_mask", "teacher")
+
+    @classmethod
+    def from_config(cls, c: ml_collections.ConfigDict) -> TextTask:
+        if not c.data.train_dir:
+            raise UserError("config field data.train_dir is empty: point it at a teacher dataset")
+        teacher_dim = teacher_dim_of(c.data.train_dir)
+        loaded = load_model(resolve_model_folder(c.model.init_hf))
+        config = student_config(c, loaded, teacher_dim)
+        model = Embedder(config, dtype=jnp.dtype(c.dtype), remat=c.model.remat)
+        return cls(config, loaded, teacher_dim, model)
+
+    @property
+    def folder(self) -> Path:
+        return self.loaded.folder
+
+    def init(self, rng: jax.Array) -> Any:
+        return init_params(self.config, rng)
+
+    def pretrained(self) -> tuple[dict, str]:
+        return {"encoder": self.loaded.params["encoder"]}, f"HF weights {self.folder}"
+
+    def identity(self) -> dict:
+        return {
+            "student": self.config.encoder.model_type,
+            "hidden": self.config.hidden_size,
+            "teacher_dim": self.teacher_dim,
+        }
 
     def pipeline(self, c: ml_collections.ConfigDict):
         from jasper_jax.data.pipeline import make_text_pipeline
@@ -59,29 +124,39 @@ class StudentSetup:
             worker_count=c.data.worker_count,
         )
 
-    def forward(self, model: Embedder, c: ml_collections.ConfigDict):
+    def forward(self, c: ml_collections.ConfigDict):
         from jasper_jax.train.step import text_forward
 
-        return text_forward(model, self.config.head_names, c.model.dropout)
+        return text_forward(self.model, self.config.head_names, c.model.dropout)
+
+    def evaluate(self, c, params, mesh) -> dict[str, dict[str, float]]:
+        """Held-out fidelity per head: cosine to teacher (full head), pairwise Spearman, NN
+        recall@10 of the teacher's neighbours."""
+        from jasper_jax.data.pipeline import load_eval_arrays
+        from jasper_jax.encode import TextEncoder
+        from jasper_jax.fidelity import fidelity_metrics
+
+        if not c.data.eval_dir:
+            return {}
+        texts, teacher, _ = load_eval_arrays(c.data.eval_dir, limit=c.data.eval_texts)
+        if teacher.shape[1] != self.teacher_dim:
+            raise UserError(
+                f"eval data {c.data.eval_dir} has teacher dim {teacher.shape[1]} but the train "
+                f"data has {self.teacher_dim}; build both with the same teachers"
+            )
+        model = LoadedModel(self.config, jax.device_get(params), self.folder, c.data.max_length, {})
+        encoder = TextEncoder(model, dtype=c.dtype, mesh=mesh, batch_size=c.data.batch_size)
+        vectors = encoder.encode_heads(texts, heads=self.config.head_names, prompt=c.data.prompt)
+        return {name: fidelity_metrics(v, teacher) for name, v in vectors.items()}
 
 
-def prepare_student(c: ml_collections.ConfigDict) -> StudentSetup:
-    """Reads the student's HF folder and the teacher data; checks that the heads fit the data."""
-    if not c.data.train_dir:
-        raise UserError("config field data.train_dir is empty: point it at a teacher dataset")
-    teacher_dim = teacher_dim_of(c.data.train_dir)
-    heads = tuple(int(d) for d in c.model.heads)
-    if teacher_dim not in heads:
-        raise UserError(
-            f"config field model.heads {heads} has no head of the teacher dim {teacher_dim} "
-            f"of {c.data.train_dir}: the config and the data disagree (wrong teachers or heads)"
-        )
-    folder = resolve_model_folder(c.model.init_hf)
-    loaded = load_model(folder)
-    config = EmbedderConfig(
-        encoder=loaded.config.encoder,
-        pooling=c.model.pooling,
-        heads=heads,
-        default_head=head_name(teacher_dim),
-    )
-    return StudentSetup(config, loaded.params["encoder"], folder, teacher_dim)
+def make_task(c: ml_collections.ConfigDict) -> Task:
+    """The task for the config's stage (stage 4 registers a vision task)."""
+    if c.stage == 4:
+        from jasper_jax.train.vision_task import VisionTask
+
+        return VisionTask.from_config(c)
+    return TextTask.from_config(c)
+
+
+abstract_init = functools.partial(jax.eval_shape)

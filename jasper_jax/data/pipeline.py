@@ -1,0 +1,191 @@
+"""grain input pipeline: teacher dataset -> shuffle(seed) -> shard -> batch -> tokenize.
+
+Batches have a fixed shape (texts padded to ``max_length``, remainder dropped) so the train
+step compiles once::
+
+    input_ids       int32   [batch, max_length]
+    attention_mask  int32   [batch, max_length]
+    teacher         float32 [batch, dim]   renormalised to unit length
+    index           int64   [batch]        row of the text in the corpus
+
+The iterator's ``get_state()`` / ``set_state()`` are grain's DataLoader iterator state, so a
+resumed run (state saved in its checkpoint) sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import grain
+import numpy as np
+
+from jasper_jax.data.teacher_dataset import open_teacher_dataset
+from jasper_jax.errors import UserError
+
+
+@dataclasses.dataclass
+class TokenizeBatch(grain.transforms.Map):
+    """Tokenize a batch of texts to fixed [batch, max_length] ids with the student tokenizer.
+
+    Uses the fast (Rust) tokenizer behind the HF tokenizer, loaded lazily so that each grain
+    worker process loads its own copy instead of unpickling one.
+    """
+
+    tokenizer_dir: str
+    max_length: int
+    prompt: str | None = None
+
+    def __post_init__(self):
+        self._backend = None
+
+    def _tokenizer(self):
+        if self._backend is None:
+            self._backend = load_fixed_length_tokenizer(self.tokenizer_dir, self.max_length)
+        return self._backend
+
+    def map(self, batch: dict) -> dict:
+        texts = [text.decode("utf-8") for text in batch["text"]]
+        if self.prompt:
+            texts = [self.prompt + text for text in texts]
+        encodings = self._tokenizer().encode_batch(texts)
+        teacher = batch["teacher"].astype(np.float32)
+        norms = np.linalg.norm(teacher, axis=1, keepdims=True)
+        return {
+            "input_ids": np.array([e.ids for e in encodings], dtype=np.int32),
+            "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int32),
+            "teacher": teacher / np.maximum(norms, 1e-12),
+            "index": batch["index"].astype(np.int64),
+            # Popped by TextBatchIterator into a counter; never reaches the train step.
+            "truncated": np.array([len(e.overflowing) > 0 for e in encodings], dtype=np.int32),
+        }
+
+
+def load_fixed_length_tokenizer(tokenizer_dir: str | pathlib.Path, max_length: int):
+    """The ``tokenizers.Tokenizer`` of ``AutoTokenizer.from_pretrained(tokenizer_dir)``, set to
+    truncate and pad every text to exactly ``max_length`` tokens (special tokens included)."""
+    import tokenizers
+    import transformers
+
+    try:
+        hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise UserError(
+            f"cannot load a tokenizer from {str(tokenizer_dir)!r}: {err}; fix: pass the student "
+            "model folder (with tokenizer.json or vocab files)"
+        ) from err
+    if not hf.is_fast or hf.pad_token is None:
+        raise UserError(
+            f"tokenizer in {str(tokenizer_dir)!r} must be a fast tokenizer with a pad token"
+        )
+    # A copy, so the HF tokenizer object keeps its own settings.
+    backend = tokenizers.Tokenizer.from_str(hf.backend_tokenizer.to_str())
+    backend.enable_truncation(max_length=max_length)
+    backend.enable_padding(length=max_length, pad_id=hf.pad_token_id, pad_token=hf.pad_token)
+    return backend
+
+
+class TextBatchIterator(Iterator[dict]):
+    """Wraps grain's DataLoader iterator; counts texts cut at ``max_length``.
+
+    ``truncated_texts`` counts since this iterator was created (not saved in the state).
+    """
+
+    def __init__(self, loader_iterator: Any):
+        self._iterator = loader_iterator
+        self.truncated_texts = 0
+        self.texts_seen = 0
+
+    def __iter__(self) -> TextBatchIterator:
+        return self
+
+    def __next__(self) -> dict:
+        batch = dict(next(self._iterator))
+        truncated = batch.pop("truncated")
+        self.truncated_texts += int(truncated.sum())
+        self.texts_seen += len(truncated)
+        return batch
+
+    def get_state(self) -> bytes:
+        """Opaque grain state; store it in the checkpoint."""
+        return self._iterator.get_state()
+
+    def set_state(self, state: bytes) -> None:
+        """Continue from a state returned by :meth:`get_state` of an identical pipeline."""
+        self._iterator.set_state(state)
+
+
+def make_text_pipeline(
+    data_dir: str | pathlib.Path,
+    tokenizer_dir: str | pathlib.Path,
+    *,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    prompt: str | None = None,
+    shard_index: int = 0,
+    shard_count: int = 1,
+    num_epochs: int | None = None,
+    worker_count: int = 0,
+) -> TextBatchIterator:
+    """Iterator of fixed-shape training batches (see module docstring) for one process.
+
+    Args:
+      data_dir: a teacher dataset (``build_teacher_dataset`` output).
+      tokenizer_dir: folder of the student's HF tokenizer.
+      batch_size: texts per batch for this process (per-process, not global).
+      seed: shuffle seed; every process must pass the same one.
+      prompt: prefixed to every text before tokenizing.
+      shard_index, shard_count: this process's share, e.g. ``jax.process_index()`` and
+        ``jax.process_count()``; processes see disjoint texts whose union is the epoch.
+      num_epochs: None repeats forever (each epoch reshuffled).
+      worker_count: grain worker processes (0: in this process). Workers need the
+        ``if __name__ == "__main__":`` guard in the calling script.
+    """
+    if batch_size < 1 or max_length < 2 or not 0 <= shard_index < shard_count:
+        raise UserError(
+            f"bad pipeline settings batch_size={batch_size}, max_length={max_length}, "
+            f"shard {shard_index} of {shard_count}; expected batch_size >= 1, max_length >= 2, "
+            "0 <= shard_index < shard_count"
+        )
+    source, _ = open_teacher_dataset(data_dir)
+    if len(source) // shard_count < batch_size:
+        raise UserError(
+            f"teacher dataset {str(data_dir)!r} has {len(source)} rows: fewer than one batch of "
+            f"{batch_size} for each of {shard_count} processes; fix: lower the batch size"
+        )
+    shard = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs
+    )
+    loader = grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[
+            grain.transforms.Batch(batch_size, drop_remainder=True),
+            TokenizeBatch(str(tokenizer_dir), max_length, prompt),
+        ],
+        shard_options=shard,
+        worker_count=worker_count,
+    )
+    return TextBatchIterator(iter(loader))
+
+
+def load_eval_arrays(
+    data_dir: str | pathlib.Path, limit: int | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """All (or the first ``limit`` by corpus row) texts with unit teacher vectors, for evaluation.
+
+    Returns: (texts, teacher float32 [N, D] unit rows, index int64 [N]), sorted by ``index``.
+    """
+    source, _ = open_teacher_dataset(data_dir)
+    records = source.__getitems__(list(range(len(source))))
+    records.sort(key=lambda record: int(record["index"]))
+    records = records[:limit] if limit else records
+    texts = [record["text"].decode("utf-8") for record in records]
+    teacher = np.stack([record["teacher"] for record in records]).astype(np.float32)
+    teacher /= np.maximum(np.linalg.norm(teacher, axis=1, keepdims=True), 1e-12)
+    index = np.array([record["index"] for record in records], dtype=np.int64)
+    return texts, teacher, index

@@ -1,0 +1,170 @@
+"""Teacher embedding models: load them, fingerprint them, and encode texts into target vectors.
+
+A teacher is a sentence-transformers folder (or a name from ``teacher_assets.KNOWN_TEACHERS``)
+run with torch on CPU. :func:`compute_teacher_vectors` L2-normalises each teacher's vectors and
+concatenates them in the given order; the concatenation is NOT renormalised (each slice has
+unit norm, the row has norm sqrt(num_teachers)); the trainer renormalises it (SPEC 1.4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import tqdm
+
+from jasper_jax.data import teacher_assets
+from jasper_jax.errors import UserError
+
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "sentencepiece.bpe.model",
+    "spiece.model",
+    "merges.txt",
+    "vocab.json",
+)
+_LARGE_FILE = 16 << 20  # hash only the ends of weight files: a full hash of GBs takes minutes
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """One teacher model. ``encode(texts) -> [len(texts), dim]`` float32, unnormalised."""
+
+    name: str
+    folder: str
+    dim: int
+    prompt: str | None
+    model_fingerprint: str
+    tokenizer_fingerprint: str
+    encode: Callable[[list[str]], np.ndarray] = dataclasses.field(repr=False, compare=False)
+
+    def describe(self) -> dict:
+        """JSON-ready description stored in the dataset metadata (no callables)."""
+        fields = dataclasses.asdict(self)
+        fields.pop("encode")
+        return fields
+
+
+def resolve_teacher_folder(spec: str | pathlib.Path) -> pathlib.Path:
+    """A known teacher name or a sentence-transformers folder path -> the folder."""
+    if str(spec) in teacher_assets.KNOWN_TEACHERS:
+        return teacher_assets.teacher_folder(str(spec))
+    folder = pathlib.Path(spec).expanduser()
+    if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+        raise UserError(
+            f"teacher {str(spec)!r} is neither a known name "
+            f"{sorted(teacher_assets.KNOWN_TEACHERS)} nor a folder holding a "
+            "sentence-transformers model (modules.json or config.json); "
+            "fix: pass a known name or the model folder"
+        )
+    return folder
+
+
+def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
+    """(model, tokenizer) SHA-256 fingerprints of a model folder's files.
+
+    Files over 16 MiB contribute their size and first and last 4 MiB, so a changed checkpoint
+    is still detected without reading gigabytes.
+    """
+    model, tokenizer = hashlib.sha256(), hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = path.relative_to(folder).as_posix()
+        if relative.startswith(".") or path.name in ("README.md", "desktop.ini"):
+            continue
+        target = tokenizer if path.name in _TOKENIZER_FILES else model
+        target.update(relative.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
+        with open(path, "rb") as handle:
+            if path.stat().st_size <= _LARGE_FILE:
+                target.update(handle.read())
+            else:
+                target.update(handle.read(4 << 20))
+                handle.seek(-(4 << 20), 2)
+                target.update(handle.read())
+    return model.hexdigest(), tokenizer.hexdigest()
+
+
+def load_teacher(
+    spec: str | pathlib.Path, prompt: str | None = None, batch_size: int = 64
+) -> Teacher:
+    """Load a teacher with sentence-transformers on CPU; ``prompt`` is prefixed to every text."""
+    from sentence_transformers import SentenceTransformer
+
+    folder = resolve_teacher_folder(spec)
+    try:
+        model = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    except Exception as err:  # a broken folder surfaces as many different exception types
+        raise UserError(
+            f"cannot load teacher {str(spec)!r} from {str(folder)!r} with sentence-transformers: "
+            f"{err}; fix: point --teacher at a complete sentence-transformers folder"
+        ) from err
+
+    def encode(texts: list[str]) -> np.ndarray:
+        vectors = model.encode(texts, batch_size=batch_size, prompt=prompt, show_progress_bar=False)
+        return np.asarray(vectors, dtype=np.float32)
+
+    name = str(spec) if str(spec) in teacher_assets.KNOWN_TEACHERS else folder.name
+    model_fp, tokenizer_fp = folder_fingerprints(folder)
+    dim = model.get_embedding_dimension()
+    return Teacher(name, str(folder), int(dim), prompt, model_fp, tokenizer_fp, encode)
+
+
+def normalise_rows(vectors: np.ndarray) -> np.ndarray:
+    """Unit-length rows [n, d] float32; rows with a NaN/inf or zero norm become all-NaN.
+
+    Marking bad rows with NaN (rather than raising) lets the caller reject exactly those rows
+    and report their ids.
+    """
+    vectors = vectors.astype(np.float64)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    bad = ~np.isfinite(norms) | (norms == 0)
+    safe = np.where(bad, 1.0, norms)
+    out = np.where(bad, np.nan, vectors / safe)
+    return out.astype(np.float32)
+
+
+def compute_teacher_vectors(
+    texts: Sequence[str],
+    teachers: Sequence[Teacher],
+    *,
+    encode_batch: int = 256,
+    progress: bool = True,
+    bar: tqdm.tqdm | None = None,
+) -> np.ndarray:
+    """Concatenated per-teacher unit vectors.
+
+    Returns: [len(texts), sum(teacher.dim)] float32. Teacher k occupies columns
+    ``offset_k : offset_k + dim_k`` (offsets in teacher order). A row where any teacher gave a
+    NaN or all-zero vector is all-NaN in that teacher's slice (see :func:`normalise_rows`).
+    ``bar`` is an outer progress bar to advance (one unit per text per teacher); without one a
+    bar of its own is shown when ``progress``.
+    """
+    out = np.empty((len(texts), sum(t.dim for t in teachers)), dtype=np.float32)
+    own_bar = bar is None
+    if own_bar:
+        bar = tqdm.tqdm(total=len(texts) * len(teachers), unit="text", disable=not progress)
+    offset = 0
+    try:
+        for teacher in teachers:
+            bar.set_postfix_str(teacher.name)
+            for start in range(0, len(texts), encode_batch):
+                batch = list(texts[start : start + encode_batch])
+                raw = teacher.encode(batch)
+                if raw.shape != (len(batch), teacher.dim):
+                    raise UserError(
+                        f"teacher {teacher.name!r} returned shape {raw.shape} for "
+                        f"{len(batch)} texts; expected ({len(batch)}, {teacher.dim})"
+                    )
+                rows = slice(start, start + len(batch))
+                out[rows, offset : offset + teacher.dim] = normalise_rows(raw)
+                bar.update(len(batch))
+            offset += teacher.dim
+    finally:
+        if own_bar:
+            bar.close()
+    return out

@@ -1,0 +1,68 @@
+"""``jasper-jax teachers``: encode a corpus with teacher models into a teacher dataset.
+
+Example (two machines sharing /data/teachers)::
+
+    jasper-jax teachers --corpus embedded --teacher all-mpnet-base-v2 \
+        --teacher all-MiniLM-L6-v2 --output /data/teachers --shard-index 0 --num-shards 2
+    # ... and --shard-index 1 on the other; the last slice to finish writes the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from jasper_jax.data.teacher_dataset import build_teacher_dataset
+
+log = logging.getLogger(__name__)
+
+
+def add_teachers_args(parser: argparse.ArgumentParser) -> None:
+    """Add the ``teachers`` sub-command's flags to ``parser``."""
+    parser.add_argument(
+        "--corpus",
+        required=True,
+        help="'embedded' (or embedded:validation), a .txt/.jsonl file, "
+        "or tfds:NAME[:SPLIT][:FEATURE]",
+    )
+    parser.add_argument(
+        "--teacher",
+        action="append",
+        required=True,
+        help="teacher folder or known name (all-mpnet-base-v2, all-MiniLM-L6-v2); repeat for "
+        "several, concatenated in the given order",
+    )
+    parser.add_argument("--teacher-prompt", default=None, help="prefix added to every text")
+    parser.add_argument("--output", required=True, help="output folder of the teacher dataset")
+    parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    parser.add_argument("--shard-index", type=int, default=0, help="slice this run encodes")
+    parser.add_argument("--num-shards", type=int, default=1, help="number of corpus slices")
+    parser.add_argument("--batch-size", type=int, default=64, help="teacher encode batch size")
+    parser.add_argument("--overwrite", action="store_true", help="replace a different dataset")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N texts")
+
+
+def teachers_main(args: argparse.Namespace) -> int:
+    """Run the sub-command; returns the exit code (``UserError`` propagates to the CLI)."""
+    result = build_teacher_dataset(
+        args.corpus,
+        args.teacher,
+        args.output,
+        prompt=args.teacher_prompt,
+        dtype=args.dtype,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+        batch_size=args.batch_size,
+        overwrite=args.overwrite,
+        limit=args.limit,
+    )
+    if result.dataset_dir is None:
+        print(
+            f"slice {args.shard_index} of {args.num_shards} done ({result.rows} texts in the "
+            f"corpus); waiting for slices {result.pending_slices}"
+        )
+    else:
+        print(f"teacher dataset ready: {result.dataset_dir} ({result.rows} texts)")
+    if result.skipped_empty:
+        print(f"skipped {result.skipped_empty} empty texts")
+    return 0

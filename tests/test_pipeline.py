@@ -1,0 +1,129 @@
+"""grain pipeline: fixed shapes, HF-identical tokens, exact resume, disjoint process shards."""
+
+import hashlib
+
+import numpy as np
+import pytest
+import transformers
+
+from jasper_jax.data.pipeline import load_eval_arrays, make_text_pipeline
+from jasper_jax.data.teacher_assets import teacher_folder
+from jasper_jax.data.teacher_dataset import build_teacher_dataset
+from jasper_jax.data.teachers import Teacher
+from jasper_jax.errors import UserError
+
+ROWS, DIM = 100, 5
+
+
+def fake_vector(text: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    return np.random.default_rng(seed).normal(size=DIM).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def texts():
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "a",
+        "lazy",
+        "dog",
+        "while",
+        "seven",
+        "kine",
+        "graze",
+    ]
+    # Lengths 1..20 words so that some texts exceed a short max_length.
+    return [" ".join(words[(i + j) % len(words)] for j in range(1 + i % 20)) for i in range(ROWS)]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory, texts):
+    teacher = Teacher(
+        "fake", "fake", DIM, None, "m", "t", lambda b: np.stack([fake_vector(t) for t in b])
+    )
+    out = tmp_path_factory.mktemp("pipe") / "ds"
+    # float16 on disk: the pipeline must hand out float32 unit vectors anyway.
+    build_teacher_dataset(texts, [teacher], out, dtype="float16", progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir():
+    return teacher_folder("all-MiniLM-L6-v2")
+
+
+def pipeline(dataset, tokenizer_dir, **kwargs):
+    settings = dict(batch_size=8, max_length=12, seed=7, num_epochs=1)
+    return make_text_pipeline(dataset, tokenizer_dir, **(settings | kwargs))
+
+
+def test_batches_match_hf_tokenizer_and_unit_teacher(dataset, tokenizer_dir, texts):
+    reference = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    iterator = pipeline(dataset, tokenizer_dir, prompt="query: ")
+    batches = list(iterator)
+    assert len(batches) == ROWS // 8
+    for batch in batches:
+        assert set(batch) == {"input_ids", "attention_mask", "teacher", "index"}
+        assert batch["input_ids"].shape == batch["attention_mask"].shape == (8, 12)
+        assert batch["input_ids"].dtype == batch["attention_mask"].dtype == np.int32
+        assert batch["teacher"].dtype == np.float32 and batch["index"].dtype == np.int64
+        batch_texts = ["query: " + texts[i] for i in batch["index"]]
+        expected = reference(
+            batch_texts, padding="max_length", truncation=True, max_length=12, return_tensors="np"
+        )
+        np.testing.assert_array_equal(batch["input_ids"], expected["input_ids"])
+        np.testing.assert_array_equal(batch["attention_mask"], expected["attention_mask"])
+        want = np.stack([fake_vector(texts[i]) for i in batch["index"]])
+        want /= np.linalg.norm(want, axis=1, keepdims=True)
+        np.testing.assert_allclose(batch["teacher"], want, atol=2e-3)  # float16 storage
+        np.testing.assert_allclose(np.linalg.norm(batch["teacher"], axis=1), 1.0, atol=1e-6)
+    seen = [i for batch in batches for i in batch["index"]]
+    full_lengths = [len(reference("query: " + texts[i])["input_ids"]) for i in seen]
+    assert iterator.truncated_texts == sum(n > 12 for n in full_lengths) > 0
+
+
+def test_restored_state_replays_the_same_batches(dataset, tokenizer_dir):
+    uninterrupted = list(pipeline(dataset, tokenizer_dir, num_epochs=3))
+    first = pipeline(dataset, tokenizer_dir, num_epochs=3)
+    for _ in range(14):  # past the first epoch boundary (12 batches per epoch)
+        next(first)
+    state = first.get_state()
+    resumed = pipeline(dataset, tokenizer_dir, num_epochs=3)
+    resumed.set_state(state)
+    replay = [next(resumed) for _ in range(5)]
+    for got, want in zip(replay, uninterrupted[14:19], strict=True):
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key])
+    other_seed = next(pipeline(dataset, tokenizer_dir, seed=8))
+    assert not np.array_equal(other_seed["index"], uninterrupted[0]["index"])
+    epochs = [
+        np.concatenate([b["index"] for b in uninterrupted[k * 12 : (k + 1) * 12]]) for k in range(3)
+    ]
+    assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
+
+
+def test_process_shards_are_disjoint_and_cover_the_epoch(dataset, tokenizer_dir):
+    seen = []
+    for shard in range(2):
+        batches = list(
+            pipeline(dataset, tokenizer_dir, batch_size=10, shard_index=shard, shard_count=2)
+        )
+        seen.append(np.concatenate([b["index"] for b in batches]))
+    assert len(seen[0]) == len(seen[1]) == ROWS // 2
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(range(ROWS))
+
+
+def test_eval_arrays_and_bad_settings(dataset, tokenizer_dir, texts):
+    eval_texts, teacher, index = load_eval_arrays(dataset)
+    assert eval_texts == texts and index.tolist() == list(range(ROWS))
+    np.testing.assert_allclose(np.linalg.norm(teacher, axis=1), 1.0, atol=1e-6)
+    with pytest.raises(UserError, match="fewer than one batch"):
+        pipeline(dataset, tokenizer_dir, batch_size=60, shard_count=2)
+    with pytest.raises(UserError, match="no teacher dataset"):
+        pipeline(dataset / "nothing", tokenizer_dir)

@@ -1,0 +1,167 @@
+"""Teacher dataset: vectors match sentence-transformers; slices resume; bad inputs are refused."""
+
+import hashlib
+
+import numpy as np
+import pytest
+
+from jasper_jax.data.corpus import load_corpus
+from jasper_jax.data.teacher_dataset import build_teacher_dataset, open_teacher_dataset
+from jasper_jax.data.teachers import Teacher, load_teacher
+from jasper_jax.errors import UserError
+
+DIM = 6
+
+
+def fake_vector(text: str) -> np.ndarray:
+    """Deterministic stand-in embedding; NaN for 'NaN!' texts and zeros for 'ZERO!' texts."""
+    if "NaN!" in text:
+        return np.full(DIM, np.nan, np.float32)
+    if "ZERO!" in text:
+        return np.zeros(DIM, np.float32)
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:4], "little")
+    return np.random.default_rng(seed).normal(size=DIM).astype(np.float32) * 3.0
+
+
+def fake_teacher(name="fake", dim=DIM, tokenizer="tok-a", calls=None, fail_on=None) -> Teacher:
+    def encode(texts):
+        if fail_on is not None and fail_on in texts:
+            raise KeyboardInterrupt("machine lost")
+        if calls is not None:
+            calls.extend(texts)
+        return np.stack([fake_vector(t)[:dim] for t in texts])
+
+    return Teacher(name, name, dim, None, "model-a", tokenizer, encode)
+
+
+def unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="session")
+def real_texts():
+    # Spread out (glosses, examples, fortunes); few texts because mpnet encodes ~70 texts/s.
+    return load_corpus("embedded")[::2591][:64]
+
+
+@pytest.fixture(scope="session")
+def real_dataset(tmp_path_factory, real_texts):
+    teachers = [load_teacher("all-mpnet-base-v2"), load_teacher("all-MiniLM-L6-v2")]
+    out = tmp_path_factory.mktemp("real") / "ds"
+    build_teacher_dataset(real_texts, teachers, out, progress=False, chunk_size=128)
+    return out, teachers
+
+
+def test_rows_equal_each_teachers_own_normalised_vectors(real_dataset, real_texts):
+    from sentence_transformers import SentenceTransformer
+
+    out, teachers = real_dataset
+    source, meta = open_teacher_dataset(out)
+    rows = source.__getitems__(list(range(len(source))))
+    assert len(rows) == len(real_texts) == meta["rows"]
+    order = np.argsort([int(r["index"]) for r in rows])
+    stored = np.stack([rows[i]["teacher"] for i in order])
+    assert [rows[i]["text"].decode() for i in order] == real_texts
+    assert [(t["name"], t["dim"], t["offset"]) for t in meta["teachers"]] == [
+        ("all-mpnet-base-v2", 768, 0),
+        ("all-MiniLM-L6-v2", 384, 768),
+    ]
+    for teacher, entry in zip(teachers, meta["teachers"], strict=True):
+        reference = SentenceTransformer(teacher.folder, device="cpu").encode(
+            real_texts, normalize_embeddings=True
+        )
+        part = stored[:, entry["offset"] : entry["offset"] + entry["dim"]]
+        cosine = np.sum(unit(part) * reference, axis=1)
+        assert cosine.min() >= 0.9999
+        np.testing.assert_allclose(np.linalg.norm(part, axis=1), 1.0, atol=1e-5)
+    assert "not renormalised" in meta["normalisation"]
+
+
+def test_tfds_corpus_reads_back_the_texts(real_dataset, real_texts):
+    out, _ = real_dataset
+    texts = load_corpus(f"tfds:{out / 'dataset'}:train:text")
+    assert sorted(texts) == sorted(real_texts)
+
+
+def test_slices_resume_and_combine(tmp_path):
+    texts = [f"sentence number {i}" for i in range(50)]
+    out = tmp_path / "ds"
+    kwargs = dict(num_shards=3, chunk_size=4, progress=False)
+    first = build_teacher_dataset(texts, [fake_teacher()], out, shard_index=0, **kwargs)
+    assert first.dataset_dir is None and first.pending_slices == [1, 2]
+    with pytest.raises(UserError, match="1 of 3 slices done"):
+        open_teacher_dataset(out)
+    # Slice 1 (rows 16..32) dies at row 25: chunks 16-20 and 20-24 are already on disk.
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_dataset(
+            texts, [fake_teacher(fail_on=texts[25])], out, shard_index=1, **kwargs
+        )
+    calls = []
+    build_teacher_dataset(texts, [fake_teacher(calls=calls)], out, shard_index=1, **kwargs)
+    assert calls == texts[24:33]  # only the unfinished chunks were redone
+    done = build_teacher_dataset(texts, [fake_teacher()], out, shard_index=2, **kwargs)
+    source, meta = open_teacher_dataset(done.dataset_dir)
+    rows = {int(r["index"]): r for r in source.__getitems__(list(range(len(source))))}
+    assert sorted(rows) == list(range(50))
+    for i, text in enumerate(texts):
+        assert rows[i]["text"].decode() == text
+        np.testing.assert_allclose(rows[i]["teacher"], unit(fake_vector(text)), atol=1e-6)
+    assert not (out / "_parts").exists()
+
+
+def test_nan_zero_and_empty_texts_are_counted(tmp_path):
+    texts = ["a", "", "b NaN!", "c", "   ", "d ZERO!", "e"]
+    result = build_teacher_dataset(texts, [fake_teacher()], tmp_path / "ds", progress=False)
+    source, meta = open_teacher_dataset(result.dataset_dir)
+    assert result.skipped_empty == meta["skipped_empty"] == 2
+    # Rows are numbered after empty texts are dropped: a, b NaN!, c, d ZERO!, e.
+    assert meta["rejected"] == {"count": 2, "first_rows": [1, 3]}
+    assert sorted(r["text"].decode() for r in source) == ["a", "c", "e"]
+    with pytest.raises(UserError, match="every one of 2 texts"):
+        build_teacher_dataset(["x NaN!", "y ZERO!"], [fake_teacher()], tmp_path / "bad")
+
+
+def test_resume_with_other_teachers_is_refused(tmp_path):
+    texts = [f"t{i}" for i in range(12)]
+    out = tmp_path / "ds"
+    kwargs = dict(num_shards=2, chunk_size=4, progress=False)
+    build_teacher_dataset(texts, [fake_teacher()], out, shard_index=0, **kwargs)
+    for other, message in [
+        (fake_teacher(name="other"), "teachers"),
+        (fake_teacher(dim=4), "teachers"),
+        (fake_teacher(tokenizer="tok-b"), "tokenizer fingerprints differ"),
+    ]:
+        with pytest.raises(UserError, match=message):
+            build_teacher_dataset(texts, [other], out, shard_index=1, **kwargs)
+    with pytest.raises(UserError, match="corpus_fingerprint"):
+        build_teacher_dataset(texts[::-1], [fake_teacher()], out, shard_index=1, **kwargs)
+
+
+def test_existing_different_dataset_is_kept_unless_overwrite(tmp_path):
+    out = tmp_path / "ds"
+    build_teacher_dataset(["one", "two"], [fake_teacher()], out, progress=False)
+    files = {p: p.read_bytes() for p in (out / "dataset").iterdir()}
+    with pytest.raises(UserError, match="different teacher dataset"):
+        build_teacher_dataset(["three"], [fake_teacher()], out, dtype="float16", progress=False)
+    assert {p: p.read_bytes() for p in (out / "dataset").iterdir()} == files
+    build_teacher_dataset(["three"], [fake_teacher()], out, dtype="float16", overwrite=True)
+    source, meta = open_teacher_dataset(out)
+    assert meta["dtype"] == "float16" and source[0]["teacher"].dtype == np.float16
+    assert [r["text"] for r in source] == [b"three"]
+    assert sorted(p.name for p in out.iterdir()) == ["dataset"]  # no temp folders left
+
+
+def test_foreign_folder_and_bad_arguments(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a teacher dataset"):
+        build_teacher_dataset(["a"], [fake_teacher()], tmp_path, progress=False)
+    with pytest.raises(UserError, match="out of range"):
+        build_teacher_dataset(["a"], [fake_teacher()], tmp_path / "x", shard_index=2, num_shards=2)
+    with pytest.raises(UserError, match="dtype"):
+        build_teacher_dataset(["a"], [fake_teacher()], tmp_path / "x", dtype="int8")
+    with pytest.raises(UserError, match="neither a known name"):
+        build_teacher_dataset(["a"], [str(tmp_path)], tmp_path / "x")
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes(b"caf\xe9\n")
+    with pytest.raises(UserError, match="not valid UTF-8"):
+        build_teacher_dataset(str(bad), [fake_teacher()], tmp_path / "x")
