@@ -63,14 +63,14 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 def encode_main(args: argparse.Namespace) -> int:
     from jasper_jax import sharding
     from jasper_jax.encode import TextEncoder, resolve_head
-    from jasper_jax.models.loading import load_model
+    from jasper_jax.workdir import load_any_model
 
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
     texts = read_lines(args.input)
-    model = load_model(args.model)
+    model = load_any_model(args.model)
     resolve_head(model.config, args.head)  # fail before any compile
     encoder = TextEncoder(
         model,

@@ -49,7 +49,7 @@ class BertConfig:
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> BertConfig:
         names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
+        kwargs = {k: v for k, v in d.items() if k in names}  # add_pooling_layer when given
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError("only absolute position embeddings are supported for BERT")
         return cls(**kwargs)

@@ -22,10 +22,11 @@ from jasper_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
+MODEL_FILE = "model.json"  # the student's architecture, tokenizer folder, teachers
 CHECKPOINT_DIR = "checkpoints"
 
 
-def _write_json_atomic(path: Path, payload: dict) -> None:
+def write_json_atomic(path: Path, payload: dict) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
@@ -88,7 +89,7 @@ class Checkpointer:
                 "run of this config; use a new --workdir (nothing was changed)"
             )
         if jax.process_index() == 0:
-            _write_json_atomic(run_file, identity)
+            write_json_atomic(run_file, identity)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()

@@ -128,6 +128,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     abstract = jax.eval_shape(task.init, jax.random.key(0))
     param_shardings = sharding.param_shardings(abstract, mesh)
     checkpointer = ckpt.Checkpointer(workdir, run_identity(c, task), c.train.keep_checkpoints)
+    if jax.process_index() == 0:
+        ckpt.write_json_atomic(workdir / ckpt.MODEL_FILE, task.describe(c))
 
     tx = st.make_optimizer(c)
     schedule = st.learning_rate_schedule(c.optim, c.train.steps)

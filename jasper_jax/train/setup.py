@@ -57,6 +57,18 @@ def teacher_dim_of(data_dir: str) -> int:
     return int(source[0]["teacher"].shape[-1])
 
 
+def embedder_config_to_dict(config: EmbedderConfig) -> dict:
+    encoder = config.encoder.to_hf_dict()
+    if hasattr(config.encoder, "add_pooling_layer"):
+        encoder["add_pooling_layer"] = config.encoder.add_pooling_layer
+    return {
+        "encoder": encoder,
+        "pooling": config.pooling,
+        "heads": list(config.heads),
+        "default_head": config.default_head,
+    }
+
+
 def student_config(c: ml_collections.ConfigDict, loaded: LoadedModel, teacher_dim: int):
     heads = tuple(int(d) for d in c.model.heads)
     if teacher_dim not in heads:
@@ -101,6 +113,21 @@ class TextTask:
 
     def pretrained(self) -> tuple[dict, str]:
         return {"encoder": self.loaded.params["encoder"]}, f"HF weights {self.folder}"
+
+    def describe(self, c: ml_collections.ConfigDict) -> dict:
+        """What `model.json` records so the checkpoint can be used without the config."""
+        from jasper_jax.data.teacher_dataset import open_teacher_dataset
+
+        _, meta = open_teacher_dataset(c.data.train_dir)
+        return {
+            "embedder": embedder_config_to_dict(self.config),
+            "tokenizer_folder": str(Path(self.folder).resolve()),
+            "max_seq_length": int(c.data.max_length),
+            "prompt": c.data.prompt,
+            "teachers": meta.get("teachers", []),
+            "stage": c.stage,
+            "config": c.name,
+        }
 
     def identity(self) -> dict:
         return {

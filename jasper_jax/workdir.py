@@ -1,0 +1,62 @@
+"""A training workdir as a model: `model.json` + the params of a checkpoint -> `LoadedModel`.
+
+`encode`, `eval` and `export` accept a workdir wherever they accept an HF folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from jasper_jax.errors import UserError
+from jasper_jax.models.embedder import EmbedderConfig
+from jasper_jax.models.hf_io import read_json
+from jasper_jax.models.loading import ENCODER_CONFIGS, LoadedModel
+from jasper_jax.train.checkpoint import CHECKPOINT_DIR, MODEL_FILE, load_params
+
+
+def is_workdir(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / MODEL_FILE).is_file() and (path / CHECKPOINT_DIR).is_dir()
+
+
+def embedder_config_from_dict(d: dict) -> EmbedderConfig:
+    enc = dict(d["encoder"])
+    kind = enc.get("model_type")
+    if kind not in ENCODER_CONFIGS:
+        raise UserError(
+            f"{MODEL_FILE} names encoder {kind!r}; supported: {sorted(ENCODER_CONFIGS)}"
+        )
+    encoder = ENCODER_CONFIGS[kind].from_hf_dict(enc)
+    return EmbedderConfig(
+        encoder=encoder,
+        pooling=d["pooling"],
+        heads=tuple(d["heads"]),
+        default_head=d.get("default_head"),
+    )
+
+
+def load_workdir_model(workdir: str | Path, step: int | None = None) -> tuple[LoadedModel, dict]:
+    """(model from checkpoint `step` or the latest, the raw model.json) of a training workdir."""
+    workdir = Path(workdir)
+    if not (workdir / MODEL_FILE).is_file():
+        raise UserError(
+            f"{workdir} is not a jasper-jax workdir (no {MODEL_FILE}); pass the --workdir of a "
+            "`jasper-jax train` run"
+        )
+    meta = read_json(workdir / MODEL_FILE)
+    config = embedder_config_from_dict(meta["embedder"])
+    params, step = load_params(workdir, step)
+    meta["step"] = step
+    params = {k: v for k, v in params.items() if k in ("encoder", "heads")}
+    prompts = {"query": meta["prompt"]} if meta.get("prompt") else {}
+    model = LoadedModel(
+        config, params, Path(meta["tokenizer_folder"]), meta["max_seq_length"], prompts
+    )
+    return model, meta
+
+
+def load_any_model(path: str | Path, step: int | None = None) -> LoadedModel:
+    """An HF / sentence-transformers folder, or a training workdir (latest checkpoint)."""
+    from jasper_jax.models.loading import load_model
+
+    return load_workdir_model(path, step)[0] if is_workdir(path) else load_model(path)
