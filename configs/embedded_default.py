@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.mrl_dims = ()
     c.loss.infonce = 0.0
     c.loss.gor = 0.0
-    c.loss.resim_block_size = 1024
+    c.loss.resim_block_size = 0  # 0: automatic tile size
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = s["lr"]

@@ -56,7 +56,15 @@ def _teachers_args(p: argparse.ArgumentParser) -> Command:
     return teachers_main
 
 
+def _demo_args(p: argparse.ArgumentParser) -> Command:
+    from jasper_jax.commands.demo import add_demo_args, demo_main
+
+    add_demo_args(p)
+    return demo_main
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
+    "demo": ("the embedded default end to end: teacher vectors, stages 1-4, a table", _demo_args),
     "encode": ("encode texts into L2-normalised vectors (.npy)", _encode_args),
     "teachers": ("precompute teacher vectors into a TFDS dataset", _teachers_args),
     "train": ("train one stage: --config FILE[:STAGE] [--config.a.b=v ...]", _train_args),

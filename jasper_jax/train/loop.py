@@ -45,7 +45,7 @@ def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
         margin=c.loss.margin,
         mrl_dims=tuple(c.loss.mrl_dims) or None,
         gor_weight=c.loss.gor,
-        block_size=c.loss.resim_block_size,
+        block_size=c.loss.resim_block_size or None,
     )
 
 
