@@ -58,6 +58,8 @@ def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None)
                 f"mesh shape {tuple(shape)}: {len(devices)} devices are not divisible by {known}"
             )
         shape[shape.index(-1)] = len(devices) // known
+    if math.prod(shape) < len(devices) and jax.process_count() == 1:
+        devices = devices[: math.prod(shape)]  # e.g. a 1-device run on a multi-device host
     if math.prod(shape) != len(devices):
         raise UserError(
             f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} "

@@ -183,6 +183,9 @@ def _state_shardings(abstract_state, param_shardings, tx, paths, mesh):
     )
     opt_sh = jax.jit(tx.init).lower(arg).compile().output_shardings
     rep = sharding.replicated(mesh)
+    # Leaves not derived from a parameter (Adam's step count) come back on one device.
+    on_mesh = set(mesh.devices.flat)
+    opt_sh = jax.tree.map(lambda s: s if s.device_set == on_mesh else rep, opt_sh)
     return st.TrainState(
         step=rep, params=param_shardings, opt_state=opt_sh, rng=rep, skipped=rep, bad_in_row=rep
     )
@@ -196,9 +199,9 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> d
     try:
         for step in range(start, c.train.steps):
             batch = _global_batch(next(data), mesh, keys)
-            if progress is None:
-                flops = step_flops(step_fn.lower(state, batch).compile())
-                progress = Progress(label, c.train.steps, start, flops)
+            if progress is None:  # compile once, ahead of time; a shape change is an error
+                step_fn = step_fn.lower(state, batch).compile()
+                progress = Progress(label, c.train.steps, start, step_flops(step_fn))
             state, metrics = step_fn(state, batch)
             done = step + 1
             progress.add_tokens(float(metrics["tokens"]))

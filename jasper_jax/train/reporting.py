@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import time
 from pathlib import Path
@@ -45,23 +46,28 @@ def step_flops(compiled) -> float | None:
 
 
 class MetricWriter:
-    """TensorBoard scalars under `logdir` (process 0 only; others write nothing)."""
+    """TensorBoard scalars under `logdir`, and the same as JSON lines in `logdir/metrics.jsonl`
+    (process 0 only; other processes write nothing)."""
 
     def __init__(self, logdir: Path):
-        self._writer = None
+        self._writer = self._jsonl = None
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(logdir), flush_secs=10)
+            self._jsonl = (Path(logdir) / "metrics.jsonl").open("a", encoding="utf-8")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self._writer is not None:
             for name, value in values.items():
                 self._writer.add_scalar(name, value, step)
+            self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+            self._jsonl.flush()
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+            self._jsonl.close()
 
 
 class Progress:

@@ -1,0 +1,156 @@
+"""The train loop: stage masks, exact kill-and-resume, sharding invariance, bad input."""
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from jasper_jax.errors import UserError
+from jasper_jax.models import hf_io
+from jasper_jax.train.checkpoint import load_params
+from jasper_jax.train.loop import TrainingStopped, train_and_evaluate
+from tests.train_fixtures import read_metrics, tiny_config, tiny_setup  # noqa: F401
+
+
+def _flat(params) -> dict:
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {k for k in after if k in before and not np.array_equal(before[k], after[k])}
+
+
+@pytest.fixture(scope="module")
+def stage_runs(tiny_setup, tmp_path_factory):  # noqa: F811
+    """Stages 1, 2, 3 (2 steps each) chained through init_from."""
+    root = tmp_path_factory.mktemp("stages")
+    runs, previous = {}, ""
+    for stage in (1, 2, 3):
+        c = tiny_config(tiny_setup, stage, **{"train.steps": 2, "init_from": previous})
+        runs[stage] = train_and_evaluate(c, root / f"s{stage}")
+        runs[stage]["params"] = _flat(load_params(root / f"s{stage}")[0])
+        previous = str(root / f"s{stage}")
+    return runs
+
+
+def test_stage1_trains_only_the_head(tiny_setup, stage_runs):  # noqa: F811
+    state = hf_io.read_state_dict(tiny_setup["student"])
+    after = stage_runs[1]["params"]
+    for path, value in after.items():
+        if path.startswith("encoder/"):
+            hf_key = hf_io.flax_path_to_hf(tuple(path.split("/")[1:]))
+            expected = state[hf_key].T if path.endswith("kernel") else state[hf_key]
+            np.testing.assert_array_equal(value, expected, err_msg=path)
+    assert {"heads/dense_384/kernel", "heads/dense_384/bias"} <= set(after)
+
+
+def test_stage2_trains_head_and_last_layers(stage_runs):
+    before, after = stage_runs[1]["params"], stage_runs[2]["params"]
+    changed = _changed(before, after)
+    allowed = ("heads/", "encoder/encoder/layer_2/", "encoder/encoder/layer_3/")
+    assert changed and all(k.startswith(allowed) for k in changed), sorted(changed)
+    for prefix in allowed:  # every trainable group really moved
+        assert any(k.startswith(prefix) for k in changed), prefix
+
+
+def test_stage3_trains_everything_and_adds_reduced_heads(stage_runs):
+    before, after = stage_runs[2]["params"], stage_runs[3]["params"]
+    assert {"heads/dense_32/kernel", "heads/dense_16/kernel"} <= set(after) - set(before)
+    changed = _changed(before, after)
+    assert any(k.startswith("encoder/embeddings/") for k in changed)
+    assert any(k.startswith("encoder/encoder/layer_0/") for k in changed)
+    assert not any("pooler" in k for k in changed)  # HF pooler is off the embedding path
+    assert set(stage_runs[3]["eval"]) == {"dense_384", "dense_32", "dense_16"}
+    assert "cosine" in stage_runs[3]["eval"]["dense_384"]
+
+
+def test_kill_and_resume_gives_identical_losses(tiny_setup, tmp_path):  # noqa: F811
+    fields = {"train.steps": 8, "train.checkpoint_every": 100}
+    train_and_evaluate(tiny_config(tiny_setup, 3, **fields), tmp_path / "a")
+    reference = [m["train/loss"] for m in read_metrics(tmp_path / "a")]
+
+    workdir = tmp_path / "b"
+
+    def kill_after_step_3():
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            path = workdir / "tb" / "metrics.jsonl"
+            if path.exists() and len(read_metrics(workdir)) >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=kill_after_step_3, daemon=True).start()
+    first = train_and_evaluate(tiny_config(tiny_setup, 3, **fields), workdir)
+    assert first["status"] == "preempted" and 3 <= first["step"] < 8
+    second = train_and_evaluate(tiny_config(tiny_setup, 3, **fields), workdir)
+    assert second["status"] == "finished" and second["step"] == 8
+    resumed = [m["train/loss"] for m in read_metrics(workdir)]
+    assert resumed == reference  # exactly: same batches, same dropout keys, same arithmetic
+
+
+@pytest.mark.parametrize("mesh", [(2, 1, 4), (2, 4, 1)])
+def test_sharded_losses_equal_single_device(tiny_setup, tmp_path, mesh):  # noqa: F811
+    one = train_and_evaluate(tiny_config(tiny_setup, 3), tmp_path / "one")
+    many = train_and_evaluate(tiny_config(tiny_setup, 3, mesh_shape=mesh), tmp_path / "many")
+    assert one["status"] == many["status"] == "finished"
+    a = [m["train/loss"] for m in read_metrics(tmp_path / "one")]
+    b = [m["train/loss"] for m in read_metrics(tmp_path / "many")]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+
+
+def _tree_hash(folder: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(folder)).encode() + path.read_bytes())
+    return h.hexdigest()
+
+
+def test_bad_config_and_workdir_are_refused(tiny_setup, tmp_path):  # noqa: F811
+    with pytest.raises(UserError, match="teacher dim 384"):
+        train_and_evaluate(tiny_config(tiny_setup, 1, **{"model.heads": (100,)}), tmp_path / "x")
+    with pytest.raises(UserError, match="run the previous stage first"):
+        c = tiny_config(tiny_setup, 2, init_from=str(tmp_path / "missing"))
+        train_and_evaluate(c, tmp_path / "y")
+    workdir = tmp_path / "run"
+    train_and_evaluate(tiny_config(tiny_setup, 1, **{"train.steps": 1}), workdir)
+    before = _tree_hash(workdir / "checkpoints")
+    with pytest.raises(UserError, match="holds checkpoints of another run"):
+        train_and_evaluate(tiny_config(tiny_setup, 2, **{"train.steps": 1}), workdir)
+    assert _tree_hash(workdir / "checkpoints") == before
+
+
+def test_nonfinite_updates_are_skipped_then_training_stops(tiny_setup, tmp_path, monkeypatch):  # noqa: F811
+    """Every batch gets NaN teacher vectors: updates are skipped, then training stops cleanly."""
+    import jax.numpy as jnp
+
+    from jasper_jax.train import setup
+
+    original = setup.TextTask.forward
+
+    def poisoned(self, c):
+        forward = original(self, c)
+
+        def run(params, batch, rng):
+            out, teacher = forward(params, batch, rng)
+            return out, jnp.where(batch["input_ids"][0, 1] >= 0, jnp.nan, 1.0) * teacher
+
+        return run
+
+    fields = {"train.steps": 6, "train.checkpoint_every": 1, "train.max_nonfinite_in_row": 2}
+    workdir = tmp_path / "nan"
+    monkeypatch.setattr(setup.TextTask, "forward", poisoned)
+    with pytest.raises(TrainingStopped, match="2 updates in a row had a non-finite"):
+        train_and_evaluate(tiny_config(tiny_setup, 3, **fields), workdir)
+    metrics = read_metrics(workdir)
+    assert [m["train/skipped"] for m in metrics] == [1.0]
+    params, step = load_params(workdir)  # the saved state is the untouched initial one
+    assert step == 1
+    assert all(np.isfinite(v).all() for v in _flat(params).values())
