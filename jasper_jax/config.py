@@ -20,7 +20,8 @@ TRAINABLE = ("heads", "heads+last_layers", "all", "vision")
 DTYPES = ("float32", "bfloat16")
 
 
-def _import_config_module(path: Path):
+def import_config_module(path: Path):
+    """The config file as a module (configs may build on each other this way)."""
     spec = importlib.util.spec_from_file_location(f"_jasper_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -82,7 +83,7 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
     path, arg = resolve_config_path(spec)
-    config = _import_config_module(path).get_config(arg)
+    config = import_config_module(path).get_config(arg)
     apply_overrides(config, overrides)
     validate_config(config)
     return config

@@ -104,7 +104,8 @@ class TextEncoder:
             def run(params, ids, mask):
                 return self.module.apply({"params": params}, ids, mask, heads=heads)
 
-            self._fns[heads] = jax.jit(run)
+            # Replicated outputs: every process (multi-host eval) can read the whole batch.
+            self._fns[heads] = jax.jit(run, out_shardings=sharding.replicated(self.mesh))
         return self._fns[heads]
 
     def encode(self, texts: Sequence[str], *, head: str | None = None, **kwargs) -> np.ndarray:
@@ -152,7 +153,10 @@ class TextEncoder:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
-        put = lambda x: jax.device_put(x, self._in_sharding)
+        # Every process holds the same full batch; each places the rows of its own devices.
+        def put(x: np.ndarray) -> jax.Array:
+            return jax.make_array_from_callback(x.shape, self._in_sharding, lambda i: x[i])
+
         return put(ids), put(mask)
 
 

@@ -1,4 +1,4 @@
-"""grain pipeline: fixed shapes, HF-identical tokens, exact resume, disjoint process shards."""
+"""grain pipeline: fixed shapes, HF-identical tokens, exact resume, per-process batch rows."""
 
 import hashlib
 
@@ -107,16 +107,18 @@ def test_restored_state_replays_the_same_batches(dataset, tokenizer_dir):
     assert not np.array_equal(epochs[0], epochs[1])  # reshuffled each epoch
 
 
-def test_process_shards_are_disjoint_and_cover_the_epoch(dataset, tokenizer_dir):
-    seen = []
-    for shard in range(2):
-        batches = list(
-            pipeline(dataset, tokenizer_dir, batch_size=10, shard_index=shard, shard_count=2)
-        )
-        seen.append(np.concatenate([b["index"] for b in batches]))
-    assert len(seen[0]) == len(seen[1]) == ROWS // 2
-    assert not set(seen[0]) & set(seen[1])
-    assert set(seen[0]) | set(seen[1]) == set(range(ROWS))
+def test_process_rows_split_the_global_batch(dataset, tokenizer_dir):
+    whole = list(pipeline(dataset, tokenizer_dir, batch_size=10))
+    parts = [
+        list(pipeline(dataset, tokenizer_dir, batch_size=10, process_index=i, process_count=2))
+        for i in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == len(whole)
+    for k, batch in enumerate(whole):
+        assert parts[0][k]["input_ids"].shape[0] == 5
+        for key in batch:
+            joined = np.concatenate([parts[0][k][key], parts[1][k][key]])
+            np.testing.assert_array_equal(joined, batch[key])
 
 
 def test_eval_arrays_and_bad_settings(dataset, tokenizer_dir, texts):
@@ -124,6 +126,8 @@ def test_eval_arrays_and_bad_settings(dataset, tokenizer_dir, texts):
     assert eval_texts == texts and index.tolist() == list(range(ROWS))
     np.testing.assert_allclose(np.linalg.norm(teacher, axis=1), 1.0, atol=1e-6)
     with pytest.raises(UserError, match="fewer than one batch"):
-        pipeline(dataset, tokenizer_dir, batch_size=60, shard_count=2)
+        pipeline(dataset, tokenizer_dir, batch_size=ROWS + 2, process_count=2)
+    with pytest.raises(UserError, match="multiple of the process count"):
+        pipeline(dataset, tokenizer_dir, batch_size=9, process_count=2)
     with pytest.raises(UserError, match="no teacher dataset"):
         pipeline(dataset / "nothing", tokenizer_dir)

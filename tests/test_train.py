@@ -154,3 +154,52 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tiny_setup, tmp_path,
     params, step = load_params(workdir)  # the saved state is the untouched initial one
     assert step == 1
     assert all(np.isfinite(v).all() for v in _flat(params).values())
+
+
+def test_paper_recipe_runs_with_a_tiny_qwen2_student(tiny_setup, tmp_path):  # noqa: F811
+    """configs/jasper_paper.py as shipped (bf16, remat, all devices on fsdp), model shrunk."""
+    import shutil
+
+    import transformers
+
+    from jasper_jax.config import load_config
+    from tests.train_fixtures import TOKENIZER_FILES
+
+    folder = tmp_path / "qwen2"
+    cfg = transformers.Qwen2Config(
+        vocab_size=30522,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    transformers.Qwen2Model(cfg).save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        shutil.copy(Path(tiny_setup["student"]) / name, folder / name)
+    paper = load_config("configs/jasper_paper.py:3")
+    assert paper.model.heads == (12288, 1024, 512, 256) and paper.dtype == "bfloat16"
+    overrides = {
+        "model.init_hf": folder,
+        "model.heads": (384, 32, 16),
+        "data.train_dir": tiny_setup["train"],
+        "data.eval_dir": tiny_setup["validation"],
+        "data.batch_size": 8,
+        "data.max_length": 16,
+        "data.eval_texts": 32,
+        "train.steps": 2,
+        "train.log_every": 1,
+    }
+    c = load_config(
+        "configs/jasper_paper.py:3", [f"--config.{k}={v}" for k, v in overrides.items()]
+    )
+    result = train_and_evaluate(c, tmp_path / "run")
+    assert result["status"] == "finished"
+    losses = [m["train/loss"] for m in read_metrics(tmp_path / "run")]
+    assert len(losses) == 2 and np.all(np.isfinite(losses))
+    assert set(result["eval"]) == {"dense_384", "dense_32", "dense_16"}
+    before = hf_io.read_state_dict(folder)["layers.1.self_attn.q_proj.weight"]
+    after = _flat(load_params(tmp_path / "run")[0])["encoder/layers_1/self_attn/q_proj/kernel"]
+    assert after.dtype == np.float32  # bf16 compute, fp32 master weights
+    assert not np.allclose(after.T, before)  # stage 3 trains the encoder

@@ -54,10 +54,8 @@ def tiny_setup(tmp_path_factory) -> dict:
     return out
 
 
-def tiny_config(setup: dict, stage: int, **overrides):
-    """embedded_default stage config shrunk to the tiny student; overrides as field=value."""
-    from jasper_jax.config import load_config
-
+def tiny_overrides(setup: dict, stage: int, **overrides) -> list[str]:
+    """`--config.a.b=v` strings shrinking the embedded default to the tiny student."""
     fields = {
         "model.init_hf": setup["student"],
         "model.heads": (384,) if stage < 3 else (384, 32, 16),
@@ -73,8 +71,15 @@ def tiny_config(setup: dict, stage: int, **overrides):
         "mesh_shape": (1, 1, 1),
         **overrides,
     }
+    return [f"--config.{k}={v}" for k, v in fields.items()]
+
+
+def tiny_config(setup: dict, stage: int, **overrides):
+    """embedded_default stage config shrunk to the tiny student; overrides as field=value."""
+    from jasper_jax.config import load_config
+
     return load_config(
-        f"configs/embedded_default.py:{stage}", [f"--config.{k}={v}" for k, v in fields.items()]
+        f"configs/embedded_default.py:{stage}", tiny_overrides(setup, stage, **overrides)
     )
 
 

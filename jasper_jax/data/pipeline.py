@@ -117,6 +117,24 @@ class TextBatchIterator(Iterator[dict]):
         self._iterator.set_state(state)
 
 
+@dataclasses.dataclass
+class TakeProcessRows(grain.transforms.Map):
+    """Rows ``[i * B / P, (i + 1) * B / P)`` of a global batch: process i's share.
+
+    Every process walks the same globally shuffled order, so the union of the processes' rows is
+    exactly the batch one process would see, and in-batch losses over the gathered global batch
+    do not depend on the number of hosts.
+    """
+
+    process_index: int
+    process_count: int
+
+    def map(self, batch: dict) -> dict:
+        rows = len(batch["index"]) // self.process_count
+        start = self.process_index * rows
+        return {key: value[start : start + rows] for key, value in batch.items()}
+
+
 def make_text_pipeline(
     data_dir: str | pathlib.Path,
     tokenizer_dir: str | pathlib.Path,
@@ -125,8 +143,8 @@ def make_text_pipeline(
     max_length: int,
     seed: int,
     prompt: str | None = None,
-    shard_index: int = 0,
-    shard_count: int = 1,
+    process_index: int = 0,
+    process_count: int = 1,
     num_epochs: int | None = None,
     worker_count: int = 0,
 ) -> TextBatchIterator:
@@ -135,28 +153,33 @@ def make_text_pipeline(
     Args:
       data_dir: a teacher dataset (``build_teacher_dataset`` output).
       tokenizer_dir: folder of the student's HF tokenizer.
-      batch_size: texts per batch for this process (per-process, not global).
+      batch_size: the GLOBAL batch (texts per step over all processes); each process yields
+        ``batch_size // process_count`` rows of it.
       seed: shuffle seed; every process must pass the same one.
       prompt: prefixed to every text before tokenizing.
-      shard_index, shard_count: this process's share, e.g. ``jax.process_index()`` and
-        ``jax.process_count()``; processes see disjoint texts whose union is the epoch.
+      process_index, process_count: e.g. ``jax.process_index()`` and ``jax.process_count()``;
+        see :class:`TakeProcessRows`. Only this process's rows are tokenized.
       num_epochs: None repeats forever (each epoch reshuffled).
       worker_count: grain worker processes (0: in this process). Workers need the
         ``if __name__ == "__main__":`` guard in the calling script.
     """
-    if batch_size < 1 or max_length < 2 or not 0 <= shard_index < shard_count:
+    if (
+        batch_size < 1
+        or max_length < 2
+        or not 0 <= process_index < process_count
+        or batch_size % process_count
+    ):
         raise UserError(
             f"bad pipeline settings batch_size={batch_size}, max_length={max_length}, "
-            f"shard {shard_index} of {shard_count}; expected batch_size >= 1, max_length >= 2, "
-            "0 <= shard_index < shard_count"
+            f"process {process_index} of {process_count}; expected batch_size >= 1 and a "
+            "multiple of the process count, max_length >= 2, 0 <= process_index < process_count"
         )
     source, _ = open_teacher_dataset(data_dir)
-    if len(source) // shard_count < batch_size:
+    if len(source) < batch_size:
         raise UserError(
             f"teacher dataset {str(data_dir)!r} has {len(source)} rows: fewer than one batch of "
-            f"{batch_size} for each of {shard_count} processes; fix: lower the batch size"
+            f"{batch_size}; fix: lower data.batch_size or build more teacher vectors"
         )
-    shard = grain.sharding.ShardOptions(shard_index, shard_count, drop_remainder=True)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs
     )
@@ -165,9 +188,9 @@ def make_text_pipeline(
         sampler=sampler,
         operations=[
             grain.transforms.Batch(batch_size, drop_remainder=True),
+            TakeProcessRows(process_index, process_count),
             TokenizeBatch(str(tokenizer_dir), max_length, prompt),
         ],
-        shard_options=shard,
         worker_count=worker_count,
     )
     return TextBatchIterator(iter(loader))

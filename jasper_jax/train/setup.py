@@ -142,12 +142,12 @@ class TextTask:
         return make_text_pipeline(
             c.data.train_dir,
             self.folder,
-            batch_size=c.data.batch_size // jax.process_count(),
+            batch_size=c.data.batch_size,
             max_length=c.data.max_length,
             seed=c.seed,
             prompt=c.data.prompt or None,
-            shard_index=jax.process_index(),
-            shard_count=jax.process_count(),
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
             worker_count=c.data.worker_count,
         )
 
@@ -171,7 +171,7 @@ class TextTask:
                 f"eval data {c.data.eval_dir} has teacher dim {teacher.shape[1]} but the train "
                 f"data has {self.teacher_dim}; build both with the same teachers"
             )
-        model = LoadedModel(self.config, jax.device_get(params), self.folder, c.data.max_length, {})
+        model = LoadedModel(self.config, params, self.folder, c.data.max_length, {})
         encoder = TextEncoder(model, dtype=c.dtype, mesh=mesh, batch_size=c.data.batch_size)
         vectors = encoder.encode_heads(texts, heads=self.config.head_names, prompt=c.data.prompt)
         return {name: fidelity_metrics(v, teacher) for name, v in vectors.items()}

@@ -1,0 +1,69 @@
+"""The paper's recipe: stella_en_1.5B_v5 student distilled from NV-Embed-v2 + stella (12288-d).
+
+Values from SPEC section 3 (paper + the authors' reference config): heads FC1 -> 12288 (stages
+1-3) and FC2-4 -> 1024/512/256 (stage 3); lr 1e-4 / 8e-5 / 7e-5; batch 128; 4000 / 7000 / 2200
+steps; max length 512; bf16 compute. Loss weights 10 / 200 / 20 and margin 0.015 are the
+embedded default's (they are the paper's already).
+
+Everything not named here is the embedded default's field (one schema for all configs); the
+fields a user must fill in are the local model folder and the teacher datasets::
+
+    jasper-jax train --config configs/jasper_paper.py:1 --workdir gs://BUCKET/jasper/stage1 \
+        --config.model.init_hf=/models/stella_en_1.5B_v5 \
+        --config.data.train_dir=gs://BUCKET/teacher_data/train \
+        --config.data.eval_dir=gs://BUCKET/teacher_data/validation
+
+Memory: 1.5B params in fp32 with Adam is ~24 GB before activations, so the default mesh puts
+every device on the fsdp axis (ZeRO-3 style); see README "Picking a mesh".
+"""
+
+from pathlib import Path
+
+import ml_collections
+
+from jasper_jax.config import import_config_module
+
+TEACHER_DIM = 4096 + 8192  # NV-Embed-v2 + stella_en_1.5B_v5 at 8192-d
+REDUCED_HEADS = (1024, 512, 256)
+
+STAGES = {
+    1: dict(trainable="heads", heads=(TEACHER_DIM,), lr=1e-4, steps=4000, batch=128),
+    2: dict(trainable="heads+last_layers", heads=(TEACHER_DIM,), lr=8e-5, steps=7000, batch=128),
+    3: dict(trainable="all", heads=(TEACHER_DIM, *REDUCED_HEADS), lr=7e-5, steps=2200, batch=128),
+}
+
+_embedded = import_config_module(Path(__file__).with_name("embedded_default.py"))
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    stage = int(arg or 1)
+    if stage not in STAGES:
+        raise ValueError(f"jasper_paper has text stages {sorted(STAGES)}; got {arg!r}")
+    s = STAGES[stage]
+    c = _embedded.get_config(str(stage))
+    c.name = "jasper_paper"
+    c.dtype = "bfloat16"
+    c.mesh_shape = (1, -1, 1)  # all devices on fsdp: params, grads and Adam state sharded
+    c.trainable = s["trainable"]
+
+    c.model.init_hf = "stella_en_1.5B_v5"  # set to the local folder of the HF checkpoint
+    c.model.pooling = "mean"
+    c.model.heads = s["heads"]
+    c.model.trainable_last_layers = 3
+    c.model.remat = True  # 28 layers x 512 tokens x batch 128 of activations otherwise
+
+    c.teachers = ("nvidia/NV-Embed-v2", "dunzhang/stella_en_1.5B_v5")  # precomputed offline
+    c.data.batch_size = s["batch"]
+    c.data.max_length = 512
+    c.data.eval_texts = 5000
+    c.data.corpus = "jasper_text_distill_dataset"
+
+    c.optim.lr = s["lr"]
+    c.optim.warmup_fraction = 0.05
+    c.optim.weight_decay = 0.01
+
+    c.train.steps = s["steps"]
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    return c
