@@ -165,3 +165,14 @@ def test_foreign_folder_and_bad_arguments(tmp_path):
     bad.write_bytes(b"caf\xe9\n")
     with pytest.raises(UserError, match="not valid UTF-8"):
         build_teacher_dataset(str(bad), [fake_teacher()], tmp_path / "x")
+
+
+def test_jax_and_torch_teacher_backends_agree(real_texts):
+    jax_teacher = load_teacher("all-MiniLM-L6-v2", backend="jax")
+    torch_teacher = load_teacher("all-MiniLM-L6-v2", backend="torch")
+    assert jax_teacher.dim == torch_teacher.dim == 384
+    assert jax_teacher.describe() == torch_teacher.describe()  # same model, same fingerprints
+    a, b = (unit(t.encode(real_texts[:32])) for t in (jax_teacher, torch_teacher))
+    assert np.sum(a * b, axis=1).min() >= 0.9999
+    with pytest.raises(UserError, match="choose one of"):
+        load_teacher("all-MiniLM-L6-v2", backend="tf")

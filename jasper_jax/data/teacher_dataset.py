@@ -107,6 +107,7 @@ def build_teacher_dataset(
     limit: int | None = None,
     chunk_size: int = 4096,
     progress: bool = True,
+    backend: str = "auto",
 ) -> BuildResult:
     """Encode slice ``shard_index`` of ``num_shards`` and, once all are done, write the dataset.
 
@@ -118,6 +119,7 @@ def build_teacher_dataset(
       dtype: "float32" or "float16" storage of the teacher vectors.
       limit: keep only the first ``limit`` texts.
       chunk_size: rows per resumable unit of work.
+      backend: how named teachers run: "auto", "jax" or "torch" (see ``load_teacher``).
 
     Raises:
       UserError: bad arguments or corpus; an output folder that holds a different dataset or
@@ -126,7 +128,7 @@ def build_teacher_dataset(
     _check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit)
     texts, skipped = _corpus_texts(corpus, limit)
     loaded = [
-        t if isinstance(t, Teacher) else load_teacher(t, prompt, batch_size) for t in teachers
+        t if isinstance(t, Teacher) else load_teacher(t, prompt, batch_size, backend) for t in teachers
     ]
     if not loaded:
         raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")

@@ -40,6 +40,12 @@ def add_teachers_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="teacher encode batch size")
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N texts")
+    parser.add_argument(
+        "--backend",
+        choices=("auto", "jax", "torch"),
+        default="auto",
+        help="run teachers with our Flax port (jax; BERT/Qwen2) or sentence-transformers (torch)",
+    )
 
 
 def teachers_main(args: argparse.Namespace) -> int:
@@ -55,6 +61,7 @@ def teachers_main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         overwrite=args.overwrite,
         limit=args.limit,
+        backend=args.backend,
     )
     if result.dataset_dir is None:
         print(
