@@ -128,7 +128,8 @@ def build_teacher_dataset(
     _check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit)
     texts, skipped = _corpus_texts(corpus, limit)
     loaded = [
-        t if isinstance(t, Teacher) else load_teacher(t, prompt, batch_size, backend) for t in teachers
+        t if isinstance(t, Teacher) else load_teacher(t, prompt, batch_size, backend)
+        for t in teachers
     ]
     if not loaded:
         raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
