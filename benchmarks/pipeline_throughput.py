@@ -1,11 +1,13 @@
 """Throughput of the grain text pipeline (batches/s), against tokenizing alone as reference.
 
     python -m benchmarks.pipeline_throughput [--data-dir DIR] [--batches 100] [--workers 0]
+        [--batch-size 64] [--max-length 48]
 
 Without ``--data-dir`` a teacher dataset of embedded-corpus texts with random 1152-d vectors
 (the embedded mpnet + MiniLM width) is built in a temp folder: the pipeline's cost does not
 depend on the vector values. The reference is the same HF tokenizer call on the same batches
-without grain (read, shuffle, batch, renormalise), so the ratio shows the pipeline's overhead.
+without grain (read, shuffle, batch, renormalise), so the ratio shows the pipeline's overhead;
+the stage-3 train step on the same shapes shows what the pipeline has to keep up with.
 Prints a table and appends it to ``benchmarks/results.md``. Run from the repository root.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 import transformers
 
 from benchmarks.common import report
+from benchmarks.train_step import jax_steps_per_second, make_batches
 from jasper_jax.data.corpus import load_corpus
 from jasper_jax.data.pipeline import make_text_pipeline
 from jasper_jax.data.teacher_assets import teacher_folder
@@ -92,25 +95,41 @@ def main() -> None:
     parser.add_argument("--data-dir", type=pathlib.Path, default=None)
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=64, help="the demo's batch")
+    parser.add_argument("--max-length", type=int, default=48, help="the demo's max length")
+    parser.add_argument("--train-steps", type=int, default=5, help="timed train steps")
     args = parser.parse_args()
     tokenizer_dir = teacher_folder("all-MiniLM-L6-v2")
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = args.data_dir or build_random_teacher_dataset(pathlib.Path(tmp) / "ds")
         r = measure_pipeline(
-            data_dir, tokenizer_dir, num_batches=args.batches, worker_count=args.workers
+            data_dir,
+            tokenizer_dir,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            num_batches=args.batches,
+            worker_count=args.workers,
         )
+    # What the pipeline must keep up with: the stage-3 train step on the same batch shape.
+    step_batches = make_batches(tokenizer_dir, args.batch_size, args.max_length, count=2)
+    step_rate = jax_steps_per_second(tokenizer_dir, step_batches, args.train_steps)
     rows = [
         ["grain pipeline (read, shuffle, batch, tokenize)", r["pipeline_batches_per_s"],
          r["texts_per_s"], r["ratio"]],
         ["HF tokenizer alone (reference)", r["tokenizer_batches_per_s"],
          r["tokenizer_batches_per_s"] * r["batch_size"], 1.0],
+        ["train step consumption (stage 3, MiniLM student, same shapes)", step_rate,
+         step_rate * r["batch_size"], step_rate / r["tokenizer_batches_per_s"]],
     ]  # fmt: skip
     title = (
         f"Pipeline throughput, MiniLM tokenizer, batch {r['batch_size']}, max length "
         f"{r['max_length']}, teacher dim {r['teacher_dim']}, {args.workers} grain workers"
     )
     headers = ["what", "batches/s", "texts/s", "ratio vs tokenizer alone"]
-    note = f"{r['num_batches']} batches; texts truncated: {r['truncated_fraction']:.1%}"
+    note = (
+        f"{r['num_batches']} batches; texts truncated: {r['truncated_fraction']:.1%}; the "
+        f"pipeline delivers {r['pipeline_batches_per_s'] / step_rate:.0f}x what the step consumes"
+    )
     report(title, headers, rows, note)
 
 

@@ -119,6 +119,8 @@ def test_process_rows_split_the_global_batch(dataset, tokenizer_dir):
         for key in batch:
             joined = np.concatenate([parts[0][k][key], parts[1][k][key]])
             np.testing.assert_array_equal(joined, batch[key])
+    mine, theirs = (set(np.concatenate([b["index"] for b in p]).tolist()) for p in parts)
+    assert not mine & theirs and mine | theirs == set(range(ROWS))  # disjoint, union = epoch
 
 
 def test_eval_arrays_and_bad_settings(dataset, tokenizer_dir, texts):
