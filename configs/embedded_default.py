@@ -62,6 +62,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.infonce = 0.0
     c.loss.gor = 0.0
     c.loss.resim_block_size = 0  # 0: automatic tile size
+    # "global": in-batch losses see the whole batch across devices (what a bigger batch buys);
+    # "per_device": each data-parallel device's rows alone, as the authors' DeepSpeed reference.
+    c.loss.in_batch = "global"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = s["lr"]
@@ -77,4 +80,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 2
     c.train.max_nonfinite_in_row = 5
+    c.train.gradcache_chunk = 0  # rows encoded at a time (gradient cache); 0: whole batch
     return c

@@ -119,6 +119,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for f in ("cosine", "similarity", "relative_similarity", "infonce", "gor"):
         _check(w[f] >= 0, f"loss.{f}", "weights must be >= 0")
     _check(w.margin >= 0, "loss.margin", "must be >= 0")
+    _check(w.in_batch in ("global", "per_device"), "loss.in_batch", "global or per_device")
+    chunk = t.gradcache_chunk
+    _check(
+        chunk == 0 or (chunk > 0 and c.data.batch_size % chunk == 0),
+        "train.gradcache_chunk",
+        f"{chunk} must be 0 (off) or divide data.batch_size {c.data.batch_size}",
+    )
     if w.mrl_dims:
         _check(max(w.mrl_dims) <= max(heads), "loss.mrl_dims", "dims must fit the widest head")
     _check(len(tuple(c.mesh_shape)) == 3, "mesh_shape", "give (data, fsdp, tensor)")

@@ -124,6 +124,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
             f"config field data.batch_size: {c.data.batch_size} must divide evenly over the "
             f"{shards} data-parallel devices and {jax.process_count()} processes"
         )
+    chunk = c.train.gradcache_chunk or c.data.batch_size
+    if chunk % shards:
+        raise UserError(
+            f"config field train.gradcache_chunk: {chunk} rows must divide evenly over the "
+            f"{shards} data-parallel devices"
+        )
     task = make_task(c)
     abstract = jax.eval_shape(task.init, jax.random.key(0))
     param_shardings = sharding.param_shardings(abstract, mesh)
@@ -156,8 +162,17 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
             out_shardings=state_shardings,
         )(params)
         start = 0
+    train_step = make_train_step(
+        task.forward(c),
+        loss_config(c),
+        tx,
+        paths,
+        schedule,
+        loss_groups=shards if c.loss.in_batch == "per_device" else 1,
+        gradcache_chunks=c.data.batch_size // chunk,
+    )
     step_fn = jax.jit(
-        make_train_step(task.forward(c), loss_config(c), tx, paths, schedule),
+        train_step,
         in_shardings=(state_shardings, None),
         out_shardings=(state_shardings, None),
         donate_argnums=0,

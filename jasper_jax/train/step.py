@@ -43,24 +43,100 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def in_batch_loss(loss_config: LossConfig, groups: int = 1) -> Callable[[dict, Any], tuple]:
+    """`(student heads, teacher) -> (loss, metrics)` over the global batch (`groups=1`) or as the
+    mean of `groups` independent losses over consecutive row blocks: with the batch sharded over
+    `groups` data-parallel devices, each block is one device's rows, which is what the authors'
+    reference computes (per-GPU in-batch similarities, gradients averaged)."""
+
+    def loss_fn(student: dict, teacher: Any):
+        if groups == 1:
+            return distillation_loss(student, teacher, loss_config)
+        split = lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
+        per_group = lambda s, t: distillation_loss(s, t, loss_config)
+        losses, metrics = jax.vmap(per_group)(
+            jax.tree.map(split, student), jax.tree.map(split, teacher)
+        )
+        return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)
+
+    return loss_fn
+
+
+def _to_chunks(tree: Any, n: int) -> Any:
+    """[B, ...] -> [n, B/n, ...] with chunk k = rows k, k+n, k+2n, ...: every chunk keeps rows on
+    every data-parallel device, so chunked encoding stays parallel."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(-1, n, *x.shape[1:]), 0, 1), tree)
+
+
+def _from_chunks(tree: Any) -> Any:
+    """Inverse of `_to_chunks`: [n, B/n, ...] -> [B, ...] in the original row order."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:]), tree)
+
+
+def gradcache_value_and_grad(
+    forward: Forward, loss_fn, trainable: Any, frozen: Any, batch: Mapping, rng, chunks: int
+) -> tuple[tuple[jax.Array, dict], Any]:
+    """Loss and gradients of the whole batch, holding activations of one chunk at a time.
+
+    1. encode the batch chunk by chunk without keeping activations (a scan, not differentiated);
+    2. the loss and its gradient with respect to the vectors, on the whole batch;
+    3. re-encode each chunk and pull that chunk's vector gradient back to the parameters.
+    Equal to `jax.value_and_grad` of the plain step (same dropout keys per chunk in 1 and 3).
+    """
+
+    def encode(params, chunk, k):
+        return forward(merge_params(params, frozen), chunk, jax.random.fold_in(rng, k))
+
+    pieces = _to_chunks(dict(batch), chunks)
+    ks = jnp.arange(chunks)
+    _, (student, teacher) = jax.lax.scan(
+        lambda carry, xs: (carry, encode(trainable, *xs)), None, (pieces, ks)
+    )
+    student, teacher = _from_chunks(student), _from_chunks(teacher)
+    (loss, metrics), d_student = jax.value_and_grad(loss_fn, has_aux=True)(student, teacher)
+
+    def pull_back(total, xs):
+        chunk, k, d_chunk = xs
+        _, vjp = jax.vjp(lambda p: encode(p, chunk, k)[0], trainable)
+        return jax.tree.map(jnp.add, total, vjp(d_chunk)[0]), None
+
+    zeros = jax.tree.map(jnp.zeros_like, trainable)
+    grads, _ = jax.lax.scan(pull_back, zeros, (pieces, ks, _to_chunks(d_student, chunks)))
+    return (loss, metrics), grads
+
+
 def make_train_step(
     forward: Forward,
     loss_config: LossConfig,
     tx: optax.GradientTransformation,
     paths: frozenset[Path],
     schedule: optax.Schedule,
+    *,
+    loss_groups: int = 1,
+    gradcache_chunks: int = 1,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
-    """Builds the pure step; `paths` are the trainable parameters (see `state.trainable_paths`)."""
+    """Builds the pure step; `paths` are the trainable parameters (see `state.trainable_paths`).
+
+    loss_groups: 1 computes the in-batch losses over the global batch; G > 1 averages G
+      per-block losses (see `in_batch_loss`).
+    gradcache_chunks: > 1 encodes the batch in that many chunks (see `gradcache_value_and_grad`).
+    """
+    loss_of = in_batch_loss(loss_config, loss_groups)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         trainable, frozen = split_params(state.params, paths)
 
-        def loss_fn(trainable):
-            student, teacher = forward(merge_params(trainable, frozen), batch, rng)
-            return distillation_loss(student, teacher, loss_config)
+        if gradcache_chunks > 1:
+            (loss, metrics), grads = gradcache_value_and_grad(
+                forward, loss_of, trainable, frozen, batch, rng, gradcache_chunks
+            )
+        else:
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+            def loss_fn(trainable):
+                return loss_of(*forward(merge_params(trainable, frozen), batch, rng))
+
+            (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         updates, opt_state = tx.update(grads, state.opt_state, trainable)
         finite = jnp.isfinite(loss) & _all_finite(grads)
         keep = lambda new, old: jnp.where(finite, new, old)
