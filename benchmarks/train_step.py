@@ -59,7 +59,8 @@ def make_batches(folder, batch: int, length: int, count: int) -> list[dict]:
     return out
 
 
-def jax_steps_per_second(folder, batches: list[dict], steps: int) -> float:
+def build_jax_step(folder, gradcache_chunks: int = 1):
+    """(jitted stage-3 step, initial state) for the MiniLM student with a 1152-d head."""
     loaded = load_model(folder)
     config = EmbedderConfig(
         encoder=loaded.config.encoder,
@@ -74,8 +75,15 @@ def jax_steps_per_second(folder, batches: list[dict], steps: int) -> float:
     tx = st.make_optimizer(c)
     schedule = st.learning_rate_schedule(c.optim, 1000)
     forward = text_forward(Embedder(config), config.head_names, dropout=True)
-    step = jax.jit(make_train_step(forward, loss_config(c), tx, paths, schedule), donate_argnums=0)
+    train_step = make_train_step(
+        forward, loss_config(c), tx, paths, schedule, gradcache_chunks=gradcache_chunks
+    )
     state = jax.jit(lambda p: st.init_state(p, paths, tx, seed=0))(params)
+    return jax.jit(train_step, donate_argnums=0), state
+
+
+def jax_steps_per_second(folder, batches: list[dict], steps: int) -> float:
+    step, state = build_jax_step(folder)
     device_batches = [jax.tree.map(jnp.asarray, b) for b in batches]
     state, metrics = step(state, device_batches[0])  # compile
     jax.block_until_ready(metrics)
