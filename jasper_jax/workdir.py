@@ -5,17 +5,18 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from jasper_jax.errors import UserError
 from jasper_jax.models.embedder import EmbedderConfig
-from jasper_jax.models.hf_io import read_json
 from jasper_jax.models.loading import ENCODER_CONFIGS, LoadedModel
+from jasper_jax.paths import PathLike, as_path
 from jasper_jax.train.checkpoint import CHECKPOINT_DIR, MODEL_FILE, load_params
 
 
-def is_workdir(path: str | Path) -> bool:
-    path = Path(path)
+def is_workdir(path: PathLike) -> bool:
+    path = as_path(path)
     return (path / MODEL_FILE).is_file() and (path / CHECKPOINT_DIR).is_dir()
 
 
@@ -35,15 +36,16 @@ def embedder_config_from_dict(d: dict) -> EmbedderConfig:
     )
 
 
-def load_workdir_model(workdir: str | Path, step: int | None = None) -> tuple[LoadedModel, dict]:
-    """(model from checkpoint `step` or the latest, the raw model.json) of a training workdir."""
-    workdir = Path(workdir)
+def load_workdir_model(workdir: PathLike, step: int | None = None) -> tuple[LoadedModel, dict]:
+    """(model from checkpoint `step` or the latest, the raw model.json) of a training workdir
+    (a local folder or a gs:// URL)."""
+    workdir = as_path(workdir)
     if not (workdir / MODEL_FILE).is_file():
         raise UserError(
             f"{workdir} is not a jasper-jax workdir (no {MODEL_FILE}); pass the --workdir of a "
             "`jasper-jax train` run"
         )
-    meta = read_json(workdir / MODEL_FILE)
+    meta = json.loads((workdir / MODEL_FILE).read_text())
     config = embedder_config_from_dict(meta["embedder"])
     params, step = load_params(workdir, step)
     meta["step"] = step

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import grain
@@ -19,18 +16,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from jasper_jax.errors import UserError
+from jasper_jax.paths import PathLike, as_path, write_json_atomic
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 MODEL_FILE = "model.json"  # the student's architecture, tokenizer folder, teachers
 CHECKPOINT_DIR = "checkpoints"
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -57,12 +48,12 @@ class _GrainIteratorArg:
 class Checkpointer:
     """Periodic saves of one run in `workdir/checkpoints`, keeping the newest `keep`."""
 
-    def __init__(self, workdir: Path, identity: dict, keep: int):
-        self.workdir = Path(workdir)
+    def __init__(self, workdir: PathLike, identity: dict, keep: int):
+        self.workdir = as_path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self._check_identity(identity)
         self.manager = ocp.CheckpointManager(
-            (self.workdir / CHECKPOINT_DIR).absolute(),
+            self.workdir / CHECKPOINT_DIR,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, enable_async_checkpointing=False
             ),
@@ -132,12 +123,12 @@ class Checkpointer:
         self.manager.close()
 
 
-def load_params(workdir: str | Path, step: int | None = None) -> tuple[Any, int]:
+def load_params(workdir: PathLike, step: int | None = None) -> tuple[Any, int]:
     """Params (host numpy tree) of another run's checkpoint: the latest, or `step`.
 
     Used for stage hand-off (weights only, fresh optimiser) and for export/eval.
     """
-    directory = (Path(workdir) / CHECKPOINT_DIR).absolute()
+    directory = as_path(workdir) / CHECKPOINT_DIR
     if not directory.is_dir():
         raise UserError(
             f"{workdir} has no {CHECKPOINT_DIR}/ folder: run the previous stage first, or "

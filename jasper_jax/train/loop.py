@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import logging
 import signal
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
@@ -24,6 +23,7 @@ from flax import traverse_util
 from jasper_jax import sharding
 from jasper_jax.errors import UserError
 from jasper_jax.losses import LossConfig
+from jasper_jax.paths import PathLike, as_path, canonical, write_json_atomic
 from jasper_jax.train import checkpoint as ckpt
 from jasper_jax.train import state as st
 from jasper_jax.train.reporting import MetricWriter, Progress, step_flops
@@ -54,7 +54,7 @@ def run_identity(c: ml_collections.ConfigDict, task: Task) -> dict:
         "config": c.name,
         "stage": c.stage,
         "heads": list(c.model.heads),
-        "train_data": str(Path(c.data.train_dir).resolve()),
+        "train_data": canonical(c.data.train_dir),
         "seed": c.seed,
         **task.identity(),
     }
@@ -68,8 +68,10 @@ def _initial_params(c, task: Task, shardings) -> Any:
     loaded = traverse_util.flatten_dict(pretrained)
     if c.init_from:
         previous, step = ckpt.load_params(c.init_from)
-        loaded = traverse_util.flatten_dict(previous)
-        source = f"{c.init_from} step {step}"
+        # The previous stage wins where both have a path; what it lacks (stage 4's vision
+        # tower) still comes from the task's pretrained weights.
+        loaded = {**loaded, **traverse_util.flatten_dict(previous)}
+        source = f"{c.init_from} step {step} + {source}"
     flat_shardings = traverse_util.flatten_dict(shardings)
     fresh = []
     for path in params:
@@ -114,9 +116,9 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any]:
     """Trains one stage in `workdir`; returns {"status", "step", "eval": {...}}."""
-    workdir = Path(workdir)
+    workdir = as_path(workdir)
     mesh = sharding.make_mesh(tuple(c.mesh_shape))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if c.data.batch_size % shards or c.data.batch_size % jax.process_count():
@@ -135,7 +137,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str | Path) -> dic
     param_shardings = sharding.param_shardings(abstract, mesh)
     checkpointer = ckpt.Checkpointer(workdir, run_identity(c, task), c.train.keep_checkpoints)
     if jax.process_index() == 0:
-        ckpt.write_json_atomic(workdir / ckpt.MODEL_FILE, task.describe(c))
+        write_json_atomic(workdir / ckpt.MODEL_FILE, task.describe(c))
 
     tx = st.make_optimizer(c)
     schedule = st.learning_rate_schedule(c.optim, c.train.steps)

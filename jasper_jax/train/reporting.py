@@ -6,9 +6,10 @@ import datetime
 import json
 import logging
 import time
-from pathlib import Path
 
 import jax
+
+from jasper_jax.paths import PathLike, as_path, is_remote
 
 log = logging.getLogger("jasper_jax.train")
 
@@ -47,27 +48,36 @@ def step_flops(compiled) -> float | None:
 
 class MetricWriter:
     """TensorBoard scalars under `logdir`, and the same as JSON lines in `logdir/metrics.jsonl`
-    (process 0 only; other processes write nothing)."""
+    (process 0 only; other processes write nothing). `logdir` may be a gs:// URL: cloud
+    objects cannot be appended to, so there the JSON lines file is rewritten whole each time."""
 
-    def __init__(self, logdir: Path):
-        self._writer = self._jsonl = None
+    def __init__(self, logdir: PathLike):
+        self._writer = None
+        self._jsonl_path = as_path(logdir) / "metrics.jsonl"
+        self._lines: list[str] = []
         if jax.process_index() == 0:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(logdir), flush_secs=10)
-            self._jsonl = (Path(logdir) / "metrics.jsonl").open("a", encoding="utf-8")
+            if is_remote(logdir) and self._jsonl_path.exists():
+                self._lines = self._jsonl_path.read_text().splitlines()
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is not None:
-            for name, value in values.items():
-                self._writer.add_scalar(name, value, step)
-            self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
-            self._jsonl.flush()
+        if self._writer is None:
+            return
+        for name, value in values.items():
+            self._writer.add_scalar(name, value, step)
+        line = json.dumps({"step": step, **values})
+        if is_remote(self._jsonl_path):
+            self._lines.append(line)
+            self._jsonl_path.write_text("\n".join(self._lines) + "\n")
+        else:
+            with open(self._jsonl_path, "a", encoding="utf-8") as f:
+                f.write(line + "\n")
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            self._jsonl.close()
 
 
 class Progress:

@@ -1,0 +1,44 @@
+"""Workdir paths that may be local folders or cloud URLs (`gs://bucket/run`).
+
+On a TPU pod every host must see the same workdir, so checkpoints and logs go to a bucket;
+`etils.epath` gives `pathlib`-like paths for both (gs:// needs the `gcs` extra: gcsfs).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+
+def is_remote(path: PathLike) -> bool:
+    return "://" in str(path)
+
+
+def as_path(path: PathLike) -> epath.Path:
+    """An `epath.Path`: absolute for local folders, the URL itself for cloud storage."""
+    return epath.Path(path) if is_remote(path) else epath.Path(Path(path).absolute())
+
+
+def canonical(path: PathLike) -> str:
+    """A stable name of a location: resolved local path, or the URL as given."""
+    return str(path) if is_remote(path) else str(Path(path).resolve())
+
+
+def write_json_atomic(path: PathLike, payload: dict[str, Any]) -> None:
+    """Readers see the old file or the new one, never half of it (a cloud object write is
+    atomic already; a local one goes through a temp file and a rename)."""
+    text = json.dumps(payload, indent=2, sort_keys=True)
+    if is_remote(path):
+        epath.Path(path).write_text(text)
+        return
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
