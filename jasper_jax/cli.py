@@ -17,7 +17,13 @@ Command = Callable[[argparse.Namespace], int]
 
 def _encode_args(p: argparse.ArgumentParser) -> Command:
     p.add_argument("--model", required=True, help="local HF / sentence-transformers folder")
-    p.add_argument("--input", required=True, help="UTF-8 text file, one text per line")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="UTF-8 text file, one text per line")
+    source.add_argument(
+        "--images",
+        nargs="+",
+        help="image files and/or folders of images (a model with a vision tower: stage 4)",
+    )
     p.add_argument("--output", required=True, help=".npy file for the [N, dim] float32 vectors")
     p.add_argument("--head", default=None, help="output head: 'pooled', 'dense_<dim>' or '<dim>'")
     p.add_argument("--prompt", default=None, help="text prepended to every input (e.g. a query)")
@@ -56,6 +62,13 @@ def _teachers_args(p: argparse.ArgumentParser) -> Command:
     return teachers_main
 
 
+def _captions_args(p: argparse.ArgumentParser) -> Command:
+    from jasper_jax.data.captions_cli import add_captions_args, captions_main
+
+    add_captions_args(p)
+    return captions_main
+
+
 def _demo_args(p: argparse.ArgumentParser) -> Command:
     from jasper_jax.commands.demo import add_demo_args, demo_main
 
@@ -63,9 +76,26 @@ def _demo_args(p: argparse.ArgumentParser) -> Command:
     return demo_main
 
 
+def _export_args(p: argparse.ArgumentParser) -> Command:
+    from jasper_jax.commands.export import add_export_args, export_main
+
+    add_export_args(p)
+    return export_main
+
+
+def _eval_args(p: argparse.ArgumentParser) -> Command:
+    from jasper_jax.commands.evaluate import add_eval_args, eval_main
+
+    add_eval_args(p)
+    return eval_main
+
+
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
+    "captions": ("caption vectors of images from the frozen student (stage 4)", _captions_args),
     "demo": ("the embedded default end to end: teacher vectors, stages 1-4, a table", _demo_args),
-    "encode": ("encode texts into L2-normalised vectors (.npy)", _encode_args),
+    "encode": ("encode texts (or images) into L2-normalised vectors (.npy)", _encode_args),
+    "eval": ("score a student vs its teachers: fidelity, retrieval, robustness", _eval_args),
+    "export": ("export a workdir as a Hugging Face / sentence-transformers folder", _export_args),
     "teachers": ("precompute teacher vectors into a TFDS dataset", _teachers_args),
     "train": ("train one stage: --config FILE[:STAGE] [--config.a.b=v ...]", _train_args),
 }

@@ -129,3 +129,26 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     if w.mrl_dims:
         _check(max(w.mrl_dims) <= max(heads), "loss.mrl_dims", "dims must fit the widest head")
     _check(len(tuple(c.mesh_shape)) == 3, "mesh_shape", "give (data, fsdp, tensor)")
+    if c.stage == 4 or c.trainable == "vision":
+        _validate_vision(c)
+
+
+def _validate_vision(c: ml_collections.ConfigDict) -> None:
+    """Stage 4: the tower's shape, the bridge, and where the frozen student comes from."""
+    _check(c.stage == 4 and c.trainable == "vision", "trainable", "stage 4 trains only 'vision'")
+    _check(bool(c.init_from), "init_from", "stage 4 needs the stage-3 workdir (frozen student)")
+    v = c.model.vision
+    for f in ("image_size", "patch_size", "hidden_size", "intermediate_size", "num_hidden_layers"):
+        _check(v.init_hf or v[f] >= 1, f"model.vision.{f}", "must be >= 1")
+    _check(
+        v.init_hf or v.hidden_size % max(v.num_attention_heads, 1) == 0,
+        "model.vision.num_attention_heads",
+        f"{v.num_attention_heads} must divide model.vision.hidden_size {v.hidden_size}",
+    )
+    _check(
+        v.init_hf or v.patch_size <= v.image_size,
+        "model.vision.patch_size",
+        f"{v.patch_size} must be <= model.vision.image_size {v.image_size}",
+    )
+    _check(c.model.image_tokens >= 1, "model.image_tokens", "must be >= 1")
+    _check(c.data.eval_images >= 0, "data.eval_images", "must be >= 0")

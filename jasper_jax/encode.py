@@ -153,6 +153,7 @@ class TextEncoder:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
             mask[i, : len(r)] = 1
+
         # Every process holds the same full batch; each places the rows of its own devices.
         def put(x: np.ndarray) -> jax.Array:
             return jax.make_array_from_callback(x.shape, self._in_sharding, lambda i: x[i])

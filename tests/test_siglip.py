@@ -13,11 +13,13 @@ import transformers
 from flax import traverse_util
 
 from jasper_jax.errors import UserError
-from jasper_jax.models import siglip
+from jasper_jax.models import siglip, siglip_hf
 from jasper_jax.models.siglip import (
     SIGLIP_SO400M_PATCH14_384,
     SiglipVisionConfig,
     SiglipVisionTower,
+)
+from jasper_jax.models.siglip_hf import (
     load_siglip_folder,
     siglip_params_from_hf,
     siglip_params_to_hf,
@@ -225,7 +227,9 @@ def test_so400m_config_matches_hf_shapes():
     abstract = nn.meta.unbox(siglip.abstract_params(config))
     flat = traverse_util.flatten_dict(abstract)
     ours = {
-        siglip._hf_key(p): siglip._relayout(p, np.empty(s.shape, np.bool_), to_torch=True).shape
+        siglip_hf._hf_key(p): siglip_hf._relayout(
+            p, np.empty(s.shape, np.bool_), to_torch=True
+        ).shape
         for p, s in flat.items()
     }
     assert ours == hf_shapes

@@ -1,4 +1,8 @@
-"""`jasper-jax encode`: one text per line in, an .npy of unit vectors out (row i = line i)."""
+"""`jasper-jax encode`: one text per line in, an .npy of unit vectors out (row i = line i).
+
+With `--images` (a stage-4 model): image files and folders in, row i = the i-th image, folders
+expanded in sorted order; the order is also written to `OUTPUT.paths.txt`.
+"""
 
 from __future__ import annotations
 
@@ -69,6 +73,8 @@ def encode_main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
+    if args.images:
+        return encode_images_main(args)
     texts = read_lines(args.input)
     model = load_any_model(args.model)
     resolve_head(model.config, args.head)  # fail before any compile
@@ -88,4 +94,32 @@ def encode_main(args: argparse.Namespace) -> int:
         *vectors.shape,
         encoder.last_truncated,
     )
+    return 0
+
+
+def encode_images_main(args: argparse.Namespace) -> int:
+    """`--images`: every image is decoded before any compute, so a bad file fails the run early."""
+    from jasper_jax import sharding
+    from jasper_jax.data.images import list_images
+    from jasper_jax.encode import resolve_head
+    from jasper_jax.encode_images import ImageEncoder, load_image_model
+
+    if args.prompt or args.max_length is not None:
+        raise UserError("--prompt and --max-length apply to texts; drop them with --images")
+    paths = list_images(args.images)
+    model = load_image_model(args.model)
+    resolve_head(model.config.text, args.head)  # fail before any compile
+    encoder = ImageEncoder(
+        model.config,
+        model.params,
+        dtype=args.dtype,
+        mesh=sharding.make_mesh(parse_mesh(args.mesh)),
+        batch_size=args.batch_size,
+    )
+    encoder.check(paths)
+    vectors = encoder.encode(paths, head=args.head)
+    save_npy_atomic(args.output, vectors)
+    listing = Path(f"{args.output}.paths.txt")
+    listing.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
+    log.info("wrote %s: %d x %d float32 (row order in %s)", args.output, *vectors.shape, listing)
     return 0

@@ -1,0 +1,301 @@
+"""Caption dataset for stage 4: image, caption, and the frozen student's vectors of the caption.
+
+The "teacher" of stage 4 is the stage-3 student itself: each caption is encoded once with our
+`TextEncoder` into every head, and the vision tower learns to put the image there. Layout of an
+output folder (as the teacher dataset, `teacher_dataset.py`)::
+
+    OUTPUT/dataset/           finished TFDS array_record dataset
+    OUTPUT/_parts/plan.json   what is being built (student, heads, examples fingerprint)
+    OUTPUT/_parts/rows-*.npy  finished chunks of caption vectors, each written atomically
+
+A re-run keeps finished chunks; the dataset is built in a temp folder and renamed into place.
+Features: `image` (encoded file bytes, PNG for generated images; decoded in the grain pipeline,
+so TensorFlow is not needed), `caption`, `tag` (free text, e.g. "unseen" for held-out
+combinations), `index`, and `targets/<head>` [dim] float32 unit vectors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import shutil
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import tensorflow_datasets as tfds
+import tqdm
+
+from jasper_jax.data import images as images_lib
+from jasper_jax.data import shapes
+from jasper_jax.data.teacher_dataset import _install, _write_atomically
+from jasper_jax.errors import UserError
+
+DATASET_DIR = "dataset"
+PARTS_DIR = "_parts"
+FORMAT_VERSION = 1
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionedImage:
+    """image: encoded file bytes (PNG, JPEG, ...); tag: optional group name for evaluation."""
+
+    image: bytes
+    caption: str
+    tag: str = ""
+
+
+def shapes_examples(
+    split: str, count: int, seed: int = 0, image_size: int = 64
+) -> list[CaptionedImage]:
+    """The synthetic shapes data (`shapes.py`); tag "unseen" marks held-out combinations."""
+    return [
+        CaptionedImage(images_lib.png_bytes(e.image), e.caption, "unseen" if e.unseen else "seen")
+        for e in shapes.generate(split, count, seed, image_size)
+    ]
+
+
+def manifest_examples(path: str | pathlib.Path, min_side: int = 1) -> list[CaptionedImage]:
+    """Examples from a JSONL file of {"image": path, "caption": text[, "tag": text]} lines.
+
+    Image paths are relative to the manifest's folder. Every image is decoded here, before any
+    encoding, so a bad file stops the build at once with its line number.
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise UserError(f"caption manifest {path} does not exist; fix: check the path")
+    out = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            image_path, caption = path.parent / row["image"], str(row["caption"])
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise UserError(
+                f"{path} line {number}: expected a JSON object with 'image' and 'caption' ({e})"
+            ) from e
+        name = f"{image_path} ({path} line {number})"
+        images_lib.open_rgb(image_path, name=name, min_side=min_side)
+        out.append(CaptionedImage(image_path.read_bytes(), caption, str(row.get("tag", ""))))
+    if not out:
+        raise UserError(f"caption manifest {path} holds no examples")
+    return out
+
+
+class CaptionDataset(tfds.core.GeneratorBasedBuilder):
+    """TFDS builder for one split ``train`` of (image bytes, caption, tag, index, targets)."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, examples, chunks, metadata: dict, **kwargs: Any):
+        self._examples, self._chunks, self._metadata = examples, chunks, metadata
+        super().__init__(**kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        targets = {
+            name: tfds.features.Tensor(shape=(dim,), dtype=np.float32)
+            for name, dim in self._metadata["heads"].items()
+        }
+        features = tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Tensor(shape=(), dtype=np.object_),
+                "caption": tfds.features.Text(),
+                "tag": tfds.features.Text(),
+                "index": tfds.features.Scalar(dtype=np.int64),
+                "targets": tfds.features.FeaturesDict(targets),
+            }
+        )
+        metadata = tfds.core.MetadataDict(self._metadata)
+        return tfds.core.DatasetInfo(builder=self, features=features, metadata=metadata)
+
+    def _split_generators(self, dl_manager: Any) -> dict:
+        del dl_manager
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        heads = self._metadata["heads"]
+        for start, path in self._chunks:
+            vectors = np.load(path)
+            for offset, row in enumerate(vectors):
+                i = start + offset
+                example = self._examples[i]
+                targets, at = {}, 0
+                for name, dim in heads.items():
+                    targets[name] = row[at : at + dim]
+                    at += dim
+                yield (
+                    i,
+                    {
+                        "image": example.image,
+                        "caption": example.caption,
+                        "tag": example.tag,
+                        "index": i,
+                        "targets": targets,
+                    },
+                )
+
+
+def _fingerprint(examples: Sequence[CaptionedImage]) -> str:
+    digest = hashlib.sha256()
+    for e in examples:
+        for part in (e.image, e.caption.encode(), e.tag.encode()):
+            digest.update(len(part).to_bytes(8, "little"))
+            digest.update(part)
+    return digest.hexdigest()
+
+
+def _student_identity(student: str | pathlib.Path) -> tuple[Any, dict]:
+    """(LoadedModel, identity) of a training workdir (latest checkpoint) or an HF folder."""
+    from jasper_jax.workdir import is_workdir, load_workdir_model
+
+    if is_workdir(student):
+        model, meta = load_workdir_model(student)
+        return model, {"student": str(pathlib.Path(student).resolve()), "step": meta["step"]}
+    from jasper_jax.models.loading import load_model
+
+    return load_model(student), {"student": str(pathlib.Path(student).resolve()), "step": None}
+
+
+def build_caption_dataset(
+    examples: Sequence[CaptionedImage],
+    student: str | pathlib.Path,
+    output_dir: str | pathlib.Path,
+    *,
+    batch_size: int = 64,
+    chunk_size: int = 2048,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> pathlib.Path:
+    """Encode every caption with the student's heads and write the TFDS dataset.
+
+    Args:
+      examples: the (image, caption) pairs; their order is the `index` feature.
+      student: the frozen text student, a training workdir (e.g. stage 3) or an HF folder.
+      output_dir: build folder; its `dataset/` is returned.
+      overwrite: replace a finished dataset built from other examples or another student.
+    Raises:
+      UserError: no examples, or an output folder holding a different dataset (without
+        `overwrite`).
+    """
+    if not examples:
+        raise UserError("no (image, caption) examples given; fix: pass a manifest or --shapes N")
+    model, student_id = _student_identity(student)
+    heads = {name: d for name, d in zip(model.config.head_names, model.config.heads, strict=True)}
+    if not heads:
+        raise UserError(f"student {student} has no projection heads; fix: pass a stage-3 workdir")
+    identity = {
+        "format_version": FORMAT_VERSION,
+        **student_id,
+        "heads": heads,
+        "examples_fingerprint": _fingerprint(examples),
+        "num_examples": len(examples),
+    }
+    output = pathlib.Path(output_dir).expanduser()
+    target = output / DATASET_DIR
+    old = _finished_identity(output)
+    if old == identity:
+        log.info("%s already holds this caption dataset; nothing to do", output)
+        return target
+    if old is not None and not overwrite:
+        raise UserError(
+            f"output folder {str(output)!r} already holds a different caption dataset "
+            "(other examples or student); fix: choose another --output or pass --overwrite"
+        )
+    parts = _prepare_parts(output, identity, overwrite)
+    chunks = [(a, min(a + chunk_size, len(examples))) for a in range(0, len(examples), chunk_size)]
+    _encode_chunks(parts, chunks, examples, model, tuple(heads), batch_size, progress)
+    metadata = {"identity": identity, "heads": heads, "rows": len(examples)}
+    with tempfile.TemporaryDirectory(dir=output, prefix=".build-") as tmp:
+        builder = CaptionDataset(
+            examples=examples,
+            chunks=[(a, _chunk_path(parts, a, b)) for a, b in chunks],
+            metadata=metadata,
+            data_dir=os.path.join(tmp, "tfds"),
+            file_format="array_record",
+        )
+        builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
+        _install(pathlib.Path(builder.data_dir), target, identity)
+    shutil.rmtree(parts, ignore_errors=True)
+    return target
+
+
+def _finished_identity(output: pathlib.Path) -> dict | None:
+    info = output / DATASET_DIR / "metadata.json"
+    return json.loads(info.read_text()).get("identity", {}) if info.is_file() else None
+
+
+def _prepare_parts(output: pathlib.Path, identity: dict, overwrite: bool) -> pathlib.Path:
+    """`_parts` for this identity; chunks of another build are discarded, never mixed."""
+    parts = output / PARTS_DIR
+    plan = parts / "plan.json"
+    if plan.is_file() and json.loads(plan.read_text()) != identity:
+        log.info("discarding the unfinished build in %s (other examples or student)", output)
+        shutil.rmtree(parts)
+    elif overwrite and parts.exists():
+        shutil.rmtree(parts)
+    parts.mkdir(parents=True, exist_ok=True)
+    _write_atomically(plan, json.dumps(identity, indent=2).encode())
+    return parts
+
+
+def _chunk_path(parts: pathlib.Path, start: int, stop: int) -> pathlib.Path:
+    return parts / f"rows-{start:010d}-{stop:010d}.npy"
+
+
+def _encode_chunks(parts, chunks, examples, model, heads, batch_size, progress) -> None:
+    from jasper_jax.encode import TextEncoder
+
+    todo = [(a, b) for a, b in chunks if not _chunk_path(parts, a, b).exists()]
+    if not todo:
+        return
+    encoder = TextEncoder(model, batch_size=batch_size)
+    total = sum(b - a for a, b in todo)
+    with tqdm.tqdm(total=total, unit="caption", disable=not progress) as bar:
+        for start, stop in todo:
+            captions = [e.caption for e in examples[start:stop]]
+            vectors = encoder.encode_heads(captions, heads=heads)
+            rows = np.concatenate([vectors[h] for h in heads], axis=1).astype(np.float32)
+            with tempfile.NamedTemporaryFile(dir=parts, suffix=".npy", delete=False) as f:
+                np.save(f, rows)
+            os.replace(f.name, _chunk_path(parts, start, stop))  # exists only when complete
+            bar.update(stop - start)
+
+
+def open_caption_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
+    """(random-access source, metadata) of a built caption dataset (output or dataset folder).
+
+    `source[i]`: image bytes, caption bytes, tag bytes, index int64, targets {head: [dim]}.
+    """
+    path = pathlib.Path(data_dir).expanduser()
+    folder = path / DATASET_DIR if (path / DATASET_DIR / "dataset_info.json").is_file() else path
+    if not (folder / "dataset_info.json").is_file():
+        raise UserError(
+            f"no caption dataset at {str(path)!r} (no dataset_info.json); fix: build one with "
+            "`jasper-jax captions --student STAGE3_WORKDIR --output DIR ...`"
+        )
+    builder = tfds.builder_from_directory(str(folder))
+    if "targets" not in builder.info.features:
+        raise UserError(f"{folder} is not a caption dataset (no 'targets' feature)")
+    return builder.as_data_source(split="train"), dict(builder.info.metadata)
+
+
+def load_caption_eval(data_dir: str | pathlib.Path, limit: int | None = None) -> dict[str, Any]:
+    """The first `limit` examples by index: {"images": [bytes], "captions": [str], "tags":
+    [str], "targets": {head: float32 [N, dim]}}."""
+    source, _ = open_caption_dataset(data_dir)
+    records = sorted(source.__getitems__(list(range(len(source)))), key=lambda r: int(r["index"]))
+    records = records[:limit] if limit else records
+    heads = list(records[0]["targets"])
+    return {
+        "images": [bytes(r["image"]) for r in records],
+        "captions": [r["caption"].decode("utf-8") for r in records],
+        "tags": [r["tag"].decode("utf-8") for r in records],
+        "targets": {h: np.stack([r["targets"][h] for r in records]) for h in heads},
+    }
