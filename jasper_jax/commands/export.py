@@ -1,0 +1,41 @@
+"""`jasper-jax export`: a workdir's checkpoint -> a Hugging Face / sentence-transformers folder."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workdir", required=True, help="a `jasper-jax train` workdir")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--output", required=True, help="folder to create (written atomically)")
+    p.add_argument(
+        "--default-head",
+        default=None,
+        help="head modules.json runs: 'dense_<dim>', '<dim>' or 'pooled' (default: the "
+        "full teacher-dim head)",
+    )
+    p.add_argument("--max-seq-length", type=int, default=None, help="default: the training one")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
+
+def export_main(args: argparse.Namespace) -> int:
+    from jasper_jax.export import export_workdir
+
+    summary = export_workdir(
+        args.workdir,
+        args.output,
+        step=args.step,
+        default_head=args.default_head,
+        overwrite=args.overwrite,
+        max_seq_length=args.max_seq_length,
+    )
+    heads = ", ".join(f"2_Dense_{d}" for d in summary["heads"]) or "none"
+    print(
+        f"exported step {summary['step']} to {summary['output']} (heads: {heads}; default: "
+        f"{summary['default_head']}{'; vision/ tower' if summary['vision'] else ''})"
+    )
+    return 0

@@ -1,0 +1,141 @@
+"""The models an evaluation compares: the student (exported folder or workdir) and its teachers.
+
+Each exposes the same small surface: named outputs (a student's heads and pooled vector; a
+teacher's one embedding), `encode(texts, prompt) -> {output: [N, dim] unit rows}` in one pass,
+a default output, and parameter counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jasper_jax.errors import UserError
+from jasper_jax.models.embedder import POOLED
+
+TEACHER_OUTPUT = "embedding"
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+@dataclasses.dataclass
+class EvalModel:
+    """One model under evaluation.
+
+    Attributes:
+      name: label in tables; kind: "student" or "teacher".
+      outputs: output names, the default first.
+      encode_fn: (texts, prompt, outputs) -> {output: [N, dim] float32 unit rows}.
+      parameters: {"total": n, ...} counts of float parameters (encoder + the default head).
+      query_prompt: text prepended to retrieval queries (documents get none).
+    """
+
+    name: str
+    kind: str
+    outputs: list[str]
+    encode_fn: Callable[[Sequence[str], str | None, Sequence[str]], dict[str, np.ndarray]]
+    parameters: dict[str, int]
+    query_prompt: str | None = None
+    source: str = ""
+
+    @property
+    def default_output(self) -> str:
+        return self.outputs[0]
+
+    def encode(
+        self, texts: Sequence[str], prompt: str | None = None, outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]:
+        """texts -> {output: [len(texts), dim] float32 unit rows} for `outputs` (default: all)."""
+        return self.encode_fn(list(texts), prompt, list(outputs or self.outputs))
+
+    def texts_per_second(self, texts: Sequence[str]) -> float:
+        """Throughput of the default output on `texts` (texts/s), after one warm-up pass that
+        compiles (JAX) or allocates (torch)."""
+        self.encode(texts, outputs=[self.default_output])
+        start = time.perf_counter()
+        self.encode(texts, outputs=[self.default_output])
+        return len(texts) / max(time.perf_counter() - start, 1e-9)
+
+
+def count_tree(tree: Any) -> int:
+    """Number of scalars in a nested dict of arrays."""
+    import jax
+
+    return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
+
+
+def folder_parameter_count(folder: Path) -> int:
+    """Scalars in a folder's safetensors files (headers only; position-id buffers excluded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(path), framework="numpy") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                if not key.endswith("position_ids"):
+                    total += int(np.prod(handle.get_slice(key).get_shape()))
+    return total
+
+
+def student_model(path: str | Path, name: str = "student", batch_size: int = 64) -> EvalModel:
+    """A jasper-jax workdir (latest checkpoint) or an exported / HF folder we can run.
+
+    Raises UserError for a path that is neither, naming what was looked for.
+    """
+    from jasper_jax.encode import TextEncoder
+    from jasper_jax.models.loading import load_model
+    from jasper_jax.workdir import is_workdir, load_workdir_model
+
+    path = Path(path)
+    if is_workdir(path):
+        model = load_workdir_model(path)[0]
+    elif (path / "config.json").is_file():
+        model = load_model(path)
+    else:
+        raise UserError(
+            f"--model {path} is neither a model folder (config.json, as written by `jasper-jax "
+            "export` or Hugging Face) nor a jasper-jax workdir (model.json + checkpoints/); "
+            "pass one of those"
+        )
+    encoder = TextEncoder(model, batch_size=batch_size)
+    cfg = model.config
+    default = cfg.default_head or (f"dense_{max(cfg.heads)}" if cfg.heads else POOLED)
+    outputs = [default, *[h for h in (*cfg.head_names, POOLED) if h != default]]
+
+    def encode(texts, prompt, wanted):
+        return encoder.encode_heads(texts, heads=wanted, prompt=prompt)
+
+    heads = model.params.get("heads", {})
+    parameters = {
+        "encoder": count_tree(model.params["encoder"]),
+        **{h: count_tree(heads[h]) for h in heads},
+    }
+    parameters["total"] = parameters["encoder"] + parameters.get(default, 0)
+    query = model.prompts.get("query") or None
+    return EvalModel(name, "student", outputs, encode, parameters, query, str(path))
+
+
+def teacher_model(spec: str, batch_size: int = 64) -> EvalModel:
+    """A teacher by bundled name or sentence-transformers folder (run as it is used to build the
+    teacher vectors: our Flax port where supported, else sentence-transformers)."""
+    from jasper_jax.data.teachers import load_teacher, resolve_teacher_folder
+
+    teacher = load_teacher(spec, batch_size=batch_size)
+
+    def encode(texts, prompt, wanted):
+        del wanted  # a teacher has one output
+        texts = [prompt + t for t in texts] if prompt else texts
+        return {TEACHER_OUTPUT: _unit_rows(teacher.encode(texts))}
+
+    count = folder_parameter_count(resolve_teacher_folder(spec))
+    return EvalModel(
+        teacher.name, "teacher", [TEACHER_OUTPUT], encode, {"total": count}, None, teacher.folder
+    )

@@ -1,0 +1,137 @@
+"""README.md for an exported model: what it is, where it came from, how to load it, its scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_HUB_NAMES = {
+    "all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-minilm-l6-v2": "sentence-transformers/all-MiniLM-L6-v2",
+    "all-mpnet-base-v2": "sentence-transformers/all-mpnet-base-v2",
+}
+_STAGES = {
+    1: "stage 1: the full-dim head only (cosine + similarity + relative-similarity losses)",
+    2: "stage 2: the head and the last encoder layers",
+    3: "stage 3: all parameters, plus the reduced heads (similarity losses only)",
+    4: "stage 4: the vision tower, images aligned to their captions' text vectors",
+}
+
+
+def hub_name(folder_or_name: str) -> str:
+    """A bundled teacher's hub id for a local folder or name; otherwise the folder's name."""
+    lowered = str(folder_or_name).lower()
+    for marker, name in _HUB_NAMES.items():
+        if marker in lowered:
+            return name
+    return Path(str(folder_or_name)).name
+
+
+def teacher_names(meta: dict) -> list[str]:
+    """Teachers from model.json: dicts with "name" (teacher-dataset metadata) or plain strings."""
+    out = []
+    for t in meta.get("teachers") or []:
+        name = t.get("name") or t.get("folder") if isinstance(t, dict) else str(t)
+        dim = f" ({t['dim']}-d)" if isinstance(t, dict) and t.get("dim") else ""
+        out.append(f"{hub_name(name)}{dim}")
+    return out
+
+
+def _front_matter(base: str, vision: bool) -> str:
+    tags = ["sentence-transformers", "feature-extraction", "sentence-similarity", "jasper-jax"]
+    tags += ["image-feature-extraction"] if vision else []
+    lines = ["---", "library_name: sentence-transformers", f"base_model: {base}", "tags:"]
+    lines += [f"- {t}" for t in tags]
+    return "\n".join([*lines, "pipeline_tag: sentence-similarity", "---"])
+
+
+def _heads_section(summary: dict) -> list[str]:
+    dims = summary["heads"]
+    default = summary["default_head"]
+    return [
+        "## Heads",
+        "",
+        f"Independent linear heads on the pooled vector: {', '.join(map(str, dims)) or 'none'}"
+        f" dims (folders `2_Dense_<dim>`). `modules.json` runs `{default}`. To use another head,"
+        " re-export with `--default-head dense_<dim>`, or point the Dense entry of `modules.json`"
+        " at another `2_Dense_<dim>` folder (`jasper_jax.export.set_default_head(folder, 256)`).",
+        "",
+    ]
+
+
+def _usage(summary: dict, query_prompt: str) -> list[str]:
+    query_args = "prompt_name='query'" if query_prompt else "normalize_embeddings=True"
+    lines = [
+        "## Usage",
+        "",
+        "```python",
+        "from sentence_transformers import SentenceTransformer",
+        "",
+        "model = SentenceTransformer('PATH/TO/THIS/FOLDER')",
+        f"queries = model.encode(['how do plants make food?'], {query_args})",
+        "docs = model.encode(['Photosynthesis turns light into chemical energy.'])",
+        "print(model.similarity(queries, docs))",
+        "```",
+        "",
+        "The encoder alone (no heads) loads with `transformers.AutoModel.from_pretrained(folder)`;",
+        "jasper-jax reads the folder with `jasper-jax encode --model FOLDER --head dense_<dim>`.",
+        "",
+    ]
+    if summary.get("vision"):
+        lines += [
+            "## Vision tower",
+            "",
+            "`vision/` holds the stage-4 SigLIP tower as a Hugging Face `SiglipVisionModel`:",
+            "",
+            "```python",
+            "from transformers import SiglipVisionModel",
+            "",
+            "tower = SiglipVisionModel.from_pretrained('PATH/TO/THIS/FOLDER/vision')",
+            "patches = tower(pixel_values=pixels).last_hidden_state  # [batch, patches, hidden]",
+            "```",
+            "",
+            "Jasper feeds these patch states, adaptive-average-pooled to the text model's width, "
+            "in place of the image tokens' embeddings; jasper-jax runs the whole image path.",
+            "",
+        ]
+    return lines
+
+
+def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
+    """Markdown model card.
+
+    Args:
+      meta: model.json of the run (+ "step").
+      summary: from `export.write_text_model` (+ "vision").
+      evaluation: the eval.json of `jasper-jax eval` for this workdir, or None.
+    """
+    base = hub_name(meta.get("tokenizer_folder", ""))
+    stage = int(meta.get("stage", 0))
+    teachers = teacher_names(meta) or ["(not recorded)"]
+    query_prompt = meta.get("prompt") or ""
+    lines = [
+        _front_matter(base, bool(summary.get("vision"))),
+        "",
+        "# Jasper-style distilled embedding model",
+        "",
+        f"Distilled with [jasper-jax](https://github.com/) from {' + '.join(teachers)} "
+        f"(teacher vectors L2-normalised, concatenated, normalised again) into a student "
+        f"initialised from `{base}`.",
+        "",
+        f"- Checkpoint: stage {stage} of config `{meta.get('config', '?')}`, step "
+        f"{meta.get('step', '?')}.",
+        "- Stages of the recipe up to this one, each initialised from the previous:",
+        *[f"  - {_STAGES[s]}" for s in sorted(_STAGES) if s <= stage],
+        f"- Pooling: {summary.get('pooling', 'mean')}; max sequence length "
+        f"{meta.get('max_seq_length')} tokens.",
+        f"- Query prompt: `{query_prompt!r}`; documents get none."
+        if query_prompt
+        else "- No prompts: queries and documents are encoded as they are.",
+        "",
+        *_heads_section(summary),
+        *_usage(summary, query_prompt),
+    ]
+    if evaluation:
+        from jasper_jax.evaluation.report import markdown_report
+
+        lines += ["## Evaluation (jasper-jax eval)", "", markdown_report(evaluation), ""]
+    return "\n".join(lines)
