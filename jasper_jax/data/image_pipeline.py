@@ -22,7 +22,7 @@ import numpy as np
 
 from jasper_jax.data.caption_dataset import open_caption_dataset
 from jasper_jax.data.images import load_pixels
-from jasper_jax.data.pipeline import TakeProcessRows
+from jasper_jax.data.pipeline import global_batch_loader
 from jasper_jax.errors import UserError
 
 TARGET_PREFIX = "target_"
@@ -100,23 +100,16 @@ def make_image_pipeline(
             f"caption dataset {data_dir} has no caption vectors for heads {missing} (it has "
             f"{sorted(meta['heads'])}); fix: rebuild it with the student this stage starts from"
         )
-    if len(source) < batch_size:
-        raise UserError(
-            f"caption dataset {str(data_dir)!r} has {len(source)} rows: fewer than one batch of "
-            f"{batch_size}; fix: lower data.batch_size or add examples"
-        )
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs
-    )
-    loader = grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[
-            DecodeExample(image_size, tuple(heads)),
-            grain.transforms.Batch(batch_size, drop_remainder=True),
-            TakeProcessRows(process_index, process_count),
-            AddImageTokenMask(image_tokens),
-        ],
+    loader = global_batch_loader(
+        source,
+        f"caption dataset {str(data_dir)!r}",
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        per_record=[DecodeExample(image_size, tuple(heads))],
+        per_batch=[AddImageTokenMask(image_tokens)],
         worker_count=worker_count,
     )
     return iter(loader)

@@ -135,6 +135,43 @@ class TakeProcessRows(grain.transforms.Map):
         return {key: value[start : start + rows] for key, value in batch.items()}
 
 
+def global_batch_loader(
+    source: Any,
+    what: str,
+    *,
+    batch_size: int,
+    seed: int,
+    num_epochs: int | None,
+    process_index: int,
+    process_count: int,
+    per_record: list = (),
+    per_batch: list = (),
+    worker_count: int = 0,
+) -> grain.DataLoader:
+    """Seeded shuffle -> ``per_record`` maps -> global batches of ``batch_size`` -> this
+    process's rows (:class:`TakeProcessRows`) -> ``per_batch`` maps. ``what`` names the data in
+    the error raised when it holds less than one batch."""
+    if len(source) < batch_size:
+        raise UserError(
+            f"{what} has {len(source)} rows: fewer than one batch of {batch_size}; fix: lower "
+            "data.batch_size or add rows"
+        )
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs
+    )
+    return grain.DataLoader(
+        data_source=source,
+        sampler=sampler,
+        operations=[
+            *per_record,
+            grain.transforms.Batch(batch_size, drop_remainder=True),
+            TakeProcessRows(process_index, process_count),
+            *per_batch,
+        ],
+        worker_count=worker_count,
+    )
+
+
 def make_text_pipeline(
     data_dir: str | pathlib.Path,
     tokenizer_dir: str | pathlib.Path,
@@ -175,22 +212,15 @@ def make_text_pipeline(
             "multiple of the process count, max_length >= 2, 0 <= process_index < process_count"
         )
     source, _ = open_teacher_dataset(data_dir)
-    if len(source) < batch_size:
-        raise UserError(
-            f"teacher dataset {str(data_dir)!r} has {len(source)} rows: fewer than one batch of "
-            f"{batch_size}; fix: lower data.batch_size or build more teacher vectors"
-        )
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs
-    )
-    loader = grain.DataLoader(
-        data_source=source,
-        sampler=sampler,
-        operations=[
-            grain.transforms.Batch(batch_size, drop_remainder=True),
-            TakeProcessRows(process_index, process_count),
-            TokenizeBatch(str(tokenizer_dir), max_length, prompt),
-        ],
+    loader = global_batch_loader(
+        source,
+        f"teacher dataset {str(data_dir)!r}",
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        per_batch=[TokenizeBatch(str(tokenizer_dir), max_length, prompt)],
         worker_count=worker_count,
     )
     return TextBatchIterator(iter(loader))
