@@ -12,6 +12,7 @@ from jasper_jax import sharding
 from jasper_jax.models import hf_io
 from jasper_jax.models.bert import BertConfig
 from jasper_jax.models.embedder import Embedder, EmbedderConfig, abstract_params
+from jasper_jax.models.mpnet import MPNetConfig, relative_position_bucket
 from jasper_jax.models.qwen2 import Qwen2Config
 
 TOL = 1e-4
@@ -45,6 +46,19 @@ def tiny_qwen2(causal: bool):
     cfg._attn_implementation = "eager"
     ours = Qwen2Config.from_hf_dict({**cfg.to_dict(), "is_causal": causal})
     return transformers.Qwen2Model(cfg).eval(), ours
+
+
+def tiny_mpnet():
+    torch.manual_seed(2)
+    cfg = transformers.MPNetConfig(
+        vocab_size=110,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=64,
+    )
+    return transformers.MPNetModel(cfg).eval(), MPNetConfig.from_hf_dict(cfg.to_dict())
 
 
 def mixed_batch(vocab: int, seed: int = 0):
@@ -88,6 +102,28 @@ def test_bert_pooled_matches_torch(mode):
     cfg, params = to_params(model, enc, mode)
     ours = Embedder(cfg).apply({"params": params}, ids, mask)["pooled"]
     assert np.abs(np.asarray(ours) - ref).max() < TOL
+
+
+def test_mpnet_pooled_matches_torch():
+    model, enc = tiny_mpnet()
+    ids, mask = mixed_batch(enc.vocab_size)
+    ids = np.where(mask, np.maximum(ids, 2), enc.pad_token_id).astype(np.int32)  # 1 pads
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask))
+    ref = unit(torch_pooled(hidden.last_hidden_state.numpy(), mask, "mean"))
+    cfg, params = to_params(model, enc)
+    ours = Embedder(cfg).apply({"params": params}, ids, mask)["pooled"]
+    assert np.abs(np.asarray(ours) - ref).max() < TOL
+
+
+def test_mpnet_relative_buckets_match_hf():
+    offsets = np.arange(-300, 301)[None, :]
+    want = transformers.models.mpnet.modeling_mpnet.MPNetEncoder.relative_position_bucket(
+        torch.tensor(offsets)
+    ).numpy()
+    np.testing.assert_array_equal(
+        np.asarray(relative_position_bucket(jnp.asarray(offsets), 32)), want
+    )
 
 
 @pytest.mark.parametrize("causal", [False, True])

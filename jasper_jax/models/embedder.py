@@ -17,11 +17,12 @@ import jax.numpy as jnp
 
 from jasper_jax.models.bert import BertConfig, BertEncoder
 from jasper_jax.models.layers import Dense
+from jasper_jax.models.mpnet import MPNetConfig, MPNetEncoder
 from jasper_jax.models.pooling import POOLING_MODES, l2_normalize, pool
 from jasper_jax.models.qwen2 import Qwen2Config, Qwen2Encoder
 
-EncoderConfig = BertConfig | Qwen2Config
-ENCODERS = {"bert": BertEncoder, "qwen2": Qwen2Encoder}
+EncoderConfig = BertConfig | MPNetConfig | Qwen2Config
+ENCODERS = {"bert": BertEncoder, "mpnet": MPNetEncoder, "qwen2": Qwen2Encoder}
 POOLED = "pooled"  # the name under which the bare pooled vector is returned
 
 

@@ -27,6 +27,7 @@ _LIST_COMPONENT = re.compile(r"^(layer|layers)_(\d+)$")
 # Keys that identify where an architecture's tensors start inside a checkpoint.
 ANCHORS = {
     "bert": "embeddings.word_embeddings.weight",
+    "mpnet": "embeddings.word_embeddings.weight",
     "qwen2": "embed_tokens.weight",
 }
 

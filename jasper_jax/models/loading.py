@@ -18,9 +18,10 @@ from jasper_jax.errors import UserError
 from jasper_jax.models import hf_io
 from jasper_jax.models.bert import BertConfig
 from jasper_jax.models.embedder import POOLED, EmbedderConfig, abstract_params, head_name
+from jasper_jax.models.mpnet import MPNetConfig
 from jasper_jax.models.qwen2 import Qwen2Config
 
-ENCODER_CONFIGS = {"bert": BertConfig, "qwen2": Qwen2Config}
+ENCODER_CONFIGS = {"bert": BertConfig, "mpnet": MPNetConfig, "qwen2": Qwen2Config}
 _ST_POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_cls_token": "cls",
@@ -47,7 +48,7 @@ def encoder_config_from_folder(folder: Path):
     if kind not in ENCODER_CONFIGS:
         raise UserError(
             f"{folder}/config.json has model_type {kind!r}; supported architectures are "
-            f"{sorted(ENCODER_CONFIGS)} (BERT-style and Qwen2-style encoders)"
+            f"{sorted(ENCODER_CONFIGS)} (BERT, MPNet and Qwen2-style encoders)"
         )
     try:
         return ENCODER_CONFIGS[kind].from_hf_dict(d)
@@ -117,7 +118,7 @@ def load_model(folder: str | Path) -> LoadedModel:
     enc = encoder_config_from_folder(folder)
     state = hf_io.read_state_dict(folder)
     prefix = hf_io.find_prefix(list(state), hf_io.ANCHORS[enc.model_type])
-    if isinstance(enc, BertConfig):
+    if isinstance(enc, BertConfig | MPNetConfig):
         enc = dataclasses.replace(enc, add_pooling_layer=f"{prefix}pooler.dense.weight" in state)
     heads, default = _dense_heads(folder, enc.hidden_size)
     config = EmbedderConfig(

@@ -1,0 +1,195 @@
+"""MPNet encoder (all-mpnet-base-v2, the embedded default's larger teacher), mirroring HF names.
+
+BERT-shaped blocks with three differences: attention projections are `attention.attn.{q,k,v,o}`
+with the residual LayerNorm at `attention.LayerNorm`; no token-type embeddings, and positions
+count from `pad_token_id + 1` over non-padding tokens; every layer adds a learned relative
+position bias (T5-style log buckets, shared by all layers: `encoder.relative_attention_bias`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jasper_jax.models.bert import BertIntermediate, BertOutput, _Pooler
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm, attention_bias, dot_product_attention
+from jasper_jax.models.layers import partitioned as _p
+
+
+@dataclasses.dataclass(frozen=True)
+class MPNetConfig:
+    """The fields of an HF `MPNetConfig` that the encoder uses."""
+
+    vocab_size: int = 30527
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 514
+    relative_attention_num_buckets: int = 32
+    layer_norm_eps: float = 1e-5
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    pad_token_id: int = 1
+    add_pooling_layer: bool = True
+
+    model_type = "mpnet"
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> MPNetConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("add_pooling_layer")
+        return {"model_type": "mpnet", "architectures": ["MPNetModel"], **d}
+
+
+def relative_position_bucket(relative: jnp.ndarray, num_buckets: int, max_distance: int = 128):
+    """HF MPNet's buckets of `key - query` offsets: half the buckets per direction, exact for
+    offsets below a quarter of the buckets, logarithmic up to `max_distance`."""
+    n = -relative
+    half = num_buckets // 2
+    bucket = (n < 0).astype(jnp.int32) * half
+    n = jnp.abs(n)
+    exact = half // 2
+    safe = jnp.maximum(n, 1).astype(jnp.float32)
+    large = exact + (
+        jnp.log(safe / exact) / math.log(max_distance / exact) * (half - exact)
+    ).astype(jnp.int32)
+    large = jnp.minimum(large, half - 1)
+    return bucket + jnp.where(n < exact, n, large)
+
+
+class MPNetEmbeddings(nn.Module):
+    config: MPNetConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, input_ids, inputs_embeds=None, *, deterministic: bool = True):
+        cfg = self.config
+        init = nn.initializers.normal(0.02)
+        pad = cfg.pad_token_id
+        if inputs_embeds is None:
+            inputs_embeds = nn.Embed(
+                cfg.vocab_size,
+                cfg.hidden_size,
+                embedding_init=_p(init, ("vocab", "embed")),
+                name="word_embeddings",
+            )(input_ids)
+            real = (input_ids != pad).astype(jnp.int32)
+            positions = jnp.cumsum(real, axis=1) * real + pad
+        else:
+            positions = jnp.arange(inputs_embeds.shape[1])[None] + pad + 1
+        position = nn.Embed(
+            cfg.max_position_embeddings,
+            cfg.hidden_size,
+            embedding_init=_p(init, ("pos", "embed")),
+            name="position_embeddings",
+        )(positions)
+        x = inputs_embeds.astype(jnp.float32) + position
+        x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(x)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+
+
+class MPNetSelfAttention(nn.Module):
+    """HF `attention.attn`: q, k, v and the output projection o."""
+
+    config: MPNetConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x, bias):
+        cfg = self.config
+        heads = cfg.num_attention_heads
+        head_dim = cfg.hidden_size // heads
+
+        def project(name):
+            y = Dense(cfg.hidden_size, ("embed", "heads"), dtype=self.dtype, name=name)(x)
+            return y.reshape(*x.shape[:2], heads, head_dim)
+
+        ctx = dot_product_attention(project("q"), project("k"), project("v"), bias, self.dtype)
+        ctx = ctx.reshape(*x.shape[:2], cfg.hidden_size)
+        return Dense(cfg.hidden_size, ("heads", "embed"), dtype=self.dtype, name="o")(ctx)
+
+
+class MPNetAttention(nn.Module):
+    config: MPNetConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x, bias, *, deterministic: bool):
+        cfg = self.config
+        y = MPNetSelfAttention(cfg, self.dtype, name="attn")(x, bias)
+        y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
+        return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(y + x)
+
+
+class MPNetLayer(nn.Module):
+    config: MPNetConfig
+    dtype: Dtype
+
+    @nn.compact
+    def __call__(self, x, bias, deterministic: bool = True):
+        cfg = self.config
+        x = MPNetAttention(cfg, self.dtype, name="attention")(x, bias, deterministic=deterministic)
+        h = BertIntermediate(cfg, self.dtype, name="intermediate")(x)
+        return BertOutput(cfg, self.dtype, name="output")(h, x, deterministic=deterministic)
+
+
+class _MPNetStack(nn.Module):
+    config: MPNetConfig
+    dtype: Dtype
+    layer_cls: Any
+
+    @nn.compact
+    def __call__(self, x, mask_bias, deterministic):
+        cfg = self.config
+        seq = x.shape[1]
+        offsets = jnp.arange(seq)[None, :] - jnp.arange(seq)[:, None]  # key - query
+        buckets = relative_position_bucket(offsets, cfg.relative_attention_num_buckets)
+        table = nn.Embed(
+            cfg.relative_attention_num_buckets,
+            cfg.num_attention_heads,
+            embedding_init=_p(nn.initializers.normal(0.02), (None, "heads")),
+            name="relative_attention_bias",
+        )
+        bias = mask_bias + jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)
+        for i in range(cfg.num_hidden_layers):
+            x = self.layer_cls(cfg, self.dtype, name=f"layer_{i}")(x, bias, deterministic)
+        return x
+
+
+class MPNetEncoder(nn.Module):
+    """MPNet up to the last hidden state.
+
+    Args (call):
+      input_ids: [batch, seq] int32 token ids (positions are derived from the non-pad ids).
+      attention_mask: [batch, seq], 1 for tokens, 0 for padding.
+      inputs_embeds: optional [batch, seq, hidden] used instead of the word embeddings.
+    Returns:
+      [batch, seq, hidden] hidden states in `dtype`.
+    """
+
+    config: MPNetConfig
+    dtype: Dtype = jnp.float32
+    remat: bool = False
+
+    @nn.compact
+    def __call__(self, input_ids, attention_mask, inputs_embeds=None, *, deterministic=True):
+        cfg = self.config
+        x = MPNetEmbeddings(cfg, self.dtype, name="embeddings")(
+            input_ids, inputs_embeds, deterministic=deterministic
+        )
+        mask_bias = attention_bias(attention_mask, causal=False)
+        layer_cls = nn.remat(MPNetLayer, static_argnums=(3,)) if self.remat else MPNetLayer
+        x = _MPNetStack(cfg, self.dtype, layer_cls, name="encoder")(x, mask_bias, deterministic)
+        if cfg.add_pooling_layer:  # unused by sentence embeddings; kept so weights round-trip
+            _Pooler(cfg, self.dtype, name="pooler")(x[:, 0])
+        return x
