@@ -1,7 +1,7 @@
 """Teacher embedding models: load them, fingerprint them, and encode texts into target vectors.
 
 A teacher is a sentence-transformers folder (or a name from ``teacher_assets.KNOWN_TEACHERS``)
-run by our Flax port (BERT/Qwen2) or by sentence-transformers on torch.
+run by our Flax port (BERT/MPNet/Qwen2) or by sentence-transformers on torch.
 :func:`compute_teacher_vectors` L2-normalises each teacher's vectors and concatenates them in the
 given order; the concatenation is NOT renormalised (each slice has unit norm, the row has norm
 sqrt(num_teachers)); the trainer renormalises it (SPEC 1.4).
