@@ -3,6 +3,7 @@ run on a tiny workdir, bad input, and the mteb adapter's encode behaviour (witho
 
 import enum
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -113,8 +114,12 @@ def test_eval_on_a_tiny_workdir_writes_tables_json_and_plot(workdir, tmp_path): 
 
 
 def test_export_card_includes_the_workdir_eval(workdir, tmp_path):  # noqa: F811
+    import shutil
+
     from jasper_jax.evaluation.runner import write_results
 
+    # A copy: the shared workdir must stay without eval/ for the export tests.
+    workdir = Path(shutil.copytree(workdir, tmp_path / "workdir"))
     eval_json = workdir / "eval" / "eval.json"
     if not eval_json.exists():  # eval writes WORKDIR/eval by default; build a tiny one here
         from jasper_jax.evaluation.runner import EvalSettings, evaluate
