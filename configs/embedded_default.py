@@ -17,7 +17,7 @@ STAGES = {
     2: dict(trainable="heads+last_layers", heads=(TEACHER_DIM,), lr=2e-4, steps=150),
     3: dict(trainable="all", heads=(TEACHER_DIM, *REDUCED_HEADS), lr=1e-4, steps=150),
     # Stage 4: only the vision tower trains (from scratch here, so a larger lr than the paper's).
-    4: dict(trainable="vision", heads=(TEACHER_DIM, *REDUCED_HEADS), lr=1e-3, steps=500),
+    4: dict(trainable="vision", heads=(TEACHER_DIM, *REDUCED_HEADS), lr=2e-3, steps=500),
 }
 
 
@@ -75,7 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.relative_similarity = 20.0
     c.loss.margin = 0.015
     c.loss.mrl_dims = ()
-    c.loss.infonce = 0.0
+    c.loss.infonce = 0.0  # stage 4: image<->caption InfoNCE (in-batch negatives), full head
+    c.loss.infonce_temperature = 0.05
     c.loss.gor = 0.0
     c.loss.resim_block_size = 0  # 0: automatic tile size
     # "global": in-batch losses see the whole batch across devices (what a bigger batch buys);
@@ -100,4 +101,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if stage == 4:
         c.model.dropout = False  # the frozen student runs as at inference
         c.data.batch_size = 32  # more, cheaper updates for a tower learning from scratch
+        # Contrastive image<->caption term: distillation alone pulls every image towards the
+        # mean caption (held-out recall@1 ~2%); with it, images separate (~20% at 300 steps).
+        c.loss.infonce = 10.0
     return c

@@ -119,6 +119,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for f in ("cosine", "similarity", "relative_similarity", "infonce", "gor"):
         _check(w[f] >= 0, f"loss.{f}", "weights must be >= 0")
     _check(w.margin >= 0, "loss.margin", "must be >= 0")
+    _check(
+        w.infonce == 0 or c.stage == 4,
+        "loss.infonce",
+        "only stage 4 has contrastive pairs (image, caption); set it to 0",
+    )
+    _check(w.infonce_temperature > 0, "loss.infonce_temperature", "must be > 0")
     _check(w.in_batch in ("global", "per_device"), "loss.in_batch", "global or per_device")
     chunk = t.gradcache_chunk
     _check(

@@ -44,6 +44,9 @@ def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
         resim_weight=c.loss.relative_similarity,
         margin=c.loss.margin,
         mrl_dims=tuple(c.loss.mrl_dims) or None,
+        infonce_weight=c.loss.infonce,
+        infonce_temperature=c.loss.infonce_temperature,
+        infonce_symmetric=True,
         gor_weight=c.loss.gor,
         block_size=c.loss.resim_block_size or None,
     )

@@ -43,18 +43,29 @@ def _all_finite(tree: Any) -> jax.Array:
     return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
+def _pairs(student: dict, teacher: Any) -> tuple[jax.Array, jax.Array] | None:
+    """InfoNCE pairs where the batch has one target per head (stage 4: image vs its caption):
+    the first (full) head's vectors against its targets; None for a shared teacher (text)."""
+    if not isinstance(teacher, Mapping):
+        return None
+    head = next(iter(student))
+    return student[head], teacher[head]
+
+
 def in_batch_loss(loss_config: LossConfig, groups: int = 1) -> Callable[[dict, Any], tuple]:
     """`(student heads, teacher) -> (loss, metrics)` over the global batch (`groups=1`) or as the
     mean of `groups` independent losses over consecutive row blocks: with the batch sharded over
     `groups` data-parallel devices, each block is one device's rows, which is what the authors'
     reference computes (per-GPU in-batch similarities, gradients averaged)."""
 
+    def loss_of(student: dict, teacher: Any):
+        return distillation_loss(student, teacher, loss_config, pairs=_pairs(student, teacher))
+
     def loss_fn(student: dict, teacher: Any):
         if groups == 1:
-            return distillation_loss(student, teacher, loss_config)
+            return loss_of(student, teacher)
         split = lambda x: x.reshape(groups, x.shape[0] // groups, *x.shape[1:])
-        per_group = lambda s, t: distillation_loss(s, t, loss_config)
-        losses, metrics = jax.vmap(per_group)(
+        losses, metrics = jax.vmap(loss_of)(
             jax.tree.map(split, student), jax.tree.map(split, teacher)
         )
         return jnp.mean(losses), jax.tree.map(jnp.mean, metrics)

@@ -53,6 +53,17 @@ def vision_config(c: ml_collections.ConfigDict) -> tuple[SiglipVisionConfig, dic
     return SiglipVisionConfig(**fields, vision_use_head=False), None
 
 
+def word_embedding_std(encoder_params: dict) -> float | None:
+    """Std of the student's token-embedding table (BERT `word_embeddings`, Qwen2
+    `embed_tokens`), or None when it has neither."""
+    from flax import traverse_util
+
+    for path, value in traverse_util.flatten_dict(encoder_params).items():
+        if any(name in ("word_embeddings", "embed_tokens") for name in path):
+            return float(np.std(np.asarray(value, np.float32)))
+    return None
+
+
 def recall_at_1(
     image_vectors: np.ndarray, caption_vectors: np.ndarray, captions: Sequence[str], group: int
 ) -> np.ndarray:
@@ -116,6 +127,12 @@ class VisionTask:
         if self.vision_params is not None:
             params["vision"] = self.vision_params
             source += " + HF SigLIP weights"
+        elif (scale := word_embedding_std(self.text.params["encoder"])) is not None:
+            # A tower from scratch starts its output at the scale of the student's word
+            # embeddings (the inputs the student knows), not LayerNorm's unit scale.
+            width = self.config.vision.hidden_size
+            params["vision"] = {"post_layernorm": {"scale": np.full(width, scale, np.float32)}}
+            source += f" + post_layernorm scale {scale:.3g} (word-embedding std)"
         return params, source
 
     def describe(self, c: ml_collections.ConfigDict) -> dict:
