@@ -2,8 +2,9 @@
 
 Values from SPEC section 3 (paper + the authors' reference config): heads FC1 -> 12288 (stages
 1-3) and FC2-4 -> 1024/512/256 (stage 3); lr 1e-4 / 8e-5 / 7e-5; batch 128; 4000 / 7000 / 2200
-steps; max length 512; bf16 compute. Loss weights 10 / 200 / 20 and margin 0.015 are the
-embedded default's (they are the paper's already).
+steps; max length 512; bf16 compute. Stage 4: the so400m SigLIP tower, lr 1e-4, 3500 steps,
+batch 96 (the paper's 90, rounded to divide over 8/16/32 devices). Loss weights 10 / 200 / 20
+and margin 0.015 are the embedded default's (they are the paper's already).
 
 Everything not named here is the embedded default's field (one schema for all configs); the
 fields a user must fill in are the local model folder and the teacher datasets::
@@ -85,4 +86,5 @@ def _vision_stage(c: ml_collections.ConfigDict) -> None:
     c.model.vision.num_hidden_layers = 27
     c.model.vision.num_attention_heads = 16
     c.model.image_tokens = 300
+    c.loss.infonce = 0.0  # the paper's stage 4: cos + sim + resim only (the demo adds InfoNCE)
     c.data.eval_images = 1000
