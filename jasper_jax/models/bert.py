@@ -184,15 +184,20 @@ class BertEncoder(nn.Module):
     dtype: Dtype = jnp.float32
     remat: bool = False
 
+    def blocks(self) -> tuple[type, type, type]:
+        """(embeddings, layer, stack) modules; BERT-shaped variants (MPNet) swap these."""
+        return BertEmbeddings, BertLayer, _Stack
+
     @nn.compact
     def __call__(self, input_ids, attention_mask, inputs_embeds=None, *, deterministic=True):
         cfg = self.config
-        x = BertEmbeddings(cfg, self.dtype, name="embeddings")(
+        embeddings_cls, layer_cls, stack_cls = self.blocks()
+        x = embeddings_cls(cfg, self.dtype, name="embeddings")(
             input_ids, inputs_embeds, deterministic=deterministic
         )
         bias = attention_bias(attention_mask, causal=False)
-        layer_cls = nn.remat(BertLayer, static_argnums=(3,)) if self.remat else BertLayer
-        x = _Stack(cfg, self.dtype, layer_cls, name="encoder")(x, bias, deterministic)
+        layer_cls = nn.remat(layer_cls, static_argnums=(3,)) if self.remat else layer_cls
+        x = stack_cls(cfg, self.dtype, layer_cls, name="encoder")(x, bias, deterministic)
         if cfg.add_pooling_layer:
             # HF's pooler (dense + tanh on [CLS]) is unused by sentence embeddings; it is built so
             # that its weights load, stay frozen and export unchanged.

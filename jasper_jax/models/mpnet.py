@@ -15,8 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jasper_jax.models.bert import BertIntermediate, BertOutput, _Pooler
-from jasper_jax.models.layers import Dense, Dtype, LayerNorm, attention_bias, dot_product_attention
+from jasper_jax.models.bert import BertEncoder, BertIntermediate, BertOutput
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm, dot_product_attention
 from jasper_jax.models.layers import partitioned as _p
 
 
@@ -166,8 +166,8 @@ class _MPNetStack(nn.Module):
         return x
 
 
-class MPNetEncoder(nn.Module):
-    """MPNet up to the last hidden state.
+class MPNetEncoder(BertEncoder):
+    """MPNet up to the last hidden state: BERT's encoder with MPNet's blocks.
 
     Args (call):
       input_ids: [batch, seq] int32 token ids (positions are derived from the non-pad ids).
@@ -177,19 +177,5 @@ class MPNetEncoder(nn.Module):
       [batch, seq, hidden] hidden states in `dtype`.
     """
 
-    config: MPNetConfig
-    dtype: Dtype = jnp.float32
-    remat: bool = False
-
-    @nn.compact
-    def __call__(self, input_ids, attention_mask, inputs_embeds=None, *, deterministic=True):
-        cfg = self.config
-        x = MPNetEmbeddings(cfg, self.dtype, name="embeddings")(
-            input_ids, inputs_embeds, deterministic=deterministic
-        )
-        mask_bias = attention_bias(attention_mask, causal=False)
-        layer_cls = nn.remat(MPNetLayer, static_argnums=(3,)) if self.remat else MPNetLayer
-        x = _MPNetStack(cfg, self.dtype, layer_cls, name="encoder")(x, mask_bias, deterministic)
-        if cfg.add_pooling_layer:  # unused by sentence embeddings; kept so weights round-trip
-            _Pooler(cfg, self.dtype, name="pooler")(x[:, 0])
-        return x
+    def blocks(self) -> tuple[type, type, type]:
+        return MPNetEmbeddings, MPNetLayer, _MPNetStack
