@@ -68,6 +68,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.text_eval_dir = ""  # stage 4: teacher data showing the text side did not move
     c.data.eval_images = 500  # stage 4: held-out images (recall@1 among groups of 100)
     c.data.train_images = 6000  # stage 4: generated shapes images the demo captions
+    # Chunk alignment (dewey): > 0 reads a chunk-mode teacher dataset and aligns up to this many
+    # chunks per document besides the document vector; 0 is plain distillation.
+    c.data.max_chunks = 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.cosine = 10.0
@@ -82,6 +85,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "global": in-batch losses see the whole batch across devices (what a bigger batch buys);
     # "per_device": each data-parallel device's rows alone, as the authors' DeepSpeed reference.
     c.loss.in_batch = "global"
+    # Chunk alignment terms (data.max_chunks > 0), over all valid chunks of the batch; dewey
+    # aligns chunks with cosine + similarity only.
+    c.loss.chunk_cosine = 10.0
+    c.loss.chunk_similarity = 200.0
+    c.loss.chunk_relative_similarity = 0.0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = s["lr"]

@@ -25,6 +25,12 @@ def _encode_args(p: argparse.ArgumentParser) -> Command:
         help="image files and/or folders of images (a model with a vision tower: stage 4)",
     )
     p.add_argument("--output", required=True, help=".npy file for the [N, dim] float32 vectors")
+    p.add_argument(
+        "--chunks",
+        default=None,
+        help="also write chunk vectors from the same pass: MODE:SIZE[:OVERLAP] (sentences:64, "
+        "tokens:128:32) or 'given' (spans from a .jsonl input's 'chunks'); --input may be .jsonl",
+    )
     p.add_argument("--head", default=None, help="output head: 'pooled', 'dense_<dim>' or '<dim>'")
     p.add_argument("--prompt", default=None, help="text prepended to every input (e.g. a query)")
     p.add_argument("--batch-size", type=int, default=64)

@@ -106,6 +106,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.model.trainable_last_layers >= 0, "model.trainable_last_layers", "must be >= 0")
     _check(c.data.batch_size >= 2, "data.batch_size", "in-batch losses need at least 2 rows")
     _check(c.data.max_length >= 4, "data.max_length", "must be at least 4 tokens")
+    _check(c.data.max_chunks >= 0, "data.max_chunks", "must be >= 0 (0: no chunk alignment)")
+    _check(
+        c.data.max_chunks == 0 or c.stage in (1, 2, 3),
+        "data.max_chunks",
+        "chunk alignment is a text stage (1-3) option; set it to 0 for stage 4",
+    )
     o = c.optim
     _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
     _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", "must be in [0, 1)")
@@ -116,7 +122,16 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     for f in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_row"):
         _check(t[f] >= 1, f"train.{f}", "must be >= 1")
     w = c.loss
-    for f in ("cosine", "similarity", "relative_similarity", "infonce", "gor"):
+    for f in (
+        "cosine",
+        "similarity",
+        "relative_similarity",
+        "infonce",
+        "gor",
+        "chunk_cosine",
+        "chunk_similarity",
+        "chunk_relative_similarity",
+    ):
         _check(w[f] >= 0, f"loss.{f}", "weights must be >= 0")
     _check(w.margin >= 0, "loss.margin", "must be >= 0")
     _check(

@@ -230,12 +230,14 @@ def _sims_and_resims(
     mask: jax.Array | None,
     margin: float,
     block_size: int | None,
+    with_resim: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Similarity and relative-similarity losses of K student views against one teacher.
 
     The teacher similarity matrix and pair scores are computed once and the K relative-similarity
     losses run in one blockwise pass. `students`: K arrays [batch, d_k]; `teacher: [batch, D]`.
-    Returns (`sim: [K]`, `resim: [K]`).
+    Returns (`sim: [K]`, `resim: [K]`); resim is 0 without `with_resim` (weight 0: its O(B^4)
+    pass is skipped).
     """
     for student in students:
         _check_batch("similarity losses", student, teacher)
@@ -244,7 +246,7 @@ def _sims_and_resims(
     t_sim = jax.lax.stop_gradient(_gram(l2_normalize(teacher)))
     s_sims = jnp.stack([_gram(l2_normalize(s)) for s in students])  # [K, B, B]
     sims = jax.vmap(_similarity_mse, in_axes=(0, None, None))(s_sims, t_sim, weights)
-    if batch < 3:  # fewer than 2 pairs: no pair-of-pairs terms; the loss is defined as 0
+    if batch < 3 or not with_resim:  # < 2 pairs: no pair-of-pairs terms; the loss is 0
         return sims, jnp.zeros_like(sims)
     valid = _pair_scores(weights[:, None] * weights[None, :])
     resims = _resim_mean(_pair_scores(s_sims), _pair_scores(t_sim), valid, margin, block_size)
@@ -438,7 +440,12 @@ def _similarity_terms(views, teacher, teachers, mask, config) -> dict[str, tuple
     for names in groups:
         flat = [v for name in names for v in views[name]]
         sims, resims = _sims_and_resims(
-            flat, teachers[names[0]], mask, config.margin, config.block_size
+            flat,
+            teachers[names[0]],
+            mask,
+            config.margin,
+            config.block_size,
+            with_resim=config.resim_weight > 0,
         )
         start = 0
         for name in names:

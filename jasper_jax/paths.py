@@ -34,7 +34,11 @@ def canonical(path: PathLike) -> str:
 def write_json_atomic(path: PathLike, payload: dict[str, Any]) -> None:
     """Readers see the old file or the new one, never half of it (a cloud object write is
     atomic already; a local one goes through a temp file and a rename)."""
-    text = json.dumps(payload, indent=2, sort_keys=True)
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True))
+
+
+def write_text_atomic(path: PathLike, text: str) -> None:
+    """UTF-8 text written so that readers see the old file or the new one (see above)."""
     if is_remote(path):
         epath.Path(path).write_text(text)
         return

@@ -74,7 +74,13 @@ def encode_main(args: argparse.Namespace) -> int:
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
     if args.images:
+        if args.chunks:
+            raise UserError("--chunks applies to texts; drop it with --images")
         return encode_images_main(args)
+    if args.chunks:
+        from jasper_jax.commands.encode_chunks import encode_chunks_main
+
+        return encode_chunks_main(args)
     texts = read_lines(args.input)
     model = load_any_model(args.model)
     resolve_head(model.config, args.head)  # fail before any compile

@@ -47,20 +47,29 @@ class TokenizeBatch(grain.transforms.Map):
         return self._backend
 
     def map(self, batch: dict) -> dict:
+        return self.tokenize(batch)[0]
+
+    def tokenize(self, batch: dict) -> tuple[dict, list]:
+        """(the batch's arrays, the tokenizers.Encoding of each text)."""
         texts = [text.decode("utf-8") for text in batch["text"]]
         if self.prompt:
             texts = [self.prompt + text for text in texts]
         encodings = self._tokenizer().encode_batch(texts)
-        teacher = batch["teacher"].astype(np.float32)
-        norms = np.linalg.norm(teacher, axis=1, keepdims=True)
-        return {
+        arrays = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int32),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int32),
-            "teacher": teacher / np.maximum(norms, 1e-12),
+            "teacher": unit_rows(batch["teacher"]),
             "index": batch["index"].astype(np.int64),
             # Popped by TextBatchIterator into a counter; never reaches the train step.
             "truncated": np.array([len(e.overflowing) > 0 for e in encodings], dtype=np.int32),
         }
+        return arrays, encodings
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """float32 copy of ``x`` [..., D] with unit-length last-axis rows (zero rows stay zero)."""
+    x = x.astype(np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def load_fixed_length_tokenizer(tokenizer_dir: str | pathlib.Path, max_length: int):
@@ -90,13 +99,17 @@ def load_fixed_length_tokenizer(tokenizer_dir: str | pathlib.Path, max_length: i
 class TextBatchIterator(Iterator[dict]):
     """Wraps grain's DataLoader iterator; counts texts cut at ``max_length``.
 
-    ``truncated_texts`` counts since this iterator was created (not saved in the state).
+    ``truncated_texts`` counts since this iterator was created (not saved in the state); in
+    chunk mode ``chunks_dropped`` counts chunks left out (cut by ``max_length`` or over
+    ``max_chunks``) and ``chunks_seen`` all chunks of the texts seen.
     """
 
     def __init__(self, loader_iterator: Any):
         self._iterator = loader_iterator
         self.truncated_texts = 0
         self.texts_seen = 0
+        self.chunks_dropped = 0
+        self.chunks_seen = 0
 
     def __iter__(self) -> TextBatchIterator:
         return self
@@ -106,6 +119,9 @@ class TextBatchIterator(Iterator[dict]):
         truncated = batch.pop("truncated")
         self.truncated_texts += int(truncated.sum())
         self.texts_seen += len(truncated)
+        if "chunks_dropped" in batch:
+            self.chunks_dropped += int(batch.pop("chunks_dropped").sum())
+            self.chunks_seen += int(batch.pop("chunks_total").sum())
         return batch
 
     def get_state(self) -> bytes:
@@ -184,6 +200,7 @@ def make_text_pipeline(
     process_count: int = 1,
     num_epochs: int | None = None,
     worker_count: int = 0,
+    max_chunks: int = 0,
 ) -> TextBatchIterator:
     """Iterator of fixed-shape training batches (see module docstring) for one process.
 
@@ -199,6 +216,9 @@ def make_text_pipeline(
       num_epochs: None repeats forever (each epoch reshuffled).
       worker_count: grain worker processes (0: in this process). Workers need the
         ``if __name__ == "__main__":`` guard in the calling script.
+      max_chunks: > 0 reads a chunk-mode dataset and adds ``chunk_spans`` [batch, max_chunks, 2]
+        (token ranges), ``chunk_mask`` [batch, max_chunks] and ``chunk_teacher``
+        [batch, max_chunks, dim] (see ``jasper_jax.data.chunk_pipeline``).
     """
     if (
         batch_size < 1
@@ -211,7 +231,14 @@ def make_text_pipeline(
             f"process {process_index} of {process_count}; expected batch_size >= 1 and a "
             "multiple of the process count, max_length >= 2, 0 <= process_index < process_count"
         )
-    source, _ = open_teacher_dataset(data_dir)
+    source, metadata = open_teacher_dataset(data_dir)
+    per_record, tokenize = [], TokenizeBatch(str(tokenizer_dir), max_length, prompt)
+    if max_chunks:
+        from jasper_jax.data import chunk_pipeline
+
+        chunk_pipeline.require_chunks(metadata, data_dir)
+        per_record = [chunk_pipeline.PadChunks(max_chunks)]
+        tokenize = chunk_pipeline.TokenizeDocuments(str(tokenizer_dir), max_length, prompt)
     loader = global_batch_loader(
         source,
         f"teacher dataset {str(data_dir)!r}",
@@ -220,7 +247,8 @@ def make_text_pipeline(
         num_epochs=num_epochs,
         process_index=process_index,
         process_count=process_count,
-        per_batch=[TokenizeBatch(str(tokenizer_dir), max_length, prompt)],
+        per_record=per_record,
+        per_batch=[tokenize],
         worker_count=worker_count,
     )
     return TextBatchIterator(iter(loader))

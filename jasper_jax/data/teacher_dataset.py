@@ -12,6 +12,10 @@ the corpus; many machines (sharing OUTPUT) can each take one slice. A re-run kee
 chunks and redoes the rest. The run that finds every slice done combines them into
 ``OUTPUT/dataset`` (built in a temp folder, then renamed) and removes ``_parts``.
 
+Chunk mode (``chunking=`` or ``chunk_spans=``, dewey-style chunk alignment): each text is a
+document; rows also hold ``chunk_spans`` [n, 2] (character spans) and ``chunk_teacher`` [n, D]
+(each chunk encoded on its own), see ``jasper_jax.data.chunk_vectors``.
+
 Stored vectors: each teacher's slice is unit length; the concatenation is NOT renormalised on
 disk (row norm sqrt(num_teachers)); the trainer renormalises it (SPEC 1.4). TFDS shuffles rows
 by key on write; ``index`` is the text's row in the corpus (after empty texts are skipped).
@@ -33,7 +37,9 @@ import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
+from jasper_jax.data import chunk_vectors
 from jasper_jax.data import corpus as corpus_lib
+from jasper_jax.data.chunking import ChunkingConfig, Span
 from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, load_teacher
 from jasper_jax.errors import UserError
 
@@ -59,14 +65,16 @@ class TeacherDataset(tfds.core.GeneratorBasedBuilder):
 
     def _info(self) -> tfds.core.DatasetInfo:
         # DatasetInfo(builder=...) directly: dataset_info_from_configs needs package files.
-        dtype = DTYPES[self._metadata["dtype"]]
-        features = tfds.features.FeaturesDict(
-            {
-                "text": tfds.features.Text(),
-                "teacher": tfds.features.Tensor(shape=(self._metadata["dim"],), dtype=dtype),
-                "index": tfds.features.Scalar(dtype=np.int64),
-            }
-        )
+        dtype, dim = DTYPES[self._metadata["dtype"]], self._metadata["dim"]
+        features = {
+            "text": tfds.features.Text(),
+            "teacher": tfds.features.Tensor(shape=(dim,), dtype=dtype),
+            "index": tfds.features.Scalar(dtype=np.int64),
+        }
+        if "chunks" in self._metadata:
+            features["chunk_spans"] = tfds.features.Tensor(shape=(None, 2), dtype=np.int32)
+            features["chunk_teacher"] = tfds.features.Tensor(shape=(None, dim), dtype=dtype)
+        features = tfds.features.FeaturesDict(features)
         metadata = tfds.core.MetadataDict(self._metadata)
         return tfds.core.DatasetInfo(builder=self, features=features, metadata=metadata)
 
@@ -75,12 +83,20 @@ class TeacherDataset(tfds.core.GeneratorBasedBuilder):
         return {"train": self._generate_examples()}
 
     def _generate_examples(self):
+        chunked = "chunks" in self._metadata
         for start, path in self._chunks:
             vectors = np.load(path, mmap_mode="r")
+            if chunked:
+                payload = chunk_vectors.load_payload(chunk_vectors.payload_path(path))
+                per_document, bad = payload.per_document(), payload.bad_documents()
             for offset, vector in enumerate(vectors):
-                if np.isfinite(vector).all():
-                    row = start + offset
-                    yield row, {"text": self._texts[row], "teacher": vector, "index": row}
+                if not np.isfinite(vector).all() or (chunked and bad[offset]):
+                    continue
+                row = start + offset
+                example = {"text": self._texts[row], "teacher": vector, "index": row}
+                if chunked:
+                    example["chunk_spans"], example["chunk_teacher"] = per_document[offset]
+                yield row, example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +124,10 @@ def build_teacher_dataset(
     chunk_size: int = 4096,
     progress: bool = True,
     backend: str = "auto",
+    max_length: int | None = None,
+    chunking: ChunkingConfig | str | None = None,
+    chunk_spans: Sequence[Sequence[Span]] | None = None,
+    chunk_tokenizer: str | pathlib.Path | None = None,
 ) -> BuildResult:
     """Encode slice ``shard_index`` of ``num_shards`` and, once all are done, write the dataset.
 
@@ -120,6 +140,10 @@ def build_teacher_dataset(
       limit: keep only the first ``limit`` texts.
       chunk_size: rows per resumable unit of work.
       backend: how named teachers run: "auto", "jax" or "torch" (see ``load_teacher``).
+      max_length: tokens per text for named teachers (None: each folder's max_seq_length).
+      chunking: chunk mode, splitting each text with e.g. ``"sentences:64"`` (see
+        ``ChunkingConfig``), sizes counted by ``chunk_tokenizer`` (default: first teacher's).
+      chunk_spans: chunk mode with the caller's character spans, one list per text.
 
     Raises:
       UserError: bad arguments or corpus; an output folder that holds a different dataset or
@@ -127,13 +151,25 @@ def build_teacher_dataset(
     """
     _check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit)
     texts, skipped = _corpus_texts(corpus, limit)
+    if chunk_spans is not None and (skipped or len(chunk_spans) != len(texts)):
+        raise UserError(
+            f"chunk_spans has {len(chunk_spans)} lists for {len(texts)} non-empty texts "
+            f"({skipped} empty skipped); fix: drop empty texts and give one list per text"
+        )
     loaded = [
-        t if isinstance(t, Teacher) else load_teacher(t, prompt, batch_size, backend)
+        t if isinstance(t, Teacher) else load_teacher(t, prompt, batch_size, backend, max_length)
         for t in teachers
     ]
     if not loaded:
         raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
     plan = _make_plan(texts, skipped, loaded, dtype, num_shards, chunk_size)
+    chunker = None
+    if chunking is not None or chunk_spans is not None:
+        if isinstance(chunking, str):
+            chunking = ChunkingConfig.parse(chunking)
+        chunker, plan["identity"]["chunks"] = chunk_vectors.make_chunker(
+            texts, chunking, chunk_spans, chunk_tokenizer or loaded[0].folder
+        )
     output = pathlib.Path(output_dir).expanduser()
     existing = _finished_identity(output)
     if existing == plan["identity"] and not overwrite:
@@ -146,7 +182,7 @@ def build_teacher_dataset(
             + "); fix: choose another --output, or pass --overwrite to replace it"
         )
     parts = _prepare_parts(output, plan, overwrite)
-    _encode_slice(parts, plan, texts, loaded, shard_index, progress)
+    _encode_slice(parts, plan, texts, loaded, shard_index, progress, chunker)
     pending = [i for i in range(num_shards) if not _slice_marker(parts, i, num_shards).exists()]
     if pending:
         log.info(
@@ -250,7 +286,7 @@ def _differences(old: dict, new: dict) -> list[str]:
         for key in ("prompt", "model_fingerprint", "tokenizer_fingerprint"):
             if [t[key] for t in old["teachers"]] != [t[key] for t in new["teachers"]]:
                 found.append(f"teacher {key.replace('_', ' ')}s differ")
-    for key in ("corpus_fingerprint", "num_texts", "dtype", "format_version"):
+    for key in ("corpus_fingerprint", "num_texts", "dtype", "format_version", "chunks"):
         if old.get(key) != new.get(key):
             found.append(f"{key} {old.get(key)!r} vs now {new.get(key)!r}")
     return found or ["unknown difference"]
@@ -325,7 +361,7 @@ def _chunk_path(parts: pathlib.Path, start: int, stop: int) -> pathlib.Path:
     return parts / f"rows-{start:010d}-{stop:010d}.npy"
 
 
-def _encode_slice(parts, plan, texts, teachers, index, progress) -> None:
+def _encode_slice(parts, plan, texts, teachers, index, progress, chunker=None) -> None:
     marker = _slice_marker(parts, index, plan["num_shards"])
     if marker.exists():
         return
@@ -336,6 +372,11 @@ def _encode_slice(parts, plan, texts, teachers, index, progress) -> None:
         for start, stop in todo:
             vectors = compute_teacher_vectors(texts[start:stop], teachers, bar=bar)
             path = _chunk_path(parts, start, stop)
+            if chunker is not None:  # saved first: the .npy marks the whole block as done
+                payload = chunk_vectors.encode_chunks(
+                    texts[start:stop], chunker(start, stop), teachers, bar
+                )
+                chunk_vectors.save_payload(chunk_vectors.payload_path(path), payload, dtype)
             with tempfile.NamedTemporaryFile(dir=parts, suffix=".npy", delete=False) as f:
                 np.save(f, vectors.astype(dtype))
             os.replace(f.name, path)  # a chunk file exists only when complete
@@ -351,9 +392,14 @@ def _combine(
         for i in range(plan["num_shards"])
         for a, b in _slice_chunks(plan, i)
     ]
-    rejected = []
+    chunked = "chunks" in plan["identity"]
+    rejected, num_chunks = [], 0
     for start, path in chunks:
         bad = ~np.isfinite(np.load(path, mmap_mode="r")).all(axis=1)
+        if chunked:
+            payload = chunk_vectors.load_payload(chunk_vectors.payload_path(path))
+            bad |= payload.bad_documents()
+            num_chunks += int(payload.counts[~bad].sum())
         rejected.extend((start + np.flatnonzero(bad)).tolist())
     if rejected:
         log.warning(
@@ -376,6 +422,8 @@ def _combine(
         "skipped_empty": plan["skipped_empty"],
         "rejected": {"count": len(rejected), "first_rows": rejected[:20]},
     }
+    if chunked:
+        metadata["chunks"] = {**plan["identity"]["chunks"], "count": num_chunks}
     target = output / DATASET_DIR
     with tempfile.TemporaryDirectory(dir=output, prefix=".build-") as tmp:
         builder = TeacherDataset(

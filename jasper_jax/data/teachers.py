@@ -44,11 +44,14 @@ class Teacher:
     model_fingerprint: str
     tokenizer_fingerprint: str
     encode: Callable[[list[str]], np.ndarray] = dataclasses.field(repr=False, compare=False)
+    max_length: int | None = None  # tokens per text; None: the folder's max_seq_length
 
     def describe(self) -> dict:
         """JSON-ready description stored in the dataset metadata (no callables)."""
         fields = dataclasses.asdict(self)
         fields.pop("encode")
+        if fields["max_length"] is None:  # identities of datasets built before the field
+            fields.pop("max_length")
         return fields
 
 
@@ -90,7 +93,9 @@ def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
     return model.hexdigest(), tokenizer.hexdigest()
 
 
-def _jax_encoder(folder: pathlib.Path, prompt: str | None, batch_size: int):
+def _jax_encoder(
+    folder: pathlib.Path, prompt: str | None, batch_size: int, max_length: int | None = None
+):
     """Our Flax encoder for the folder (parity with sentence-transformers: cosine >= 0.9999),
     or None when its architecture or modules are not ones we implement."""
     from jasper_jax.encode import TextEncoder, resolve_head
@@ -106,12 +111,14 @@ def _jax_encoder(folder: pathlib.Path, prompt: str | None, batch_size: int):
     dim = model.config.hidden_size if head == POOLED else int(head.removeprefix("dense_"))
 
     def encode(texts: list[str]) -> np.ndarray:
-        return encoder.encode(texts, prompt=prompt)
+        return encoder.encode(texts, prompt=prompt, max_length=max_length)
 
     return encode, int(dim)
 
 
-def _torch_encoder(spec, folder: pathlib.Path, prompt: str | None, batch_size: int):
+def _torch_encoder(
+    spec, folder: pathlib.Path, prompt: str | None, batch_size: int, max_length: int | None = None
+):
     from sentence_transformers import SentenceTransformer
 
     try:
@@ -121,6 +128,8 @@ def _torch_encoder(spec, folder: pathlib.Path, prompt: str | None, batch_size: i
             f"cannot load teacher {str(spec)!r} from {str(folder)!r} with sentence-transformers: "
             f"{err}; fix: point --teacher at a complete sentence-transformers folder"
         ) from err
+    if max_length:
+        model.max_seq_length = max_length
 
     def encode(texts: list[str]) -> np.ndarray:
         vectors = model.encode(texts, batch_size=batch_size, prompt=prompt, show_progress_bar=False)
@@ -137,27 +146,32 @@ def load_teacher(
     prompt: str | None = None,
     batch_size: int = 64,
     backend: str = "auto",
+    max_length: int | None = None,
 ) -> Teacher:
     """Load a teacher; ``prompt`` is prefixed to every text.
 
     backend: "jax" runs our Flax port of the folder (BERT / Qwen2 sentence-transformers models;
     about 4x faster than torch on CPU, and the only choice on TPU); "torch" runs
     sentence-transformers; "auto" takes jax where the architecture is supported, else torch.
+    max_length: tokens each text is cut to; None keeps the folder's ``max_seq_length`` (long
+    documents want the model's position limit, e.g. 512 for BERT/MPNet teachers).
     """
     if backend not in BACKENDS:
         raise UserError(f"teacher backend {backend!r}: choose one of {BACKENDS}")
     folder = resolve_teacher_folder(spec)
-    encode, dim = (None, 0) if backend == "torch" else _jax_encoder(folder, prompt, batch_size)
+    encode, dim = (
+        (None, 0) if backend == "torch" else _jax_encoder(folder, prompt, batch_size, max_length)
+    )
     if encode is None:
         if backend == "jax":
             raise UserError(
                 f"teacher {str(spec)!r}: its architecture is not one jasper-jax implements; "
                 "fix: use --backend torch (sentence-transformers)"
             )
-        encode, dim = _torch_encoder(spec, folder, prompt, batch_size)
+        encode, dim = _torch_encoder(spec, folder, prompt, batch_size, max_length)
     name = str(spec) if str(spec) in teacher_assets.KNOWN_TEACHERS else folder.name
     model_fp, tokenizer_fp = folder_fingerprints(folder)
-    return Teacher(name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode)
+    return Teacher(name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length)
 
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:

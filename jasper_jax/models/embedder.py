@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jasper_jax.models.bert import BertConfig, BertEncoder
 from jasper_jax.models.layers import Dense
 from jasper_jax.models.mpnet import MPNetConfig, MPNetEncoder
-from jasper_jax.models.pooling import POOLING_MODES, l2_normalize, pool
+from jasper_jax.models.pooling import POOLING_MODES, l2_normalize, pool, span_mean_pool
 from jasper_jax.models.qwen2 import Qwen2Config, Qwen2Encoder
 
 EncoderConfig = BertConfig | MPNetConfig | Qwen2Config
@@ -80,6 +80,9 @@ class Embedder(nn.Module):
 
     `heads` selects which outputs to compute (names from `config.head_names` and/or "pooled");
     None computes all of them. `inputs_embeds` [B, L, hidden] replaces token embeddings.
+    `chunk_spans` [B, C, 2] token ranges [start, end) turn the output into a pair
+    (document vectors {name: [B, dim]}, chunk vectors {name: [B, C, dim]}) from one encoder
+    pass; each chunk is the mean of its tokens' states (late chunking), an empty span gives 0.
     """
 
     config: EmbedderConfig
@@ -94,7 +97,8 @@ class Embedder(nn.Module):
         inputs_embeds: jax.Array | None = None,
         heads: Sequence[str] | None = None,
         deterministic: bool = True,
-    ) -> dict[str, jax.Array]:
+        chunk_spans: jax.Array | None = None,
+    ) -> dict[str, jax.Array] | tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         cfg = self.config
         encoder = ENCODERS[cfg.encoder.model_type](
             cfg.encoder, dtype=self.dtype, remat=self.remat, name="encoder"
@@ -103,15 +107,20 @@ class Embedder(nn.Module):
         pooled = pool(hidden, attention_mask, cfg.pooling)
         projection = ProjectionHeads(cfg.heads, name="heads")
         names = (POOLED, *cfg.head_names) if heads is None else tuple(heads)
-        out = {}
-        for name in names:
-            if name == POOLED:
-                out[name] = l2_normalize(pooled)
-            elif name in cfg.head_names:
-                out[name] = l2_normalize(projection(pooled, name))
-            else:
-                raise KeyError(f"head {name!r} not in {(POOLED, *cfg.head_names)}")
-        return out
+        def outputs(vectors: jax.Array) -> dict[str, jax.Array]:
+            out = {}
+            for name in names:
+                if name == POOLED:
+                    out[name] = l2_normalize(vectors)
+                elif name in cfg.head_names:
+                    out[name] = l2_normalize(projection(vectors, name))
+                else:
+                    raise KeyError(f"head {name!r} not in {(POOLED, *cfg.head_names)}")
+            return out
+
+        if chunk_spans is None:
+            return outputs(pooled)
+        return outputs(pooled), outputs(span_mean_pool(hidden, attention_mask, chunk_spans))
 
 
 def init_params(config: EmbedderConfig, rng: jax.Array, seq_len: int = 8):

@@ -33,6 +33,25 @@ def last_token_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:
     return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0].astype(jnp.float32)
 
 
+def span_mean_pool(hidden: jax.Array, mask: jax.Array, spans: jax.Array) -> jax.Array:
+    """Mean of the token states inside each span, in float32 (late chunking).
+
+    Args:
+      hidden: [batch, seq, hidden]; mask: [batch, seq], 1 for tokens, 0 for padding.
+      spans: [batch, chunks, 2] int token ranges [start, end); padding positions inside a span
+        are left out, so padding never leaks into a chunk.
+    Returns:
+      [batch, chunks, hidden] float32; an empty span gives zeros (not NaN).
+    """
+    positions = jnp.arange(hidden.shape[1])
+    inside = (positions >= spans[..., :1]) & (positions < spans[..., 1:])  # [B, C, L]
+    weights = (inside & mask[:, None, :].astype(bool)).astype(jnp.float32)
+    total = jnp.einsum(
+        "bcl,blh->bch", weights, hidden.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
+    return total / jnp.maximum(weights.sum(-1, keepdims=True), 1e-9)
+
+
 def pool(hidden: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     """Dispatches on `mode` in POOLING_MODES."""
     fns = {"mean": mean_pool, "cls": cls_pool, "last": last_token_pool}

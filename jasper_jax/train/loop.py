@@ -52,6 +52,19 @@ def loss_config(c: ml_collections.ConfigDict) -> LossConfig:
     )
 
 
+def chunk_loss_config(c: ml_collections.ConfigDict) -> LossConfig | None:
+    """Weights of the chunk-alignment term; None when chunk mode is off (data.max_chunks 0)."""
+    if not c.data.max_chunks:
+        return None
+    return LossConfig(
+        cosine_weight=c.loss.chunk_cosine,
+        similarity_weight=c.loss.chunk_similarity,
+        resim_weight=c.loss.chunk_relative_similarity,
+        margin=c.loss.margin,
+        block_size=c.loss.resim_block_size or None,
+    )
+
+
 def run_identity(c: ml_collections.ConfigDict, task: Task) -> dict:
     return {
         "config": c.name,
@@ -175,6 +188,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: PathLike) -> dict[
         schedule,
         loss_groups=shards if c.loss.in_batch == "per_device" else 1,
         gradcache_chunks=c.data.batch_size // chunk,
+        chunk_config=chunk_loss_config(c),
     )
     step_fn = jax.jit(
         train_step,

@@ -102,7 +102,10 @@ class TextTask:
         loaded = load_model(resolve_model_folder(c.model.init_hf))
         config = student_config(c, loaded, teacher_dim)
         model = Embedder(config, dtype=jnp.dtype(c.dtype), remat=c.model.remat)
-        return cls(config, loaded, teacher_dim, model)
+        keys = cls.batch_keys
+        if c.data.max_chunks:
+            keys = (*keys, "chunk_spans", "chunk_mask", "chunk_teacher")
+        return cls(config, loaded, teacher_dim, model, keys)
 
     @property
     def folder(self) -> Path:
@@ -149,12 +152,15 @@ class TextTask:
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             worker_count=c.data.worker_count,
+            max_chunks=c.data.max_chunks,
         )
 
     def forward(self, c: ml_collections.ConfigDict):
         from jasper_jax.train.step import text_forward
 
-        return text_forward(self.model, self.config.head_names, c.model.dropout)
+        return text_forward(
+            self.model, self.config.head_names, c.model.dropout, chunks=c.data.max_chunks > 0
+        )
 
     def evaluate(self, c, params, mesh) -> dict[str, dict[str, float]]:
         """Held-out fidelity per head: cosine to teacher (full head), pairwise Spearman, NN

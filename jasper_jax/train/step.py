@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from jasper_jax.chunk_loss import chunk_alignment_loss
 from jasper_jax.losses import LossConfig, distillation_loss
 from jasper_jax.models.embedder import Embedder
 from jasper_jax.train.state import Path, TrainState, merge_params, split_params
@@ -21,8 +22,15 @@ from jasper_jax.train.state import Path, TrainState, merge_params, split_params
 Forward = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[dict, Any]]
 
 
-def text_forward(model: Embedder, head_names: tuple[str, ...], dropout: bool) -> Forward:
-    """Student head vectors for a text batch against the batch's concatenated teacher vectors."""
+def text_forward(
+    model: Embedder, head_names: tuple[str, ...], dropout: bool, chunks: bool = False
+) -> Forward:
+    """Student head vectors for a text batch against the batch's concatenated teacher vectors.
+
+    With `chunks` (chunk alignment) the batch also holds `chunk_spans`, `chunk_mask` and
+    `chunk_teacher`, and both sides become {"document": ..., "chunks": ...} trees (see
+    `jasper_jax.chunk_loss.chunk_alignment_loss`).
+    """
 
     def forward(params, batch, rng):
         out = model.apply(
@@ -32,8 +40,17 @@ def text_forward(model: Embedder, head_names: tuple[str, ...], dropout: bool) ->
             heads=head_names,
             deterministic=not dropout,
             rngs={"dropout": rng},
+            chunk_spans=batch["chunk_spans"] if chunks else None,
         )
-        return out, batch["teacher"]
+        if not chunks:
+            return out, batch["teacher"]
+        document, chunk_vectors = out
+        teacher = {
+            "document": batch["teacher"],
+            "chunks": batch["chunk_teacher"],
+            "chunk_mask": batch["chunk_mask"],
+        }
+        return {"document": document, "chunks": chunk_vectors}, teacher
 
     return forward
 
@@ -52,13 +69,18 @@ def _pairs(student: dict, teacher: Any) -> tuple[jax.Array, jax.Array] | None:
     return student[head], teacher[head]
 
 
-def in_batch_loss(loss_config: LossConfig, groups: int = 1) -> Callable[[dict, Any], tuple]:
+def in_batch_loss(
+    loss_config: LossConfig, groups: int = 1, chunk_config: LossConfig | None = None
+) -> Callable[[dict, Any], tuple]:
     """`(student heads, teacher) -> (loss, metrics)` over the global batch (`groups=1`) or as the
     mean of `groups` independent losses over consecutive row blocks: with the batch sharded over
     `groups` data-parallel devices, each block is one device's rows, which is what the authors'
-    reference computes (per-GPU in-batch similarities, gradients averaged)."""
+    reference computes (per-GPU in-batch similarities, gradients averaged). A `chunk_config`
+    adds the chunk-alignment term (outputs of `text_forward(..., chunks=True)`)."""
 
     def loss_of(student: dict, teacher: Any):
+        if chunk_config is not None:
+            return chunk_alignment_loss(student, teacher, loss_config, chunk_config)
         return distillation_loss(student, teacher, loss_config, pairs=_pairs(student, teacher))
 
     def loss_fn(student: dict, teacher: Any):
@@ -125,14 +147,16 @@ def make_train_step(
     *,
     loss_groups: int = 1,
     gradcache_chunks: int = 1,
+    chunk_config: LossConfig | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """Builds the pure step; `paths` are the trainable parameters (see `state.trainable_paths`).
 
     loss_groups: 1 computes the in-batch losses over the global batch; G > 1 averages G
       per-block losses (see `in_batch_loss`).
     gradcache_chunks: > 1 encodes the batch in that many chunks (see `gradcache_value_and_grad`).
+    chunk_config: chunk-alignment weights, for a chunk-mode forward (see `in_batch_loss`).
     """
-    loss_of = in_batch_loss(loss_config, loss_groups)
+    loss_of = in_batch_loss(loss_config, loss_groups, chunk_config)
 
     def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)

@@ -1,0 +1,98 @@
+"""`jasper-jax encode --chunks SPEC`: document vectors and chunk vectors in one pass.
+
+Input: a .txt file (one document per line) or a .jsonl file (one object per line with a string
+``"text"`` and, for ``--chunks given``, ``"chunks"``: a list of [start, end) character spans).
+Outputs, each written atomically::
+
+    OUTPUT                 [N, dim] float32 document vectors (row i = document i)
+    OUTPUT.chunks.npy      [M, dim] float32 chunk vectors, grouped by document
+    OUTPUT.chunks.jsonl    one line per chunk: {"document", "start", "end", "text"}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from jasper_jax.commands.encode import parse_mesh, read_lines, save_npy_atomic
+from jasper_jax.errors import UserError
+from jasper_jax.paths import write_text_atomic
+
+log = logging.getLogger(__name__)
+
+
+def read_documents(path: str | Path, with_spans: bool) -> tuple[list[str], list | None]:
+    """(documents, spans or None) from a .txt (one per line) or .jsonl file."""
+    lines = read_lines(path)
+    if not str(path).endswith(".jsonl"):
+        if with_spans:
+            raise UserError(f"--chunks given reads spans from a .jsonl input; {path} is not one")
+        return lines, None
+    documents, spans = [], []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from e
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise UserError(f"{path} line {number}: expected an object with a string 'text'")
+        documents.append(record["text"])
+        if with_spans:
+            if "chunks" not in record:
+                raise UserError(f"{path} line {number}: --chunks given needs a 'chunks' field")
+            spans.append([tuple(int(x) for x in span) for span in record["chunks"]])
+    return documents, spans if with_spans else None
+
+
+def encode_chunks_main(args: argparse.Namespace) -> int:
+    from jasper_jax import sharding
+    from jasper_jax.encode import TextEncoder, resolve_head
+    from jasper_jax.encode_chunks import ChunkEncoder
+    from jasper_jax.workdir import load_any_model
+
+    given = args.chunks == "given"
+    documents, spans = read_documents(args.input, given)
+    if not documents:
+        raise UserError(f"{args.input} holds no documents")
+    model = load_any_model(args.model)
+    head = resolve_head(model.config, args.head)  # fail before any compile
+    encoder = TextEncoder(
+        model,
+        dtype=args.dtype,
+        mesh=sharding.make_mesh(parse_mesh(args.mesh)),
+        batch_size=args.batch_size,
+    )
+    result = ChunkEncoder(encoder).encode(
+        documents,
+        chunking=None if given else args.chunks,
+        spans=spans,
+        heads=(head,),
+        prompt=args.prompt,
+        max_length=args.max_length,
+        progress=True,
+    )
+    save_npy_atomic(args.output, result.documents[head])
+    save_npy_atomic(f"{args.output}.chunks.npy", result.chunks[head])
+    listing = "".join(
+        json.dumps(
+            {"document": int(i), "start": int(a), "end": int(b), "text": documents[i][a:b]},
+            ensure_ascii=False,
+        )
+        + "\n"
+        for i, (a, b) in zip(result.owner, result.spans, strict=True)
+    )
+    write_text_atomic(Path(f"{args.output}.chunks.jsonl"), listing)
+    log.info(
+        "wrote %s (%d documents) and %s.chunks.npy (%d chunks; %d cut by the max length and "
+        "left out)",
+        args.output,
+        len(documents),
+        args.output,
+        len(result.owner),
+        result.dropped,
+    )
+    return 0

@@ -1,0 +1,231 @@
+"""Split long texts into chunks (character spans) and map those spans onto token positions.
+
+Chunk alignment (dewey_en_beta, PAPER 7) encodes a document once and mean-pools each chunk's
+token span. Chunks are stored as character spans ``[start, end)`` of the text, so the teacher can
+encode ``text[start:end]`` on its own and any student tokenizer can find the same span again
+through its offset mapping (:func:`token_spans`).
+
+Two ways to chunk (``ChunkingConfig.mode``), with sizes counted in tokens of one tokenizer:
+- ``sentences``: consecutive sentences packed greedily into chunks of at most ``size`` tokens
+  (a single sentence longer than ``size`` is cut into token windows);
+- ``tokens``: windows of ``size`` tokens, consecutive windows sharing ``overlap`` tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+from jasper_jax.errors import UserError
+
+MODES = ("sentences", "tokens")
+Span = tuple[int, int]
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkingConfig:
+    """How documents are cut into chunks.
+
+    Attributes:
+      mode: "sentences" or "tokens" (see module docstring).
+      size: most tokens in one chunk (tokenizer of the teacher-data build).
+      overlap: tokens shared by consecutive windows ("tokens" mode only).
+    """
+
+    mode: str
+    size: int
+    overlap: int = 0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise UserError(f"chunking mode {self.mode!r}: choose one of {MODES}")
+        if self.size < 1:
+            raise UserError(f"chunk size {self.size} must be at least 1 token")
+        if not 0 <= self.overlap < self.size or (self.overlap and self.mode != "tokens"):
+            raise UserError(
+                f"chunk overlap {self.overlap}: must be >= 0 and < size {self.size}, and only "
+                "'tokens' mode overlaps (e.g. tokens:128:32)"
+            )
+
+    @classmethod
+    def parse(cls, spec: str) -> ChunkingConfig:
+        """ "sentences:64", "tokens:128" or "tokens:128:32" (mode:size[:overlap])."""
+        parts = spec.split(":")
+        try:
+            if len(parts) not in (2, 3):
+                raise ValueError
+            return cls(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 0)
+        except ValueError as e:
+            raise UserError(
+                f"chunking {spec!r}: write MODE:SIZE[:OVERLAP], e.g. sentences:64 or tokens:128:32"
+            ) from e
+
+    def spec(self) -> str:
+        return f"{self.mode}:{self.size}" + (f":{self.overlap}" if self.overlap else "")
+
+
+def sentence_spans(text: str) -> list[Span]:
+    """Character spans of the sentences of ``text`` (split after . ! ? or at line breaks),
+    without surrounding whitespace; empty sentences are left out."""
+    spans, start = [], 0
+    for match in [*_SENTENCE_END.finditer(text), None]:
+        end = match.start() if match else len(text)
+        piece = text[start:end]
+        if piece.strip():
+            lead = len(piece) - len(piece.lstrip())
+            spans.append((start + lead, start + len(piece.rstrip())))
+        start = match.end() if match else end
+    return spans
+
+
+def _windows(offsets: np.ndarray, first: int, last: int, size: int, step: int) -> list[Span]:
+    """Character spans of token windows over tokens [first, last) of ``offsets`` [n, 2]."""
+    spans = []
+    for a in range(first, last, step):
+        b = min(a + size, last)
+        spans.append((int(offsets[a, 0]), int(offsets[b - 1, 1])))
+        if b == last:
+            break
+    return spans
+
+
+def chunk_spans(text: str, offsets: np.ndarray, config: ChunkingConfig) -> list[Span]:
+    """Chunks of ``text`` as character spans, in order.
+
+    Args:
+      text: the document.
+      offsets: [n_tokens, 2] character offsets of its tokens (no special tokens), in order.
+      config: mode and sizes.
+    """
+    offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
+    offsets = offsets[offsets[:, 1] > offsets[:, 0]]  # special and padding tokens cover nothing
+    if config.mode == "tokens":
+        return _windows(offsets, 0, len(offsets), config.size, config.size - config.overlap)
+    starts = offsets[:, 0]
+    chunks: list[Span] = []
+    current: Span | None = None
+    current_tokens = 0
+    for s, e in sentence_spans(text):
+        first, last = np.searchsorted(starts, s), np.searchsorted(starts, e)
+        n = int(last - first)
+        if n == 0:
+            continue  # whitespace/punctuation the tokenizer drops entirely
+        if current is not None and current_tokens + n <= config.size:
+            current, current_tokens = (current[0], e), current_tokens + n
+            continue
+        if current is not None:
+            chunks.append(current)
+        if n > config.size:  # one over-long sentence: cut into windows, the last one stays open
+            *full, tail = _windows(offsets, int(first), int(last), config.size, config.size)
+            chunks.extend(full)
+            current, current_tokens = tail, int(last - first) - config.size * len(full)
+        else:
+            current, current_tokens = (s, e), n
+    if current is not None:
+        chunks.append(current)
+    return chunks
+
+
+def plain_tokenizer(tokenizer):
+    """A copy of an HF fast tokenizer's backend with no padding, truncation or special tokens
+    added, for counting tokens and reading offsets of whole texts."""
+    import tokenizers
+
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    backend.no_padding()
+    backend.no_truncation()
+    return backend
+
+
+def chunk_texts(texts: Sequence[str], backend, config: ChunkingConfig) -> list[list[Span]]:
+    """Chunk spans of each text; ``backend`` from :func:`plain_tokenizer`."""
+    encodings = backend.encode_batch(list(texts), add_special_tokens=False)
+    return [
+        chunk_spans(t, np.array(e.offsets), config) for t, e in zip(texts, encodings, strict=True)
+    ]
+
+
+def check_spans(spans: np.ndarray, text_length: int, where: str) -> None:
+    """Raises UserError unless every span is 0 <= start < end <= text_length."""
+    spans = np.asarray(spans).reshape(-1, 2)
+    bad = (spans[:, 0] < 0) | (spans[:, 1] > text_length) | (spans[:, 0] >= spans[:, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise UserError(
+            f"{where}: chunk span {spans[i].tolist()} (chunk {i}) lies outside the text of "
+            f"{text_length} characters or is empty; fix: spans must satisfy "
+            "0 <= start < end <= len(text)"
+        )
+
+
+def token_spans(
+    char_spans: np.ndarray, offsets: Sequence[Span], real: np.ndarray, shift: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Token ranges of character spans in one tokenized text.
+
+    A token belongs to a chunk when it starts inside the chunk's characters. A chunk is kept
+    only when its last character is covered by the tokens that survived truncation (a chunk
+    cut by ``max_length`` is dropped: its teacher vector describes the whole chunk).
+
+    Args:
+      char_spans: [n, 2] character spans in the original text.
+      offsets: per position, the (start, end) characters of the token (tokenizer offsets).
+      real: [seq] 1 for real (non-special, non-padding) tokens.
+      shift: characters placed before the text (a prompt) in the tokenized string.
+    Returns:
+      (spans [n, 2] int32 token ranges [start, end), kept [n] bool).
+    """
+    char_spans = np.asarray(char_spans, np.int64).reshape(-1, 2) + shift
+    positions = np.flatnonzero(np.asarray(real) > 0)
+    if len(positions) == 0:
+        return np.zeros(char_spans.shape, np.int32), np.zeros(len(char_spans), bool)
+    token_offsets = np.asarray(offsets, np.int64).reshape(-1, 2)[positions]
+    starts, covered = token_offsets[:, 0], int(token_offsets[:, 1].max())
+    first = np.searchsorted(starts, char_spans[:, 0], side="left")
+    last = np.searchsorted(starts, char_spans[:, 1], side="left")
+    kept = (last > first) & (char_spans[:, 1] <= covered)
+    top = len(positions) - 1
+    spans = np.stack(
+        [positions[np.minimum(first, top)], positions[np.clip(last - 1, 0, top)] + 1], axis=1
+    )
+    return np.where(kept[:, None], spans, 0).astype(np.int32), kept
+
+
+def documents_from_texts(
+    texts: Sequence[str],
+    count_tokens,
+    min_tokens: int,
+    max_tokens: int,
+    seed: int = 0,
+) -> list[str]:
+    """Long documents made of consecutive texts, each document's length drawn uniformly from
+    [min_tokens, max_tokens] (tokens as counted by ``count_tokens(text) -> int``).
+
+    Texts are joined with a space after a full stop (added where a text ends without . ! ?), so
+    :func:`sentence_spans` finds the original texts again. A text longer than the budget forms
+    a document on its own (truncation is counted later, where it happens).
+    """
+    if not 1 <= min_tokens <= max_tokens:
+        raise UserError(f"document lengths [{min_tokens}, {max_tokens}]: need 1 <= min <= max")
+    rng = np.random.default_rng(seed)
+    documents, parts, used = [], [], 0
+    target = int(rng.integers(min_tokens, max_tokens + 1))
+    for text in texts:
+        text = text.strip()
+        if not text:
+            continue
+        text = text if text[-1] in ".!?" else text + "."
+        n = count_tokens(text)
+        if parts and used + n > target:
+            documents.append(" ".join(parts))
+            parts, used = [], 0
+            target = int(rng.integers(min_tokens, max_tokens + 1))
+        parts.append(text)
+        used += n
+    if parts:
+        documents.append(" ".join(parts))
+    return documents
