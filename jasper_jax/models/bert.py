@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jasper_jax.models.layers import Dense, Dtype, LayerNorm, attention_bias, dot_product_attention
+from jasper_jax.models.attention import AttentionSettings, attend
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm, remat_layer
 from jasper_jax.models.layers import partitioned as _p
 
 _ACTIVATIONS = {
@@ -96,9 +97,10 @@ class BertEmbeddings(nn.Module):
 class BertSelfAttention(nn.Module):
     config: BertConfig
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic: bool):
+    def __call__(self, x, mask, *, deterministic: bool):
         cfg = self.config
         heads = cfg.num_attention_heads
         head_dim = cfg.hidden_size // heads
@@ -107,22 +109,27 @@ class BertSelfAttention(nn.Module):
             y = Dense(cfg.hidden_size, ("embed", "heads"), dtype=self.dtype, name=name)(x)
             return y.reshape(*x.shape[:2], heads, head_dim)
 
-        out = dot_product_attention(
-            project("query"), project("key"), project("value"), bias, self.dtype
-        )
+        q, k, v = project("query"), project("key"), project("value")
+        out = attend(q, k, v, mask, causal=False, dtype=self.dtype, settings=self.attention)
         return out.reshape(*x.shape[:2], cfg.hidden_size)
 
 
 class BertLayer(nn.Module):
-    """One transformer block: attention (+ residual LayerNorm), then MLP (+ residual LayerNorm)."""
+    """One transformer block: attention (+ residual LayerNorm), then MLP (+ residual LayerNorm).
+
+    Call: x [batch, seq, hidden], mask [batch, seq] (1 = token) -> [batch, seq, hidden].
+    """
 
     config: BertConfig
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool = True):
+    def __call__(self, x, mask, deterministic: bool = True):
         cfg = self.config
-        x = BertAttention(cfg, self.dtype, name="attention")(x, bias, deterministic=deterministic)
+        x = BertAttention(cfg, self.dtype, self.attention, name="attention")(
+            x, mask, deterministic=deterministic
+        )
         h = BertIntermediate(cfg, self.dtype, name="intermediate")(x)
         return BertOutput(cfg, self.dtype, name="output")(h, x, deterministic=deterministic)
 
@@ -132,11 +139,12 @@ class BertAttention(nn.Module):
 
     config: BertConfig
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic: bool):
-        ctx = BertSelfAttention(self.config, self.dtype, name="self")(
-            x, bias, deterministic=deterministic
+    def __call__(self, x, mask, *, deterministic: bool):
+        ctx = BertSelfAttention(self.config, self.dtype, self.attention, name="self")(
+            x, mask, deterministic=deterministic
         )
         return BertOutput(self.config, self.dtype, in_axis="heads", name="output")(
             ctx, x, deterministic=deterministic
@@ -178,11 +186,17 @@ class BertEncoder(nn.Module):
       inputs_embeds: optional [batch, seq, hidden] used instead of the word embeddings.
     Returns:
       [batch, seq, hidden] hidden states in `dtype`.
+
+    Attributes:
+      remat: per-layer rematerialisation policy, "none" | "full" | "dots" (or a bool); see
+        `layers.REMAT_POLICIES`.
+      attention: attention implementation (dense, blockwise, flash, auto).
     """
 
     config: BertConfig
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
+    attention: AttentionSettings = AttentionSettings()
 
     def blocks(self) -> tuple[type, type, type]:
         """(embeddings, layer, stack) modules; BERT-shaped variants (MPNet) swap these."""
@@ -195,9 +209,10 @@ class BertEncoder(nn.Module):
         x = embeddings_cls(cfg, self.dtype, name="embeddings")(
             input_ids, inputs_embeds, deterministic=deterministic
         )
-        bias = attention_bias(attention_mask, causal=False)
-        layer_cls = nn.remat(layer_cls, static_argnums=(3,)) if self.remat else layer_cls
-        x = stack_cls(cfg, self.dtype, layer_cls, name="encoder")(x, bias, deterministic)
+        layer_cls = remat_layer(layer_cls, self.remat, static_argnums=(3,))
+        x = stack_cls(cfg, self.dtype, layer_cls, self.attention, name="encoder")(
+            x, attention_mask, deterministic
+        )
         if cfg.add_pooling_layer:
             # HF's pooler (dense + tanh on [CLS]) is unused by sentence embeddings; it is built so
             # that its weights load, stay frozen and export unchanged.
@@ -219,9 +234,11 @@ class _Stack(nn.Module):
     config: BertConfig
     dtype: Dtype
     layer_cls: Any
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias, deterministic):
+    def __call__(self, x, mask, deterministic):
         for i in range(self.config.num_hidden_layers):
-            x = self.layer_cls(self.config, self.dtype, name=f"layer_{i}")(x, bias, deterministic)
+            layer = self.layer_cls(self.config, self.dtype, self.attention, name=f"layer_{i}")
+            x = layer(x, mask, deterministic)
         return x

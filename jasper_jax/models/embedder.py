@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.bert import BertConfig, BertEncoder
 from jasper_jax.models.layers import Dense
 from jasper_jax.models.mpnet import MPNetConfig, MPNetEncoder
@@ -87,7 +88,8 @@ class Embedder(nn.Module):
 
     config: EmbedderConfig
     dtype: jnp.dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False  # per-layer policy: "none" | "full" | "dots" (layers.REMAT_POLICIES)
+    attention: AttentionSettings = AttentionSettings()  # dense | blockwise | flash | auto
 
     @nn.compact
     def __call__(
@@ -101,12 +103,13 @@ class Embedder(nn.Module):
     ) -> dict[str, jax.Array] | tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         cfg = self.config
         encoder = ENCODERS[cfg.encoder.model_type](
-            cfg.encoder, dtype=self.dtype, remat=self.remat, name="encoder"
+            cfg.encoder, self.dtype, self.remat, self.attention, name="encoder"
         )
         hidden = encoder(input_ids, attention_mask, inputs_embeds, deterministic=deterministic)
         pooled = pool(hidden, attention_mask, cfg.pooling)
         projection = ProjectionHeads(cfg.heads, name="heads")
         names = (POOLED, *cfg.head_names) if heads is None else tuple(heads)
+
         def outputs(vectors: jax.Array) -> dict[str, jax.Array]:
             out = {}
             for name in names:

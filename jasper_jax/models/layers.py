@@ -12,7 +12,19 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jasper_jax.errors import UserError
+
 Dtype = jnp.dtype | type
+
+# Per-layer activation rematerialisation (`nn.remat`), by name: what the forward pass keeps for
+# the backward pass. "none": everything (no remat); "full": only each layer's inputs, the rest is
+# recomputed; "dots": also the outputs of weight matmuls (projections, MLP), recomputing
+# attention scores and elementwise ops. True/False mean "full"/"none".
+REMAT_POLICIES: dict[str, Callable | None] = {
+    "none": None,
+    "full": None,  # nn.remat's default: nothing saveable
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:
@@ -79,6 +91,23 @@ class RMSNorm(nn.Module):
         return (y * scale).astype(self.dtype)
 
 
+def remat_policy_name(remat: bool | str) -> str:
+    """ "none" | "full" | "dots" from a policy name or a bool (True = "full")."""
+    if isinstance(remat, bool):
+        return "full" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise UserError(f"remat {remat!r}: choose one of {tuple(REMAT_POLICIES)} (or true/false)")
+    return remat
+
+
+def remat_layer(layer_cls: type, remat: bool | str, static_argnums: tuple[int, ...] = ()) -> type:
+    """`layer_cls` wrapped in `nn.remat` with the named policy; unchanged for "none"."""
+    name = remat_policy_name(remat)
+    if name == "none":
+        return layer_cls
+    return nn.remat(layer_cls, policy=REMAT_POLICIES[name], static_argnums=static_argnums)
+
+
 def attention_bias(attention_mask: jax.Array, causal: bool) -> jax.Array:
     """Additive bias [batch, 1, q_len, k_len]: 0 where a query may attend, -inf-like elsewhere.
 
@@ -101,7 +130,7 @@ def dot_product_attention(
     Args:
       q: [batch, q_len, heads, head_dim]; k, v: [batch, k_len, kv_heads, head_dim] with
         heads % kv_heads == 0 (GQA: each kv head serves heads // kv_heads query heads).
-      bias: [batch, 1, q_len, k_len] additive mask.
+      bias: additive mask [batch|1, 1 or heads, q_len|1, k_len].
     Returns:
       [batch, q_len, heads, head_dim] in `dtype`.
     """
@@ -110,7 +139,11 @@ def dot_product_attention(
     group = heads // kv_heads
     q = q.reshape(batch, q_len, kv_heads, group, head_dim)
     scores = jnp.einsum("bqhgd,bkhd->bhgqk", q, k, preferred_element_type=jnp.float32)
-    scores = scores / jnp.sqrt(jnp.float32(head_dim)) + bias[:, :, None]
+    if bias.shape[1] == 1:
+        bias = bias[:, :, None]
+    else:  # per-head bias: query head h is (kv head h // group, member h % group)
+        bias = bias.reshape(bias.shape[0], kv_heads, group, *bias.shape[2:])
+    scores = scores / jnp.sqrt(jnp.float32(head_dim)) + bias
     probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
     out = jnp.einsum("bhgqk,bkhd->bqhgd", probs, v)
     return out.reshape(batch, q_len, heads, head_dim)

@@ -15,8 +15,9 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jasper_jax.models.attention import AttentionSettings, attend
 from jasper_jax.models.bert import BertEncoder, BertIntermediate, BertOutput
-from jasper_jax.models.layers import Dense, Dtype, LayerNorm, dot_product_attention
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm
 from jasper_jax.models.layers import partitioned as _p
 
 
@@ -103,9 +104,10 @@ class MPNetSelfAttention(nn.Module):
 
     config: MPNetConfig
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias):
+    def __call__(self, x, mask, position_bias):
         cfg = self.config
         heads = cfg.num_attention_heads
         head_dim = cfg.hidden_size // heads
@@ -114,7 +116,11 @@ class MPNetSelfAttention(nn.Module):
             y = Dense(cfg.hidden_size, ("embed", "heads"), dtype=self.dtype, name=name)(x)
             return y.reshape(*x.shape[:2], heads, head_dim)
 
-        ctx = dot_product_attention(project("q"), project("k"), project("v"), bias, self.dtype)
+        q, k, v = project("q"), project("k"), project("v")
+        settings = self.attention
+        ctx = attend(
+            q, k, v, mask, causal=False, dtype=self.dtype, settings=settings, bias=position_bias
+        )
         ctx = ctx.reshape(*x.shape[:2], cfg.hidden_size)
         return Dense(cfg.hidden_size, ("heads", "embed"), dtype=self.dtype, name="o")(ctx)
 
@@ -122,23 +128,30 @@ class MPNetSelfAttention(nn.Module):
 class MPNetAttention(nn.Module):
     config: MPNetConfig
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias, *, deterministic: bool):
+    def __call__(self, x, mask, position_bias, *, deterministic: bool):
         cfg = self.config
-        y = MPNetSelfAttention(cfg, self.dtype, name="attn")(x, bias)
+        y = MPNetSelfAttention(cfg, self.dtype, self.attention, name="attn")(x, mask, position_bias)
         y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
         return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(y + x)
 
 
 class MPNetLayer(nn.Module):
+    """Call: x [batch, seq, hidden], mask [batch, seq], deterministic, position_bias
+    [1, heads, seq, seq] -> [batch, seq, hidden] (deterministic third: BERT's remat static arg)."""
+
     config: MPNetConfig
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias, deterministic: bool = True):
+    def __call__(self, x, mask, deterministic: bool, position_bias):
         cfg = self.config
-        x = MPNetAttention(cfg, self.dtype, name="attention")(x, bias, deterministic=deterministic)
+        x = MPNetAttention(cfg, self.dtype, self.attention, name="attention")(
+            x, mask, position_bias, deterministic=deterministic
+        )
         h = BertIntermediate(cfg, self.dtype, name="intermediate")(x)
         return BertOutput(cfg, self.dtype, name="output")(h, x, deterministic=deterministic)
 
@@ -147,9 +160,10 @@ class _MPNetStack(nn.Module):
     config: MPNetConfig
     dtype: Dtype
     layer_cls: Any
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, mask_bias, deterministic):
+    def __call__(self, x, mask, deterministic):
         cfg = self.config
         seq = x.shape[1]
         offsets = jnp.arange(seq)[None, :] - jnp.arange(seq)[:, None]  # key - query
@@ -160,9 +174,11 @@ class _MPNetStack(nn.Module):
             embedding_init=_p(nn.initializers.normal(0.02), (None, "heads")),
             name="relative_attention_bias",
         )
-        bias = mask_bias + jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)
+        # [1, heads, seq, seq], shared by every layer; the padding mask is applied in `attend`.
+        bias = jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)
         for i in range(cfg.num_hidden_layers):
-            x = self.layer_cls(cfg, self.dtype, name=f"layer_{i}")(x, bias, deterministic)
+            layer = self.layer_cls(cfg, self.dtype, self.attention, name=f"layer_{i}")
+            x = layer(x, mask, deterministic, bias)
         return x
 
 

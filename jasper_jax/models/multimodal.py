@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from jasper_jax.errors import UserError
 from jasper_jax.models.adaptive_pool import adaptive_avg_pool_2d
+from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.embedder import Embedder, EmbedderConfig
 from jasper_jax.models.siglip import SiglipVisionConfig, SiglipVisionTower
 
@@ -58,12 +59,15 @@ class MultimodalEmbedder(nn.Module):
 
     config: MultimodalConfig
     dtype: jnp.dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
+    attention: AttentionSettings = AttentionSettings()
 
     def setup(self):
         cfg = self.config
-        self.vision = SiglipVisionTower(cfg.vision, self.dtype, with_head=False, remat=self.remat)
-        self.text = Embedder(cfg.text, dtype=self.dtype, remat=self.remat)
+        self.vision = SiglipVisionTower(
+            cfg.vision, self.dtype, with_head=False, remat=self.remat, attention=self.attention
+        )
+        self.text = Embedder(cfg.text, dtype=self.dtype, remat=self.remat, attention=self.attention)
         # The student's "encoder" and "heads" sit at the top level, as in a text checkpoint.
         nn.share_scope(self, self.text)
 

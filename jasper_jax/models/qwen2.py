@@ -14,8 +14,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jasper_jax.models.layers import Dense, Dtype, RMSNorm, attention_bias, dot_product_attention
+from jasper_jax.models.attention import AttentionSettings, attend
+from jasper_jax.models.layers import Dense, Dtype, RMSNorm, remat_layer
 from jasper_jax.models.layers import partitioned as _p
+from jasper_jax.models.rope import RopeScaling, inverse_frequencies
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,10 +35,14 @@ class Qwen2Config:
     max_position_embeddings: int = 131072
     hidden_act: str = "silu"
     is_causal: bool = False
-    # RoPE scaling: None, or ("linear", factor) to stretch positions beyond the trained length.
-    rope_scaling: tuple[str, float] | None = None
+    # RoPE scaling (linear, dynamic, yarn, llama3) to run beyond the trained length; None: plain.
+    rope_scaling: RopeScaling | None = None
 
     model_type = "qwen2"
+
+    def __post_init__(self):
+        if isinstance(self.rope_scaling, tuple | list):  # the old ("linear", factor) spelling
+            object.__setattr__(self, "rope_scaling", RopeScaling(*self.rope_scaling))
 
     @property
     def head_dim(self) -> int:
@@ -49,29 +55,31 @@ class Qwen2Config:
         rope = d.get("rope_parameters") or {}
         if "rope_theta" not in d and "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
-        scaling = d.get("rope_scaling") or {}
-        kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
-        if kind == "linear":
-            kwargs["rope_scaling"] = ("linear", float(scaling.get("factor", rope.get("factor"))))
-        elif kind not in ("default", None):
-            raise ValueError(f"rope scaling {kind!r} is not supported (supported: linear)")
+        kwargs["rope_scaling"] = RopeScaling.from_hf(d)
         kwargs["is_causal"] = bool(d.get("is_causal", False))
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        scaling = d.pop("rope_scaling")
-        if scaling:
-            d["rope_scaling"] = {"rope_type": scaling[0], "factor": scaling[1]}
+        d.pop("rope_scaling")
+        if self.rope_scaling:
+            d["rope_scaling"] = self.rope_scaling.to_hf()
         return {"model_type": "qwen2", "architectures": ["Qwen2Model"], **d}
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float, scale: float = 1.0):
-    """cos/sin tables [batch, seq, head_dim] for rotate-half RoPE (HF Qwen2 layout)."""
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    angles = (positions.astype(jnp.float32) / scale)[..., None] * inv_freq
+def rope_tables(positions: jax.Array, config: Qwen2Config):
+    """cos/sin tables [batch, seq, head_dim] for rotate-half RoPE (HF Qwen2 layout), with the
+    config's RoPE scaling; positions: [batch, seq] int, 0..seq-1."""
+    inv_freq, attention_scale = inverse_frequencies(
+        config.head_dim,
+        config.rope_theta,
+        config.rope_scaling,
+        seq_len=positions.shape[-1],
+        max_position_embeddings=config.max_position_embeddings,
+    )
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * attention_scale, jnp.sin(angles) * attention_scale
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -85,9 +93,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class Qwen2Attention(nn.Module):
     config: Qwen2Config
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias, cos, sin):
+    def __call__(self, x, mask, cos, sin):
         cfg = self.config
         batch, seq, _ = x.shape
         hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
@@ -99,7 +108,9 @@ class Qwen2Attention(nn.Module):
         q = apply_rope(project("q_proj", heads, "heads"), cos, sin)
         k = apply_rope(project("k_proj", kv, "kv_heads"), cos, sin)
         v = project("v_proj", kv, "kv_heads")
-        out = dot_product_attention(q, k, v, bias, self.dtype).reshape(batch, seq, heads * hd)
+        out = attend(
+            q, k, v, mask, causal=cfg.is_causal, dtype=self.dtype, settings=self.attention
+        ).reshape(batch, seq, heads * hd)
         return Dense(
             cfg.hidden_size, ("heads", "embed"), use_bias=False, dtype=self.dtype, name="o_proj"
         )(out)
@@ -122,14 +133,18 @@ class Qwen2MLP(nn.Module):
 
 
 class Qwen2Layer(nn.Module):
+    """Call: x [batch, seq, hidden], mask [batch, seq], cos/sin [batch, seq, head_dim]."""
+
     config: Qwen2Config
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
-    def __call__(self, x, bias, cos, sin):
+    def __call__(self, x, mask, cos, sin):
         cfg = self.config
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="input_layernorm")(x)
-        x = x + Qwen2Attention(cfg, self.dtype, name="self_attn")(h, bias, cos, sin)
+        attention = Qwen2Attention(cfg, self.dtype, self.attention, name="self_attn")
+        x = x + attention(h, mask, cos, sin)
         h = RMSNorm(cfg.rms_norm_eps, self.dtype, name="post_attention_layernorm")(x)
         return x + Qwen2MLP(cfg, self.dtype, name="mlp")(h)
 
@@ -144,11 +159,16 @@ class Qwen2Encoder(nn.Module):
         vision bridge splices image tokens in this way).
     Returns:
       [batch, seq, hidden] in `dtype`.
+
+    Attributes:
+      remat: per-layer rematerialisation policy, "none" | "full" | "dots" (or a bool).
+      attention: attention implementation (dense, blockwise, flash, auto).
     """
 
     config: Qwen2Config
     dtype: Dtype = jnp.float32
-    remat: bool = False
+    remat: bool | str = False
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
     def __call__(self, input_ids, attention_mask, inputs_embeds=None, *, deterministic=True):
@@ -163,10 +183,10 @@ class Qwen2Encoder(nn.Module):
             )(input_ids)
         x = inputs_embeds.astype(self.dtype)
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-        scale = cfg.rope_scaling[1] if cfg.rope_scaling else 1.0
-        cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta, scale)
-        bias = attention_bias(attention_mask, causal=cfg.is_causal)
-        layer_cls = nn.remat(Qwen2Layer) if self.remat else Qwen2Layer
+        cos, sin = rope_tables(positions, cfg)
+        layer_cls = remat_layer(Qwen2Layer, self.remat)
         for i in range(cfg.num_hidden_layers):
-            x = layer_cls(cfg, self.dtype, name=f"layers_{i}")(x, bias, cos, sin)
+            x = layer_cls(cfg, self.dtype, self.attention, name=f"layers_{i}")(
+                x, attention_mask, cos, sin
+            )
         return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)

@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from jasper_jax.errors import UserError
-from jasper_jax.models.layers import Dense, Dtype, LayerNorm, dot_product_attention
+from jasper_jax.models.attention import AttentionSettings, attend
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm, dot_product_attention, remat_layer
 from jasper_jax.models.layers import partitioned as _p
 
 ACTIVATIONS = {
@@ -141,6 +142,7 @@ class SiglipAttention(nn.Module):
 
     config: SiglipVisionConfig
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -152,10 +154,8 @@ class SiglipAttention(nn.Module):
             y = Dense(cfg.hidden_size, ("embed", "heads"), dtype=self.dtype, name=name)(x)
             return y.reshape(*x.shape[:2], heads, head_dim)
 
-        no_mask = jnp.zeros((1, 1, 1, 1), jnp.float32)
-        ctx = dot_product_attention(
-            project("q_proj"), project("k_proj"), project("v_proj"), no_mask, self.dtype
-        )
+        q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
+        ctx = attend(q, k, v, None, causal=False, dtype=self.dtype, settings=self.attention)
         ctx = ctx.reshape(*x.shape[:2], cfg.hidden_size)
         return Dense(cfg.hidden_size, ("heads", "embed"), dtype=self.dtype, name="out_proj")(ctx)
 
@@ -165,13 +165,15 @@ class SiglipEncoderLayer(nn.Module):
 
     config: SiglipVisionConfig
     dtype: Dtype
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         # The residual stream stays float32 so 27 bf16 layers do not accumulate rounding.
         h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layer_norm1")(x)
-        x = x + SiglipAttention(cfg, self.dtype, name="self_attn")(h).astype(jnp.float32)
+        attention = SiglipAttention(cfg, self.dtype, self.attention, name="self_attn")
+        x = x + attention(h).astype(jnp.float32)
         h = LayerNorm(cfg.layer_norm_eps, self.dtype, name="layer_norm2")(x)
         return x + SiglipMLP(cfg, self.dtype, name="mlp")(h).astype(jnp.float32)
 
@@ -179,13 +181,14 @@ class SiglipEncoderLayer(nn.Module):
 class SiglipEncoder(nn.Module):
     config: SiglipVisionConfig
     dtype: Dtype
-    remat: bool = False
+    remat: bool | str = False
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        layer_cls = nn.remat(SiglipEncoderLayer) if self.remat else SiglipEncoderLayer
+        layer_cls = remat_layer(SiglipEncoderLayer, self.remat)
         for i in range(self.config.num_hidden_layers):
-            x = layer_cls(self.config, self.dtype, name=f"layers_{i}")(x)
+            x = layer_cls(self.config, self.dtype, self.attention, name=f"layers_{i}")(x)
         return x
 
 
@@ -280,7 +283,9 @@ class SiglipVisionTower(nn.Module):
       with_head: run the pooling head when the config has one. False skips it (the Jasper bridge
         reads only `last_hidden_state`); `apply` still accepts params that hold `head`, so the
         head weights stay in the tree and round-trip to HF unchanged.
-      remat: rematerialise each encoder layer in the backward pass.
+      remat: per-layer rematerialisation policy, "none" | "full" | "dots" (or a bool).
+      attention: attention implementation of the encoder layers (the pooling head's single
+        probe query always runs dense).
 
     Args (call):
       pixels: [batch, image_size, image_size, num_channels] float, NHWC.
@@ -292,14 +297,15 @@ class SiglipVisionTower(nn.Module):
     config: SiglipVisionConfig
     dtype: Dtype = jnp.float32
     with_head: bool = True
-    remat: bool = False
+    remat: bool | str = False
+    attention: AttentionSettings = AttentionSettings()
 
     @nn.compact
     def __call__(self, pixels: jax.Array) -> SiglipVisionOutput:
         cfg = self.config
         _check_pixels(pixels.shape, cfg)
         x = SiglipEmbeddings(cfg, self.dtype, name="embeddings")(pixels)
-        x = SiglipEncoder(cfg, self.dtype, self.remat, name="encoder")(x)
+        x = SiglipEncoder(cfg, self.dtype, self.remat, self.attention, name="encoder")(x)
         last = LayerNorm(cfg.layer_norm_eps, self.dtype, name="post_layernorm")(x)
         pooled = None
         if cfg.vision_use_head and self.with_head:
