@@ -41,7 +41,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.heads = s["heads"]
     c.model.trainable_last_layers = 3
     c.model.dropout = True
-    c.model.remat = False
+    c.model.remat = "none"  # per-layer activation remat: "none" | "full" | "dots"
+    # Attention: "auto" (dense up to attention_block keys, then flash kernels on GPU/TPU or
+    # "blockwise" elsewhere), "dense", "blockwise" (memory O(block * length)) or "flash".
+    c.model.attention = "auto"
+    c.model.attention_block = 512
+    c.model.rope_scaling = ""  # Qwen2 students: e.g. "yarn:4:32768"; "" keeps the checkpoint's
     # Stage 4: a small SigLIP-shaped tower (no pretrained vision weights offline) whose patch
     # tokens are pooled to `image_tokens` x hidden and fed to the frozen student.
     c.model.image_tokens = 8

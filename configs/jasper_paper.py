@@ -53,7 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pooling = "mean"
     c.model.heads = s["heads"]
     c.model.trainable_last_layers = 3
-    c.model.remat = True  # 28 layers x 512 tokens x batch 128 of activations otherwise
+    c.model.remat = "full"  # 28 layers x 512 tokens x batch 128 of activations otherwise
 
     c.teachers = ("nvidia/NV-Embed-v2", "dunzhang/stella_en_1.5B_v5")  # precomputed offline
     c.data.batch_size = s["batch"]

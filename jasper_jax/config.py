@@ -104,6 +104,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(len(heads) > 0 and all(int(d) > 0 for d in heads), "model.heads", "positive dims")
     _check(len(set(heads)) == len(heads), "model.heads", f"{heads} has a repeated dim")
     _check(c.model.trainable_last_layers >= 0, "model.trainable_last_layers", "must be >= 0")
+    _validate_memory_fields(c.model)
     _check(c.data.batch_size >= 2, "data.batch_size", "in-batch losses need at least 2 rows")
     _check(c.data.max_length >= 4, "data.max_length", "must be at least 4 tokens")
     _check(c.data.max_chunks >= 0, "data.max_chunks", "must be >= 0 (0: no chunk alignment)")
@@ -152,6 +153,29 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(len(tuple(c.mesh_shape)) == 3, "mesh_shape", "give (data, fsdp, tensor)")
     if c.stage == 4 or c.trainable == "vision":
         _validate_vision(c)
+
+
+def _validate_memory_fields(m: ml_collections.ConfigDict) -> None:
+    """model.remat, model.attention, model.attention_block, model.rope_scaling."""
+    from jasper_jax.models.attention import IMPLEMENTATIONS
+    from jasper_jax.models.layers import REMAT_POLICIES, remat_policy_name
+    from jasper_jax.models.rope import RopeScaling
+
+    try:
+        remat_policy_name(m.remat)
+    except UserError:
+        _check(False, "model.remat", f"{m.remat!r} must be one of {tuple(REMAT_POLICIES)}")
+    _check(
+        m.attention in IMPLEMENTATIONS,
+        "model.attention",
+        f"{m.attention!r} must be one of {IMPLEMENTATIONS}",
+    )
+    _check(m.attention_block >= 1, "model.attention_block", f"{m.attention_block} must be >= 1")
+    if m.rope_scaling:
+        try:
+            RopeScaling.parse(m.rope_scaling)
+        except UserError as e:
+            _check(False, "model.rope_scaling", str(e))
 
 
 def _validate_vision(c: ml_collections.ConfigDict) -> None:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from jasper_jax import sharding
 from jasper_jax.errors import UserError
+from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.embedder import POOLED, Embedder, EmbedderConfig, abstract_params
 from jasper_jax.models.loading import LoadedModel
 
@@ -74,6 +75,8 @@ class TextEncoder:
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
       mesh: device mesh; defaults to data parallelism over all devices.
       batch_size: rows per step, rounded up to a multiple of the mesh's batch axes.
+      attention: the encoder's attention implementation (e.g. blockwise for long texts in
+        bounded memory); None: the default ("auto").
     """
 
     def __init__(
@@ -84,6 +87,7 @@ class TextEncoder:
         mesh: jax.sharding.Mesh | None = None,
         batch_size: int = 64,
         tokenizer: Any = None,
+        attention: AttentionSettings | None = None,
     ):
         if dtype not in DTYPES:
             raise UserError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -91,7 +95,9 @@ class TextEncoder:
         self.mesh = mesh or sharding.make_mesh((-1, 1, 1))
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         self.batch_size = -(-batch_size // shards) * shards
-        self.module = Embedder(model.config, dtype=DTYPES[dtype])
+        self.module = Embedder(
+            model.config, dtype=DTYPES[dtype], attention=attention or AttentionSettings()
+        )
         self.tokenizer = tokenizer or _load_tokenizer(model.folder)
         shardings = sharding.param_shardings(abstract_params(model.config), self.mesh)
         self.params = jax.device_put(model.params, shardings)

@@ -93,8 +93,8 @@ class RMSNorm(nn.Module):
 
 def remat_policy_name(remat: bool | str) -> str:
     """ "none" | "full" | "dots" from a policy name or a bool (True = "full")."""
-    if isinstance(remat, bool):
-        return "full" if remat else "none"
+    if isinstance(remat, bool) or str(remat).lower() in ("true", "false"):
+        return "full" if str(remat).lower() == "true" else "none"
     if remat not in REMAT_POLICIES:
         raise UserError(f"remat {remat!r}: choose one of {tuple(REMAT_POLICIES)} (or true/false)")
     return remat

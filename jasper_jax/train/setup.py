@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from jasper_jax.errors import UserError
+from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.embedder import Embedder, EmbedderConfig, head_name, init_params
 from jasper_jax.models.loading import LoadedModel, load_model
 
@@ -69,6 +70,25 @@ def embedder_config_to_dict(config: EmbedderConfig) -> dict:
     }
 
 
+def attention_settings(c: ml_collections.ConfigDict) -> AttentionSettings:
+    """model.attention / model.attention_block as the encoders' `attention` attribute."""
+    return AttentionSettings(c.model.attention, int(c.model.attention_block))
+
+
+def with_rope_scaling(encoder: Any, rope_scaling: str) -> Any:
+    """The encoder config with model.rope_scaling applied ("" keeps the checkpoint's)."""
+    if not rope_scaling:
+        return encoder
+    if encoder.model_type != "qwen2":
+        raise UserError(
+            f"config field model.rope_scaling={rope_scaling!r} applies to Qwen2 students only; "
+            f"this student is {encoder.model_type!r}: set it to ''"
+        )
+    from jasper_jax.models.rope import RopeScaling
+
+    return dataclasses.replace(encoder, rope_scaling=RopeScaling.parse(rope_scaling))
+
+
 def student_config(c: ml_collections.ConfigDict, loaded: LoadedModel, teacher_dim: int):
     heads = tuple(int(d) for d in c.model.heads)
     if teacher_dim not in heads:
@@ -77,7 +97,7 @@ def student_config(c: ml_collections.ConfigDict, loaded: LoadedModel, teacher_di
             "the config and the teacher data disagree (wrong teachers or heads)"
         )
     return EmbedderConfig(
-        encoder=loaded.config.encoder,
+        encoder=with_rope_scaling(loaded.config.encoder, c.model.rope_scaling),
         pooling=c.model.pooling,
         heads=heads,
         default_head=head_name(teacher_dim),
@@ -101,7 +121,9 @@ class TextTask:
         teacher_dim = teacher_dim_of(c.data.train_dir)
         loaded = load_model(resolve_model_folder(c.model.init_hf))
         config = student_config(c, loaded, teacher_dim)
-        model = Embedder(config, dtype=jnp.dtype(c.dtype), remat=c.model.remat)
+        model = Embedder(
+            config, dtype=jnp.dtype(c.dtype), remat=c.model.remat, attention=attention_settings(c)
+        )
         keys = cls.batch_keys
         if c.data.max_chunks:
             keys = (*keys, "chunk_spans", "chunk_mask", "chunk_teacher")
@@ -178,7 +200,13 @@ class TextTask:
                 f"data has {self.teacher_dim}; build both with the same teachers"
             )
         model = LoadedModel(self.config, params, self.folder, c.data.max_length, {})
-        encoder = TextEncoder(model, dtype=c.dtype, mesh=mesh, batch_size=c.data.batch_size)
+        encoder = TextEncoder(
+            model,
+            dtype=c.dtype,
+            mesh=mesh,
+            batch_size=c.data.batch_size,
+            attention=attention_settings(c),
+        )
         vectors = encoder.encode_heads(texts, heads=self.config.head_names, prompt=c.data.prompt)
         return {name: fidelity_metrics(v, teacher) for name, v in vectors.items()}
 

@@ -27,7 +27,7 @@ from jasper_jax.errors import UserError
 from jasper_jax.models.loading import LoadedModel
 from jasper_jax.models.multimodal import MultimodalConfig, MultimodalEmbedder, init_params
 from jasper_jax.models.siglip import SiglipVisionConfig
-from jasper_jax.train.setup import embedder_config_to_dict
+from jasper_jax.train.setup import attention_settings, embedder_config_to_dict
 
 RETRIEVAL_GROUP = 100  # recall@1 among this many candidate captions (chance 1%)
 VISION_FIELDS = (
@@ -114,7 +114,9 @@ class VisionTask:
             )
         vision, vision_params = vision_config(c)
         config = MultimodalConfig(text.config, vision, int(c.model.image_tokens))
-        model = MultimodalEmbedder(config, dtype=jnp.dtype(c.dtype), remat=c.model.remat)
+        model = MultimodalEmbedder(
+            config, dtype=jnp.dtype(c.dtype), remat=c.model.remat, attention=attention_settings(c)
+        )
         keys = ("pixels", "attention_mask", *(target_key(h) for h in text.config.head_names))
         return cls(config, text, meta, vision_params, model, keys)
 
