@@ -20,8 +20,14 @@ STAGES = {
     4: dict(trainable="vision", heads=(TEACHER_DIM, *REDUCED_HEADS), lr=2e-3, steps=500),
 }
 
+# Long documents (dewey-style chunk alignment): stage 3 continued on documents of consecutive
+# corpus texts (up to BERT's 512 positions), each aligned as a whole and chunk by chunk.
+LONG = dict(max_length=512, max_chunks=16, batch_size=16, lr=5e-5, steps=120)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg == "long":
+        return _long_documents(get_config("3"))
     stage = int(arg or 1)
     if stage not in STAGES:
         raise ValueError(f"embedded_default has stages {sorted(STAGES)}; got {arg!r}")
@@ -117,4 +123,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Contrastive image<->caption term: distillation alone pulls every image towards the
         # mean caption (held-out recall@1 ~2%); with it, images separate (~20% at 300 steps).
         c.loss.infonce = 10.0
+    return c
+
+
+def _long_documents(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`get_config("long")`: stage 3 in chunk mode; the demo builds its data with `chunking`."""
+    c.data.max_length = LONG["max_length"]
+    c.data.max_chunks = LONG["max_chunks"]
+    c.data.batch_size = LONG["batch_size"]
+    c.data.eval_texts = 120  # held-out documents
+    c.data.chunking = "sentences:64"  # demo: how documents are cut (student tokens)
+    c.data.document_tokens = (128, 480)  # demo: document lengths drawn from this range
+    c.data.train_documents = 640  # demo: documents built from consecutive train texts
+    c.optim.lr = LONG["lr"]
+    c.train.steps = LONG["steps"]
+    c.train.checkpoint_every = 40
     return c

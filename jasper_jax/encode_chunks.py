@@ -31,6 +31,7 @@ class ChunkedEncoding:
       chunks: head -> [M, dim], grouped by document in order.
       owner: int64 [M], the document of each chunk.
       spans: int64 [M, 2], character span [start, end) of each chunk in its document.
+      source: int64 [M], each kept chunk's row among all input chunks (documents in order).
       dropped: chunks left out because ``max_length`` cut them.
     """
 
@@ -38,6 +39,7 @@ class ChunkedEncoding:
     chunks: dict[str, np.ndarray]
     owner: np.ndarray
     spans: np.ndarray
+    source: np.ndarray
     dropped: int
 
 
@@ -139,6 +141,7 @@ class ChunkEncoder:
             chunks={h: np.concatenate(chunk_rows[h]).astype(np.float32) for h in heads},
             owner=owner,
             spans=char_spans,
+            source=np.flatnonzero(np.concatenate(kept)),
             dropped=int(sum((~k).sum() for k in kept)),
         )
 
@@ -156,15 +159,3 @@ class ChunkEncoder:
         from jasper_jax.data.chunking import plain_tokenizer
 
         return chunk_texts(documents, plain_tokenizer(self.encoder.tokenizer), chunking)
-
-
-def best_chunk_scores(
-    queries: np.ndarray, chunks: np.ndarray, owner: np.ndarray, num_documents: int
-) -> np.ndarray:
-    """[Q, N] scores: each document's best chunk cosine for each query (-inf: no chunk).
-
-    queries: [Q, d] and chunks: [M, d] unit rows; owner: [M] document of each chunk.
-    """
-    scores = np.full((len(queries), num_documents), -np.inf, np.float32)
-    np.maximum.at(scores.T, owner, (queries @ chunks.T).T)
-    return scores

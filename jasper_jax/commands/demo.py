@@ -3,7 +3,8 @@
 1. teacher vectors (all-mpnet-base-v2 + all-MiniLM-L6-v2 -> 1152-d) for a train slice and the
    held-out split of the bundled corpus;
 2. stages 1-3, each starting from the previous stage's last checkpoint;
-3. stage 4 (vision) when available;
+3. the long-document step (chunk alignment on documents of consecutive texts; see
+   `jasper_jax.train.long_documents_demo`) and stage 4 (vision);
 4. a table: per stage, held-out cosine to the teacher and Spearman correlation of pairwise
    similarities, for the full head and each reduced head.
 
@@ -37,7 +38,10 @@ QUICK = {
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, results go")
     p.add_argument("--quick", action="store_true", help="a tiny budget for a smoke run (~2 min)")
-    p.add_argument("--skip-vision", action="store_true", help="stop after stage 3")
+    p.add_argument("--skip-vision", action="store_true", help="leave out stage 4 (images)")
+    p.add_argument(
+        "--skip-long", action="store_true", help="leave out the long-document (chunk) step"
+    )
 
 
 def _config(stage: int, overrides: dict[str, Any]):
@@ -118,6 +122,11 @@ def demo_main(args: argparse.Namespace) -> int:
     teacher_seconds = time.perf_counter() - start
     initial = initial_scores(base, eval_dir)
     rows = run_text_stages(workdir, overrides)
+    long_documents = None
+    if not args.skip_long:
+        from jasper_jax.train.long_documents_demo import run_long_documents
+
+        long_documents = run_long_documents(workdir, quick=args.quick)
     vision = None
     if not args.skip_vision:
         vision = _run_vision(workdir, overrides)
@@ -128,10 +137,14 @@ def demo_main(args: argparse.Namespace) -> int:
         "initial": initial,
         "stages": [{k: v for k, v in r.items() if k != "state"} for r in rows],
         "vision": vision,
+        "long_documents": long_documents,
     }
     (workdir / "demo_results.json").write_text(json.dumps(summary, indent=2, default=str))
-    (workdir / "demo_results.md").write_text(table + "\n")
+    extra = [part["table"] for part in (long_documents, vision) if part and "table" in part]
+    (workdir / "demo_results.md").write_text("\n\n".join([table, *extra]) + "\n")
     print("\n" + table)
+    if long_documents:
+        print("\n" + long_documents["table"])
     if vision:
         print("\n" + vision.get("table", json.dumps(vision, indent=2, default=str)))
     print(f"\nteacher vectors {teacher_seconds:.0f} s; total {summary['total_seconds']:.0f} s; ")

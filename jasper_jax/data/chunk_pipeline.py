@@ -82,3 +82,22 @@ class TokenizeDocuments(TokenizeBatch):
             "chunks_total": batch["chunks_total"].astype(np.int32),
             "chunks_dropped": (batch["chunks_total"] - kept.sum(axis=1)).astype(np.int32),
         }
+
+
+def load_eval_chunks(
+    data_dir, limit: int | None = None
+) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """Held-out chunks of a chunk-mode teacher dataset, documents in corpus order.
+
+    Returns: (documents, character spans [n_i, 2] per document, unit chunk teacher vectors
+    [sum n_i, D] float32 in the same order).
+    """
+    from jasper_jax.data.pipeline import sorted_records
+    from jasper_jax.data.teacher_dataset import open_teacher_dataset
+
+    require_chunks(open_teacher_dataset(data_dir)[1], data_dir)
+    records = sorted_records(data_dir, limit)
+    documents = [record["text"].decode("utf-8") for record in records]
+    spans = [np.asarray(record["chunk_spans"], np.int64).reshape(-1, 2) for record in records]
+    vectors = unit_rows(np.concatenate([record["chunk_teacher"] for record in records]))
+    return documents, spans, vectors

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -195,37 +195,52 @@ def token_spans(
     return np.where(kept[:, None], spans, 0).astype(np.int32), kept
 
 
+def group_texts(
+    texts: Sequence[str],
+    count_tokens: Callable[[str], int],
+    min_tokens: int,
+    max_tokens: int,
+    seed: int = 0,
+) -> list[list[int]]:
+    """Consecutive texts grouped into documents whose token counts (``count_tokens``) are drawn
+    uniformly from [min_tokens, max_tokens]; returns the text indices of each document. A text
+    longer than the budget forms a document on its own; empty texts are left out."""
+    if not 1 <= min_tokens <= max_tokens:
+        raise UserError(f"document lengths [{min_tokens}, {max_tokens}]: need 1 <= min <= max")
+    rng = np.random.default_rng(seed)
+    groups: list[list[int]] = []
+    current: list[int] = []
+    used, target = 0, int(rng.integers(min_tokens, max_tokens + 1))
+    for i, text in enumerate(texts):
+        if not text.strip():
+            continue
+        n = count_tokens(as_sentence(text))
+        if current and used + n > target:
+            groups.append(current)
+            current, used, target = [], 0, int(rng.integers(min_tokens, max_tokens + 1))
+        current.append(i)
+        used += n
+    return [*groups, current] if current else groups
+
+
+def as_sentence(text: str) -> str:
+    """``text`` stripped, ending in . ! or ? (a full stop is added where it has none)."""
+    text = text.strip()
+    return text if text[-1:] in (".", "!", "?") else text + "."
+
+
+def join_sentences(texts: Sequence[str]) -> str:
+    """One document from texts, joined so that :func:`sentence_spans` finds each again."""
+    return " ".join(as_sentence(t) for t in texts)
+
+
 def documents_from_texts(
     texts: Sequence[str],
-    count_tokens,
+    count_tokens: Callable[[str], int],
     min_tokens: int,
     max_tokens: int,
     seed: int = 0,
 ) -> list[str]:
-    """Long documents made of consecutive texts, each document's length drawn uniformly from
-    [min_tokens, max_tokens] (tokens as counted by ``count_tokens(text) -> int``).
-
-    Texts are joined with a space after a full stop (added where a text ends without . ! ?), so
-    :func:`sentence_spans` finds the original texts again. A text longer than the budget forms
-    a document on its own (truncation is counted later, where it happens).
-    """
-    if not 1 <= min_tokens <= max_tokens:
-        raise UserError(f"document lengths [{min_tokens}, {max_tokens}]: need 1 <= min <= max")
-    rng = np.random.default_rng(seed)
-    documents, parts, used = [], [], 0
-    target = int(rng.integers(min_tokens, max_tokens + 1))
-    for text in texts:
-        text = text.strip()
-        if not text:
-            continue
-        text = text if text[-1] in ".!?" else text + "."
-        n = count_tokens(text)
-        if parts and used + n > target:
-            documents.append(" ".join(parts))
-            parts, used = [], 0
-            target = int(rng.integers(min_tokens, max_tokens + 1))
-        parts.append(text)
-        used += n
-    if parts:
-        documents.append(" ".join(parts))
-    return documents
+    """Long documents of consecutive texts (see :func:`group_texts`, :func:`join_sentences`)."""
+    groups = group_texts(texts, count_tokens, min_tokens, max_tokens, seed)
+    return [join_sentences([texts[i] for i in group]) for group in groups]

@@ -254,6 +254,14 @@ def make_text_pipeline(
     return TextBatchIterator(iter(loader))
 
 
+def sorted_records(data_dir: str | pathlib.Path, limit: int | None = None) -> list[dict]:
+    """All (or the first ``limit``) records of a teacher dataset, in corpus order."""
+    source, _ = open_teacher_dataset(data_dir)
+    records = source.__getitems__(list(range(len(source))))
+    records.sort(key=lambda record: int(record["index"]))
+    return records[:limit] if limit else records
+
+
 def load_eval_arrays(
     data_dir: str | pathlib.Path, limit: int | None = None
 ) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -261,10 +269,7 @@ def load_eval_arrays(
 
     Returns: (texts, teacher float32 [N, D] unit rows, index int64 [N]), sorted by ``index``.
     """
-    source, _ = open_teacher_dataset(data_dir)
-    records = source.__getitems__(list(range(len(source))))
-    records.sort(key=lambda record: int(record["index"]))
-    records = records[:limit] if limit else records
+    records = sorted_records(data_dir, limit)
     texts = [record["text"].decode("utf-8") for record in records]
     teacher = np.stack([record["teacher"] for record in records]).astype(np.float32)
     teacher /= np.maximum(np.linalg.norm(teacher, axis=1, keepdims=True), 1e-12)

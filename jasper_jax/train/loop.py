@@ -248,6 +248,7 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> d
                 )
             if done % c.train.log_every == 0 or done == c.train.steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                values.update(_data_counters(data))
                 values.update(progress.report(done, values))
                 writer.scalars(done, {f"train/{k}": v for k, v in values.items()})
             stop = preemption.requested or checkpointer.reached_preemption(done)
@@ -265,6 +266,17 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> d
         preemption.restore()
         writer.close()
     return {"status": status, "step": step, "state": state}
+
+
+def _data_counters(data) -> dict[str, float]:
+    """Fractions of texts cut at data.max_length and, in chunk mode, of chunks left out (cut
+    or over data.max_chunks), since this run started: logged so silent truncation shows."""
+    out = {}
+    if getattr(data, "texts_seen", 0):
+        out["truncated_texts"] = data.truncated_texts / data.texts_seen
+    if getattr(data, "chunks_seen", 0):
+        out["dropped_chunks"] = data.chunks_dropped / data.chunks_seen
+    return out
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, float]:

@@ -117,4 +117,4 @@ class Progress:
         return rates
 
 
-_SHOWN = ("loss", "cos", "sim", "resim", "skipped")
+_SHOWN = ("loss", "cos", "sim", "resim", "chunk_cos", "chunk_sim", "dropped_chunks", "skipped")

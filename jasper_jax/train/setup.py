@@ -119,6 +119,11 @@ class TextTask:
         if not c.data.train_dir:
             raise UserError("config field data.train_dir is empty: point it at a teacher dataset")
         teacher_dim = teacher_dim_of(c.data.train_dir)
+        if c.data.max_chunks:
+            from jasper_jax.data.chunk_pipeline import require_chunks
+            from jasper_jax.data.teacher_dataset import open_teacher_dataset
+
+            require_chunks(open_teacher_dataset(c.data.train_dir)[1], c.data.train_dir)
         loaded = load_model(resolve_model_folder(c.model.init_hf))
         config = student_config(c, loaded, teacher_dim)
         model = Embedder(
@@ -208,7 +213,25 @@ class TextTask:
             attention=attention_settings(c),
         )
         vectors = encoder.encode_heads(texts, heads=self.config.head_names, prompt=c.data.prompt)
-        return {name: fidelity_metrics(v, teacher) for name, v in vectors.items()}
+        scores = {name: fidelity_metrics(v, teacher) for name, v in vectors.items()}
+        if c.data.max_chunks:
+            scores.update(_chunk_fidelity(c, encoder, self.config.head_names))
+        return scores
+
+
+def _chunk_fidelity(c, encoder, heads: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Held-out fidelity of the chunk vectors of one pass over each document, per head
+    ("chunks/<head>"), against each chunk's own teacher vector."""
+    from jasper_jax.data.chunk_pipeline import load_eval_chunks
+    from jasper_jax.encode_chunks import ChunkEncoder
+    from jasper_jax.fidelity import fidelity_metrics
+
+    documents, spans, teacher = load_eval_chunks(c.data.eval_dir, limit=c.data.eval_texts)
+    result = ChunkEncoder(encoder).encode(
+        documents, spans=spans, heads=heads, prompt=c.data.prompt, max_length=c.data.max_length
+    )
+    kept = teacher[result.source]  # chunks cut by max_length are left out of both sides
+    return {f"chunks/{h}": fidelity_metrics(result.chunks[h], kept) for h in heads}
 
 
 def make_task(c: ml_collections.ConfigDict) -> Task:

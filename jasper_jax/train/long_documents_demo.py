@@ -1,0 +1,149 @@
+"""The demo's long-document step: chunk alignment on documents of consecutive corpus texts.
+
+1. teacher data in chunk mode: train documents (consecutive train-split texts, 128-480 student
+   tokens, cut into sentence chunks of <= 64 tokens) and the held-out retrieval task's documents
+   (runs of held-out WordNet definitions, same chunking), each document and each chunk encoded
+   by both teachers (`workdir/data/long_{train,validation}`);
+2. `workdir/stage3_long`: stage 3 continued from `workdir/stage3` in chunk mode
+   (`configs/embedded_default.py:long`);
+3. a table: held-out long-document retrieval (example -> document holding its definition),
+   document vector vs best chunk, for the teacher target (chunks encoded on their own) and for
+   the student before and after chunk alignment (chunks from one pass over the document).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger("jasper_jax.demo")
+CONFIG = "configs/embedded_default.py:long"
+QUICK = {
+    "data.train_documents": 48,
+    "data.eval_texts": 16,
+    "data.batch_size": 8,
+    "data.max_length": 128,
+    "data.document_tokens": (32, 120),
+    "data.chunking": "sentences:24",
+    "train.steps": 4,
+    "train.log_every": 2,
+    "train.checkpoint_every": 2,
+}
+
+
+def long_config(workdir: Path, quick: bool, **overrides: Any):
+    from jasper_jax.config import load_config
+
+    fields = {
+        **(QUICK if quick else {}),
+        "init_from": workdir / "stage3",
+        "data.train_dir": workdir / "data" / "long_train",
+        "data.eval_dir": workdir / "data" / "long_validation",
+        **overrides,
+    }
+    return load_config(CONFIG, [f"--config.{k}={v}" for k, v in fields.items()])
+
+
+def build_long_data(c, task) -> None:
+    """Chunk-mode teacher datasets: train documents and the retrieval task's documents."""
+    from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
+    from jasper_jax.data.corpus import load_corpus
+    from jasper_jax.data.teacher_dataset import build_teacher_dataset
+    from jasper_jax.train.setup import resolve_model_folder
+
+    tokenizer = _tokenizer(c)
+    backend = plain_tokenizer(tokenizer)
+    count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)
+    low, high = c.data.document_tokens
+    texts = load_corpus(c.data.corpus, split="train")
+    # Enough texts for the documents wanted: ~1.5 tokens of budget per corpus token on average.
+    wanted = int(c.data.train_documents * (low + high) / 2 / 12)
+    documents = documents_from_texts(texts[:wanted], count, low, high, seed=c.seed)
+    documents = documents[: c.data.train_documents]
+    folder = resolve_model_folder(c.model.init_hf)
+    common = dict(max_length=c.data.max_length, progress=False, chunk_tokenizer=folder)
+    log.info("teacher vectors for %d long train documents and their chunks", len(documents))
+    build_teacher_dataset(
+        documents, list(c.teachers), c.data.train_dir, chunking=c.data.chunking, **common
+    )
+    log.info("teacher vectors for %d held-out long documents", len(task.documents))
+    build_teacher_dataset(
+        task.documents, list(c.teachers), c.data.eval_dir, chunk_spans=task.spans, **common
+    )
+
+
+def _tokenizer(c):
+    from transformers import AutoTokenizer
+
+    from jasper_jax.train.setup import resolve_model_folder
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_folder(c.model.init_hf)))
+
+
+def retrieval_rows(c, task, workdir: Path) -> dict[str, dict]:
+    """Teacher target, stage-3 student, chunk-aligned student: document vector vs best chunk."""
+    from jasper_jax.data.pipeline import sorted_records, unit_rows
+    from jasper_jax.evaluation.long_documents import student_rows, teacher_rows
+    from jasper_jax.evaluation.models import teacher_model
+    from jasper_jax.evaluation.runner import combined_target
+    from jasper_jax.workdir import load_any_model
+
+    records = sorted_records(c.data.eval_dir)
+    documents = unit_rows(np.stack([r["teacher"] for r in records]))
+    chunks = unit_rows(np.concatenate([r["chunk_teacher"] for r in records]))
+    teachers = [teacher_model(t) for t in c.teachers]
+
+    def encode_queries(queries):
+        return combined_target([t.encode(queries)[t.default_output] for t in teachers])
+
+    rows = {"teacher target": teacher_rows(encode_queries, documents, chunks, task)}
+    for label, folder in (
+        ("student, stage 3", "stage3"),
+        ("student, chunk-aligned", "stage3_long"),
+    ):
+        rows[label] = student_rows(load_any_model(workdir / folder), task)
+    return rows
+
+
+def run_long_documents(workdir: Path, quick: bool) -> dict:
+    """Builds the data, trains `workdir/stage3_long`, evaluates; returns the result with a
+    markdown "table" and "seconds"."""
+    from jasper_jax.errors import UserError
+    from jasper_jax.evaluation.long_documents import format_rows, long_document_task
+    from jasper_jax.train.loop import train_and_evaluate
+
+    workdir = Path(workdir)
+    c = long_config(workdir, quick)
+    low, high = c.data.document_tokens
+    task = long_document_task(
+        _tokenizer(c),
+        min_tokens=low,
+        max_tokens=high,
+        max_documents=c.data.eval_texts,
+        max_queries=100 if quick else 500,
+        chunking=c.data.chunking,
+        seed=c.seed,
+    )
+    start = time.perf_counter()
+    build_long_data(c, task)
+    data_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    result = train_and_evaluate(c, workdir / "stage3_long")
+    train_seconds = time.perf_counter() - start
+    if result["status"] != "finished":
+        raise UserError(f"long-document stage stopped ({result['status']}); re-run to resume")
+    rows = retrieval_rows(c, task, workdir)
+    header = (
+        f"Long documents: {len(task.queries)} held-out queries, {len(task.documents)} documents "
+        f"of {low}-{high} tokens, chunks {c.data.chunking}"
+    )
+    return {
+        **result,
+        "retrieval": rows,
+        "seconds": {"data": data_seconds, "train_and_eval": train_seconds},
+        "table": header + "\n\n" + format_rows(rows),
+    }
