@@ -39,6 +39,8 @@ _embedded = import_config_module(Path(__file__).with_name("embedded_default.py")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg == "long":
+        return _long_documents(get_config("3"))
     stage = int(arg or 1)
     if stage not in STAGES:
         raise ValueError(f"jasper_paper has stages {sorted(STAGES)}; got {arg!r}")
@@ -88,3 +90,21 @@ def _vision_stage(c: ml_collections.ConfigDict) -> None:
     c.model.image_tokens = 300
     c.loss.infonce = 0.0  # the paper's stage 4: cos + sim + resim only (the demo adds InfoNCE)
     c.data.eval_images = 1000
+
+
+def _long_documents(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`get_config("long")`: stage 3 continued on long documents with chunk alignment (dewey,
+    PAPER 7; not part of the Jasper paper). Our choices, not published values: documents up to
+    4096 tokens, sentence chunks of <= 256 tokens, batch 32, lr 2e-5. Memory: remat on every
+    layer and attention in blocks of 1024 keys (flash kernels on TPU/GPU), so activations grow
+    linearly with length. Build the data with
+    `jasper-jax teachers ... --chunks sentences:256 --max-length 4096`."""
+    c.data.max_length = 4096
+    c.data.max_chunks = 64
+    c.data.batch_size = 32
+    c.model.remat = "full"
+    c.model.attention = "auto"
+    c.model.attention_block = 1024
+    c.optim.lr = 2e-5
+    c.train.steps = 2000
+    return c

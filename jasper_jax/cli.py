@@ -29,7 +29,8 @@ def _encode_args(p: argparse.ArgumentParser) -> Command:
         "--chunks",
         default=None,
         help="also write chunk vectors from the same pass: MODE:SIZE[:OVERLAP] (sentences:64, "
-        "tokens:128:32) or 'given' (spans from a .jsonl input's 'chunks'); --input may be .jsonl",
+        "tokens:128:32) or 'given' (spans from a .jsonl input's 'chunks'); --input may be "
+        ".jsonl; --max-length then defaults to the model's position limit",
     )
     p.add_argument("--head", default=None, help="output head: 'pooled', 'dense_<dim>' or '<dim>'")
     p.add_argument("--prompt", default=None, help="text prepended to every input (e.g. a query)")

@@ -84,11 +84,13 @@ class ChunkEncoder:
     ) -> ChunkedEncoding:
         """Vectors of ``documents`` and of their chunks; exactly one of ``chunking`` (e.g.
         "sentences:64", sizes in this model's tokens) and ``spans`` (character spans per
-        document) says where the chunks are. ``heads`` as in ``TextEncoder.encode_heads``."""
+        document) says where the chunks are. ``heads`` as in ``TextEncoder.encode_heads``;
+        ``max_length`` defaults to the model's position limit (not its ``max_seq_length``)."""
         model, tokenizer = self.encoder.model, self.encoder.tokenizer
         heads = tuple(resolve_head(model.config, h) for h in heads)
         spans = self._spans(documents, chunking, spans)
-        limit = min(max_length or model.max_seq_length, _position_limit(model))
+        # Long documents are the point here: by default read as far as the positions reach.
+        limit = min(max_length or _position_limit(model), _position_limit(model))
         texts = [(prompt or "") + d for d in documents]
         enc = tokenizer(
             texts,

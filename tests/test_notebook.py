@@ -20,7 +20,16 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "launch" / "colab.ipynb"
-PARAMETERS = {"REPO_URL", "REF", "REPO_DIR", "INSTALL", "QUICK", "SKIP_VISION", "WORKDIR"}
+PARAMETERS = {
+    "REPO_URL",
+    "REF",
+    "REPO_DIR",
+    "INSTALL",
+    "QUICK",
+    "SKIP_VISION",
+    "SKIP_LONG",
+    "WORKDIR",
+}
 
 
 def load() -> nbformat.NotebookNode:
@@ -47,7 +56,14 @@ def test_notebook_is_valid_and_documented():
     # Every code cell follows a short markdown explanation (or another code cell of its step).
     assert kinds[0] == "markdown" and kinds.count("markdown") >= 6
     sources = "\n".join(c.source for c in nb.cells)
-    for needed in ('"demo"', "--quick", "--skip-vision", '"export"', "jax.devices()"):
+    for needed in (
+        '"demo"',
+        "--quick",
+        "--skip-vision",
+        "--skip-long",
+        '"export"',
+        "jax.devices()",
+    ):
         assert needed in sources
 
 
@@ -74,6 +90,7 @@ def test_notebook_runs_on_cpu_with_a_tiny_budget(tmp_path):
         "WORKDIR": str(workdir),
         "QUICK": True,
         "SKIP_VISION": True,
+        "SKIP_LONG": True,
         "RUN_EXPORT": run_export,
     }
     source = "\n".join(f"{k} = {v!r}" for k, v in overrides.items())

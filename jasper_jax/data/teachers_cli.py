@@ -5,6 +5,12 @@ Example (two machines sharing /data/teachers)::
     jasper-jax teachers --corpus embedded --teacher all-mpnet-base-v2 \
         --teacher all-MiniLM-L6-v2 --output /data/teachers --shard-index 0 --num-shards 2
     # ... and --shard-index 1 on the other; the last slice to finish writes the dataset.
+
+Long documents with chunk vectors (chunk alignment), documents made of consecutive texts::
+
+    jasper-jax teachers --corpus embedded --teacher all-mpnet-base-v2 \
+        --teacher all-MiniLM-L6-v2 --output /data/long --documents 128:480 \
+        --chunks sentences:64 --max-length 512
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import logging
 
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
+from jasper_jax.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +53,39 @@ def add_teachers_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="run teachers with our Flax port (jax; BERT/Qwen2) or sentence-transformers (torch)",
     )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens each text is cut to (default: each teacher's max_seq_length; long documents "
+        "want the position limit, e.g. 512)",
+    )
+    parser.add_argument(
+        "--chunks",
+        default=None,
+        help="chunk mode: also store each text's chunks and their vectors, cut by "
+        "MODE:SIZE[:OVERLAP] (sentences:64, tokens:128:32), sizes in --chunk-tokenizer tokens",
+    )
+    parser.add_argument(
+        "--chunk-tokenizer",
+        default=None,
+        help="model folder whose tokenizer counts chunk sizes (default: the first teacher's; "
+        "use the student's)",
+    )
+    parser.add_argument(
+        "--documents",
+        default=None,
+        help="MIN:MAX: join consecutive corpus texts into documents of MIN-MAX tokens first",
+    )
 
 
 def teachers_main(args: argparse.Namespace) -> int:
     """Run the sub-command; returns the exit code (``UserError`` propagates to the CLI)."""
+    corpus = args.corpus
+    if args.documents:
+        corpus = _documents(args)
     result = build_teacher_dataset(
-        args.corpus,
+        corpus,
         args.teacher,
         args.output,
         prompt=args.teacher_prompt,
@@ -62,6 +96,9 @@ def teachers_main(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         limit=args.limit,
         backend=args.backend,
+        max_length=args.max_length,
+        chunking=args.chunks,
+        chunk_tokenizer=args.chunk_tokenizer,
     )
     if result.dataset_dir is None:
         print(
@@ -73,3 +110,27 @@ def teachers_main(args: argparse.Namespace) -> int:
     if result.skipped_empty:
         print(f"skipped {result.skipped_empty} empty texts")
     return 0
+
+
+def _documents(args: argparse.Namespace) -> list[str]:
+    """The corpus's texts joined into documents of --documents MIN:MAX tokens (counted with the
+    chunk tokenizer, else the first teacher's)."""
+    from transformers import AutoTokenizer
+
+    from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
+    from jasper_jax.data.corpus import load_corpus
+    from jasper_jax.data.teachers import resolve_teacher_folder
+
+    try:
+        low, high = (int(x) for x in args.documents.split(":"))
+    except ValueError as e:
+        raise UserError(
+            f"--documents {args.documents!r}: write MIN:MAX tokens, e.g. 128:480"
+        ) from e
+    folder = args.chunk_tokenizer or resolve_teacher_folder(args.teacher[0])
+    backend = plain_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+    count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)
+    texts = load_corpus(args.corpus)
+    if args.limit:  # --limit counts documents here
+        texts = texts[: args.limit * (low + high) // 2]
+    return documents_from_texts(texts, count, low, high)
