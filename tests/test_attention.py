@@ -105,7 +105,7 @@ def test_blockwise_cross_lengths_and_bfloat16():
 
 
 def test_auto_resolution():
-    kw = dict(head_dim=64, has_bias=False)
+    kw = dict(head_dim=128, has_bias=False)
     s = AttentionSettings("auto", 512)
     assert resolve_implementation(s, k_len=512, dtype=jnp.float32, backend="cpu", **kw) == "dense"
     assert (
@@ -120,8 +120,12 @@ def test_auto_resolution():
         resolve_implementation(s, k_len=4096, dtype=jnp.float32, backend="gpu", **kw) == "blockwise"
     )
     assert resolve_implementation(s, k_len=4096, dtype=jnp.float32, backend="tpu", **kw) == "flash"
-    biased = dict(head_dim=64, has_bias=True)
+    biased = dict(head_dim=128, has_bias=True)
     assert resolve_implementation(s, k_len=4096, dtype=jnp.float32, backend="tpu", **biased) == (
+        "blockwise"
+    )
+    odd = dict(head_dim=72, has_bias=False)  # SigLIP-so400m heads: not lane-aligned
+    assert resolve_implementation(s, k_len=4096, dtype=jnp.float32, backend="tpu", **odd) == (
         "blockwise"
     )
     explicit = AttentionSettings("dense")
@@ -319,3 +323,47 @@ def test_config_fields_accepted():
     )
     assert (c.model.remat, c.model.attention, c.model.attention_block) == ("dots", "blockwise", 256)
     assert load_config("configs/jasper_paper.py:1").model.remat == "full"
+
+
+def test_blockwise_sharded_matches_unsharded():
+    """Blockwise attention under the (data, fsdp, tensor) = (2, 1, 4) mesh, params sharded."""
+    from jasper_jax import sharding
+    from jasper_jax.models.embedder import abstract_params
+
+    _, enc = encoder_cases()["qwen2"]
+    cfg = EmbedderConfig(encoder=enc, heads=(8,))
+    ids, mask = batch(length=19)
+    ids, mask = jnp.tile(ids, (3, 1))[:8], jnp.tile(mask, (3, 1))[:8]
+    model = Embedder(cfg, attention=AttentionSettings("blockwise", BLOCK))
+    params = nn.meta.unbox(model.init(jax.random.key(2), ids, mask)["params"])
+    run = jax.jit(lambda p, i, m: model.apply({"params": p}, i, m)["dense_8"])
+    plain = run(params, ids, mask)
+    mesh = sharding.make_mesh((2, 1, 4))
+    sharded_params = jax.device_put(params, sharding.param_shardings(abstract_params(cfg), mesh))
+    rows = sharding.batch_sharding(mesh, 2)
+    out = run(sharded_params, jax.device_put(ids, rows), jax.device_put(mask, rows))
+    np.testing.assert_allclose(np.asarray(out), np.asarray(plain), atol=1e-5)
+
+
+def test_pallas_tpu_wrapper_in_interpret_mode():
+    """The TPU flash branch (segment ids, padding to 128, GQA, layout) through Pallas' TPU
+    interpreter on CPU: equals dense on every non-empty row, finite on the empty one. (Mosaic
+    compilation on a real TPU stays untested here.)"""
+    from jax.experimental.pallas import tpu as pltpu
+
+    from jasper_jax.models.attention import _pallas_tpu
+
+    q, k, v = qkv(3, 150, 150, 4, 2, head_dim=16)
+    mask = padding_mask(3, 150)
+    dense = lambda q: attend(q, k, v, mask, causal=True, dtype=jnp.float32, settings=DENSE)
+    flash = lambda q: _pallas_tpu(q, k, v, mask, True, jnp.float32)
+    cotangent = jnp.asarray(np.random.RandomState(4).randn(*q.shape), jnp.float32)
+    cotangent = cotangent.at[-1].set(0.0)  # the empty row's output is not dense's
+    with pltpu.force_tpu_interpret_mode():
+        out, pull = jax.vjp(flash, q)
+        (grad,) = pull(cotangent)
+    ref, pull_ref = jax.vjp(dense, q)
+    (grad_ref,) = pull_ref(cotangent)
+    assert np.isfinite(np.asarray(out)).all()
+    np.testing.assert_allclose(out[:-1], ref[:-1], atol=1e-5)
+    np.testing.assert_allclose(grad, grad_ref, atol=1e-5)
