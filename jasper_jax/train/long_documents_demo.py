@@ -1,7 +1,7 @@
 """The demo's long-document step: chunk alignment on documents of consecutive corpus texts.
 
-1. teacher data in chunk mode: train documents (consecutive train-split texts, 128-480 student
-   tokens, cut into sentence chunks of <= 64 tokens) and the held-out retrieval task's documents
+1. teacher data in chunk mode: train documents (consecutive train-split texts, 64-250 student
+   tokens, cut into sentence chunks of <= 32 tokens) and the held-out retrieval task's documents
    (runs of held-out WordNet definitions, same chunking), each document and each chunk encoded
    by both teachers (`workdir/data/long_{train,validation}`);
 2. `workdir/stage3_long`: stage 3 continued from `workdir/stage3` in chunk mode
@@ -65,7 +65,9 @@ def build_long_data(c, task) -> None:
     documents = documents_from_texts(texts[:wanted], count, low, high, seed=c.seed)
     documents = documents[: c.data.train_documents]
     folder = resolve_model_folder(c.model.init_hf)
-    common = dict(max_length=c.data.max_length, progress=False, chunk_tokenizer=folder)
+    # Resumable blocks of one teacher batch (64) of documents: a long document and its chunks
+    # cost as much as ~50 short texts.
+    common = dict(max_length=c.data.max_length, chunk_tokenizer=folder, chunk_size=64)
     log.info("teacher vectors for %d long train documents and their chunks", len(documents))
     build_teacher_dataset(
         documents, list(c.teachers), c.data.train_dir, chunking=c.data.chunking, **common
@@ -124,7 +126,7 @@ def run_long_documents(workdir: Path, quick: bool) -> dict:
         min_tokens=low,
         max_tokens=high,
         max_documents=c.data.eval_texts,
-        max_queries=100 if quick else 500,
+        max_queries=100 if quick else 400,
         chunking=c.data.chunking,
         seed=c.seed,
     )
