@@ -117,4 +117,15 @@ class Progress:
         return rates
 
 
-_SHOWN = ("loss", "cos", "sim", "resim", "chunk_cos", "chunk_sim", "dropped_chunks", "skipped")
+_SHOWN = (
+    "loss",
+    "cos",
+    "sim",
+    "resim",
+    "gor",
+    "infonce",
+    "chunk_cos",
+    "chunk_sim",
+    "dropped_chunks",
+    "skipped",
+)

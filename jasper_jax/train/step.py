@@ -114,7 +114,8 @@ def gradcache_value_and_grad(
     1. encode the batch chunk by chunk without keeping activations (a scan, not differentiated);
     2. the loss and its gradient with respect to the vectors, on the whole batch;
     3. re-encode each chunk and pull that chunk's vector gradient back to the parameters.
-    Equal to `jax.value_and_grad` of the plain step (same dropout keys per chunk in 1 and 3).
+    Equal to `jax.value_and_grad` of the plain step when dropout is off; with dropout each chunk
+    draws its own masks (the same in 1 and 3), a different but equally valid sample.
     """
 
     def encode(params, chunk, k):
