@@ -1,9 +1,10 @@
 """Long-document retrieval: one vector per document vs the best of its chunk vectors.
 
 Task (built offline from the bundled corpus's held-out split): documents are runs of consecutive
-WordNet definitions (hundreds of tokens each); a query is a usage example of a synset, relevant
-to the one document holding that synset's definition. A single document vector must summarise
-dozens of definitions; a chunk vector covers a few, so best-chunk scoring should find more.
+WordNet definitions of synsets that have usage examples (hundreds of tokens each); a query is a
+usage example of a synset (every example of it), relevant to the one document holding that
+synset's definition. A single document vector must summarise dozens of definitions; a chunk
+vector covers a few, so best-chunk scoring should find more.
 
 Rows compare, with the same chunk spans:
 - the teacher target (per-teacher unit vectors concatenated): document vector (each teacher
@@ -49,21 +50,22 @@ def long_document_task(
     from jasper_jax.data.corpus import load_embedded_records
 
     records = load_embedded_records("validation")
-    glosses = [r for r in records if r["kind"] == "gloss"]
-    examples: dict[str, str] = {}
+    examples: dict[str, list[str]] = {}
     for r in records:
         if r["kind"] == "example":
-            examples.setdefault(r["synset"], r["text"])
+            examples.setdefault(r["synset"], []).append(r["text"])
+    # Definitions of synsets with usage examples, in corpus order: every one can be asked for.
+    glosses = [r for r in records if r["kind"] == "gloss" and r["synset"] in examples]
     backend = plain_tokenizer(tokenizer)
     count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)
     texts = [g["text"] for g in glosses]
     groups = group_texts(texts, count, min_tokens, max_tokens, seed)[:max_documents]
     documents = [join_sentences([texts[i] for i in group]) for group in groups]
-    pairs = [
-        (examples[glosses[i]["synset"]], d)
+    pairs = [  # every usage example of every synset whose definition is in a document
+        (example, d)
         for d, group in enumerate(groups)
         for i in group
-        if glosses[i]["synset"] in examples
+        for example in examples.get(glosses[i]["synset"], [])
     ]
     if len(pairs) > max_queries:
         keep = np.linspace(0, len(pairs) - 1, max_queries).round().astype(int)

@@ -6,9 +6,10 @@
    by both teachers (`workdir/data/long_{train,validation}`);
 2. `workdir/stage3_long`: stage 3 continued from `workdir/stage3` in chunk mode
    (`configs/embedded_default.py:long`);
-3. a table: held-out long-document retrieval (example -> document holding its definition),
+3. tables: held-out long-document retrieval (example -> document holding its definition),
    document vector vs best chunk, for the teacher target (chunks encoded on their own) and for
-   the student before and after chunk alignment (chunks from one pass over the document).
+   the student before and after chunk alignment (chunks from one pass over the document); and
+   held-out fidelity to the teacher of document and chunk vectors, before and after.
 """
 
 from __future__ import annotations
@@ -111,6 +112,33 @@ def retrieval_rows(c, task, workdir: Path) -> dict[str, dict]:
     return rows
 
 
+def fidelity_before(c, workdir: Path) -> dict[str, dict[str, float]]:
+    """The stage-3 student's held-out document and chunk fidelity (what chunk alignment starts
+    from), measured exactly as the chunk-aligned stage's own evaluation."""
+    from jasper_jax import sharding
+    from jasper_jax.train.checkpoint import load_params
+    from jasper_jax.train.setup import make_task
+
+    params, _ = load_params(workdir / "stage3")
+    return make_task(c).evaluate(c, params, sharding.make_mesh(tuple(c.mesh_shape)))
+
+
+def format_fidelity(before: dict, after: dict, head: str) -> str:
+    """Markdown: held-out cosine / Spearman to the teacher, documents and chunks, before/after."""
+    lines = [
+        f"| student ({head}) | document cosine | document Spearman | chunk cosine "
+        "| chunk Spearman |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for label, scores in (("stage 3", before), ("chunk-aligned", after)):
+        doc, chunk = scores[head], scores[f"chunks/{head}"]
+        lines.append(
+            f"| {label} | {doc['cosine']:.4f} | {doc['spearman']:.4f} | {chunk['cosine']:.4f} | "
+            f"{chunk['spearman']:.4f} |"
+        )
+    return "\n".join(lines)
+
+
 def run_long_documents(workdir: Path, quick: bool) -> dict:
     """Builds the data, trains `workdir/stage3_long`, evaluates; returns the result with a
     markdown "table" and "seconds"."""
@@ -139,6 +167,8 @@ def run_long_documents(workdir: Path, quick: bool) -> dict:
     if result["status"] != "finished":
         raise UserError(f"long-document stage stopped ({result['status']}); re-run to resume")
     rows = retrieval_rows(c, task, workdir)
+    before = fidelity_before(c, workdir)
+    fidelity = format_fidelity(before, result["eval"], f"dense_{max(c.model.heads)}")
     header = (
         f"Long documents: {len(task.queries)} held-out queries, {len(task.documents)} documents "
         f"of {low}-{high} tokens, chunks {c.data.chunking}"
@@ -146,6 +176,7 @@ def run_long_documents(workdir: Path, quick: bool) -> dict:
     return {
         **result,
         "retrieval": rows,
+        "eval_before": before,
         "seconds": {"data": data_seconds, "train_and_eval": train_seconds},
-        "table": header + "\n\n" + format_rows(rows),
+        "table": header + "\n\n" + format_rows(rows) + "\n\n" + fidelity,
     }
