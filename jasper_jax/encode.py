@@ -59,11 +59,15 @@ def tokenize(
     tokenizer: Any, texts: Sequence[str], max_length: int, prompt: str | None
 ) -> Tokenized:
     """Tokenises like sentence-transformers: the prompt is prepended to the text; truncation keeps
-    the special tokens. A text is counted truncated when it fills `max_length` exactly."""
+    the special tokens. A text is counted truncated when tokens were cut off (a fast tokenizer
+    reports the overflow exactly; a slow one counts texts that fill `max_length`)."""
     if prompt:
         texts = [prompt + t for t in texts]
     enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
     ids = [list(x) for x in enc["input_ids"]]
+    encodings = getattr(enc, "encodings", None)
+    if encodings:
+        return Tokenized(ids, sum(bool(e.overflowing) for e in encodings))
     return Tokenized(ids, sum(len(x) >= max_length for x in ids))
 
 
@@ -133,7 +137,7 @@ class TextEncoder:
     ) -> dict[str, np.ndarray]:
         """texts -> {head: [len(texts), dim] float32 unit vectors}, one encoder pass per batch."""
         heads = tuple(resolve_head(self.model.config, h) for h in heads)
-        max_length = min(max_length or self.model.max_seq_length, _position_limit(self.model))
+        max_length = self.token_limit(max_length)
         tok = tokenize(self.tokenizer, texts, max_length, prompt)
         self.last_truncated = tok.truncated
         order = np.argsort([len(x) for x in tok.ids], kind="stable")
@@ -150,6 +154,17 @@ class TextEncoder:
             bar.update(len(rows))
         bar.close()
         return out
+
+    def token_limit(self, max_length: int | None = None) -> int:
+        """Tokens a text is cut to: `max_length` (default: the model's max_seq_length), never
+        beyond the position embeddings."""
+        return min(max_length or self.model.max_seq_length, _position_limit(self.model))
+
+    def count_truncated(
+        self, texts: Sequence[str], prompt: str | None = None, max_length: int | None = None
+    ) -> int:
+        """How many of `texts` an `encode` with these arguments would cut (tokenising only)."""
+        return tokenize(self.tokenizer, texts, self.token_limit(max_length), prompt).truncated
 
     def _pad(self, rows: list[list[int]], max_length: int):
         length = bucket_length(max(len(r) for r in rows), max_length)

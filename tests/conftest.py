@@ -9,3 +9,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_teacher_cache(tmp_path_factory):
+    """Tests never read or fill the user's teacher-encoding cache (~/.cache/jasper-jax)."""
+    previous = os.environ.get("JASPER_JAX_CACHE")
+    os.environ["JASPER_JAX_CACHE"] = str(tmp_path_factory.mktemp("jasper-jax-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("JASPER_JAX_CACHE", None)
+    else:
+        os.environ["JASPER_JAX_CACHE"] = previous

@@ -113,6 +113,71 @@ def test_eval_on_a_tiny_workdir_writes_tables_json_and_plot(workdir, tmp_path): 
     assert "| student (dense_384) |" in md and "binary" in md
 
 
+def test_teacher_cache_hits_only_the_same_teacher_prompt_and_texts(tmp_path, caplog):
+    from jasper_jax.evaluation.teacher_cache import cached_encode, entry_key, resolve_cache_dir
+
+    calls = []
+
+    def compute(texts):
+        calls.append(list(texts))
+        return np.asarray([[len(t), 1.0] for t in texts], np.float32)
+
+    teacher = {"name": "t", "model_fingerprint": "m1", "tokenizer_fingerprint": "k"}
+    first = cached_encode(tmp_path, teacher, None, ["ab", "c"], compute)
+    again = cached_encode(tmp_path, teacher, None, ["ab", "c"], compute)
+    np.testing.assert_array_equal(first, again)
+    assert len(calls) == 1 and len(list(tmp_path.glob("*.npy"))) == 1
+    # Anything that changes the vectors is a miss: texts (not only their concatenation),
+    # the prompt, the teacher's weights.
+    cached_encode(tmp_path, teacher, None, ["a", "bc"], compute)
+    cached_encode(tmp_path, teacher, "query: ", ["ab", "c"], compute)
+    cached_encode(tmp_path, {**teacher, "model_fingerprint": "m2"}, None, ["ab", "c"], compute)
+    assert len(calls) == 4 and len(list(tmp_path.glob("*.npy"))) == 4
+    # A damaged entry is recomputed and replaced, with a warning; no temp files are left.
+    entry = tmp_path / f"{entry_key(teacher, None, ['ab', 'c'])}.npy"
+    for damage in (b"not an npy file", None):
+        if damage is None:  # a valid file of the wrong shape
+            np.save(entry, np.zeros((3, 2), np.float32))
+        else:
+            entry.write_bytes(damage)
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            n = len(calls)
+            out = cached_encode(tmp_path, teacher, None, ["ab", "c"], compute)
+            out = cached_encode(tmp_path, teacher, None, ["ab", "c"], compute)
+        assert len(calls) == n + 1 and "recomputing" in caplog.text
+        np.testing.assert_array_equal(out, first)
+    assert not list(tmp_path.glob("*.tmp"))
+    # "off" (and a None folder) computes every time.
+    assert resolve_cache_dir("off") is None and resolve_cache_dir("Off") is None
+    n = len(calls)
+    cached_encode(None, teacher, None, ["ab", "c"], compute)
+    cached_encode(None, teacher, None, ["ab", "c"], compute)
+    assert len(calls) == n + 2
+
+
+def test_eval_reuses_cached_teacher_encodings_with_the_same_result(workdir, tmp_path, caplog):  # noqa: F811
+    cache = tmp_path / "cache"
+    argv = ["eval", "--model", str(workdir), "--teachers", "all-MiniLM-L6-v2"]
+    argv += ["--texts", "24", "--queries", "12", "--docs", "60", "--speed-texts", "8"]
+    results = []
+    for run in ("cold", "warm"):
+        out = tmp_path / run
+        with caplog.at_level("INFO"):
+            caplog.clear()
+            assert main([*argv, "--output", str(out), "--teacher-cache", str(cache)]) == 0
+        results.append(json.loads((out / "eval.json").read_text()))
+        hits = caplog.text.count("from the cache")
+        assert hits == (0 if run == "cold" else 3)  # held-out texts, queries, documents
+    assert len(list(cache.glob("*.npy"))) == 3
+    cold, warm = ([m["rows"] for m in r["models"]] for r in results)
+    assert cold == warm
+    assert results[1]["models"][1]["texts_per_second"] > 0  # timed on the model, not the cache
+    off = tmp_path / "off"
+    assert main([*argv, "--output", str(off), "--teacher-cache", "off"]) == 0
+    assert len(list(cache.glob("*.npy"))) == 3
+
+
 def test_export_card_includes_the_workdir_eval(workdir, tmp_path):  # noqa: F811
     import shutil
 

@@ -176,3 +176,22 @@ def test_jax_and_torch_teacher_backends_agree(real_texts):
     assert np.sum(a * b, axis=1).min() >= 0.9999
     with pytest.raises(UserError, match="choose one of"):
         load_teacher("all-MiniLM-L6-v2", backend="tf")
+
+
+def test_texts_cut_at_a_teachers_max_length_are_counted(tmp_path, real_texts):
+    from transformers import AutoTokenizer
+
+    texts = real_texts[:24]
+    jax_teacher = load_teacher("all-MiniLM-L6-v2", backend="jax", max_length=12)
+    torch_teacher = load_teacher("all-MiniLM-L6-v2", backend="torch", max_length=12)
+    tokenizer = AutoTokenizer.from_pretrained(jax_teacher.folder)
+    expected = sum(len(ids) > 12 for ids in tokenizer(texts)["input_ids"])
+    assert 0 < expected < len(texts)
+    assert jax_teacher.count_truncated(texts) == torch_teacher.count_truncated(texts) == expected
+    result = build_teacher_dataset(texts, [jax_teacher], tmp_path / "ds", progress=False)
+    _, meta = open_teacher_dataset(tmp_path / "ds")
+    assert meta["truncated_by_teacher"] == result.truncated == {"all-MiniLM-L6-v2": expected}
+    again = build_teacher_dataset(texts, [jax_teacher], tmp_path / "ds", progress=False)
+    assert again.truncated == result.truncated  # read back from the finished dataset
+    # At the folder's own limit (256 tokens) none of these texts is cut.
+    assert load_teacher("all-MiniLM-L6-v2").count_truncated(texts) == 0

@@ -29,6 +29,12 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--docs", type=int, default=None, help="retrieval documents (default: all)")
     p.add_argument("--speed-texts", type=int, default=256, help="texts timed for texts/s")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument(
+        "--teacher-cache",
+        default=None,
+        help="folder that keeps teacher encodings between evaluations, or 'off' (default: "
+        "$JASPER_JAX_CACHE/teacher-encodings, else ~/.cache/jasper-jax/teacher-encodings)",
+    )
 
 
 def eval_main(args: argparse.Namespace) -> int:
@@ -48,6 +54,7 @@ def eval_main(args: argparse.Namespace) -> int:
         documents=args.docs,
         speed_texts=args.speed_texts,
         batch_size=args.batch_size,
+        teacher_cache=args.teacher_cache,
     )
     check_settings(settings)
     teachers = [t for t in (args.teachers or "").split(",") if t] or None

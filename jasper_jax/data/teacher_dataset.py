@@ -107,6 +107,8 @@ class BuildResult:
     rows: int  # texts in the corpus (after skipping empty ones)
     skipped_empty: int
     pending_slices: list[int]
+    # teacher name -> texts longer than its token limit (their vectors describe a prefix only)
+    truncated: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 def build_teacher_dataset(
@@ -174,7 +176,8 @@ def build_teacher_dataset(
     existing = _finished_identity(output)
     if existing == plan["identity"] and not overwrite:
         log.info("%s already holds this dataset; nothing to do", output)
-        return BuildResult(output / DATASET_DIR, len(texts), skipped, [])
+        truncated = _recorded_truncation(output)
+        return BuildResult(output / DATASET_DIR, len(texts), skipped, [], truncated)
     if existing is not None and not overwrite:
         raise UserError(
             f"output folder {str(output)!r} already holds a different teacher dataset ("
@@ -191,8 +194,8 @@ def build_teacher_dataset(
             pending,
         )
         return BuildResult(None, len(texts), skipped, pending)
-    dataset_dir = _combine(output, parts, plan, texts)
-    return BuildResult(dataset_dir, len(texts), skipped, [])
+    dataset_dir = _combine(output, parts, plan, texts, loaded)
+    return BuildResult(dataset_dir, len(texts), skipped, [], _recorded_truncation(output))
 
 
 def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
@@ -383,8 +386,42 @@ def _encode_slice(parts, plan, texts, teachers, index, progress, chunker=None) -
     _write_atomically(marker, b"done\n")
 
 
+def _recorded_truncation(output: pathlib.Path) -> dict[str, int]:
+    info = output / DATASET_DIR / "metadata.json"
+    if not info.is_file():
+        return {}
+    return json.loads(info.read_text()).get("truncated_by_teacher", {})
+
+
+def count_truncated(texts: list[str], teachers: Sequence[Teacher], batch: int = 4096) -> dict:
+    """{teacher name: texts it cuts at its token limit}, by tokenising only (teachers that cannot
+    tell are left out). Such a text's vector describes its first tokens only."""
+    counts = {}
+    for teacher in teachers:
+        if teacher.count_truncated is None:
+            continue
+        n = sum(teacher.count_truncated(texts[i : i + batch]) for i in range(0, len(texts), batch))
+        counts[teacher.name] = int(n)
+        if n:
+            limit = f"{teacher.max_length} tokens" if teacher.max_length else "its max_seq_length"
+            log.warning(
+                "%d of %d texts are longer than teacher %s reads (%s): their vectors describe "
+                "the start of the text only; fix: a larger --max-length (up to the teacher's "
+                "position limit) or shorter texts/documents",
+                n,
+                len(texts),
+                teacher.name,
+                limit,
+            )
+    return counts
+
+
 def _combine(
-    output: pathlib.Path, parts: pathlib.Path, plan: dict, texts: list[str]
+    output: pathlib.Path,
+    parts: pathlib.Path,
+    plan: dict,
+    texts: list[str],
+    teachers: Sequence[Teacher],
 ) -> pathlib.Path:
     """Build the TFDS dataset from all chunks in a temp folder, then move it into place."""
     chunks = [
@@ -421,6 +458,7 @@ def _combine(
         "rows": len(texts) - len(rejected),
         "skipped_empty": plan["skipped_empty"],
         "rejected": {"count": len(rejected), "first_rows": rejected[:20]},
+        "truncated_by_teacher": count_truncated(texts, teachers),
     }
     if chunked:
         metadata["chunks"] = {**plan["identity"]["chunks"], "count": num_chunks}

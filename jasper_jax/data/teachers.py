@@ -45,11 +45,16 @@ class Teacher:
     tokenizer_fingerprint: str
     encode: Callable[[list[str]], np.ndarray] = dataclasses.field(repr=False, compare=False)
     max_length: int | None = None  # tokens per text; None: the folder's max_seq_length
+    # texts -> how many `encode` cuts at its token limit (their vectors see a prefix only)
+    count_truncated: Callable[[list[str]], int] | None = dataclasses.field(
+        default=None, repr=False, compare=False
+    )
 
     def describe(self) -> dict:
         """JSON-ready description stored in the dataset metadata (no callables)."""
         fields = dataclasses.asdict(self)
         fields.pop("encode")
+        fields.pop("count_truncated")
         if fields["max_length"] is None:  # identities of datasets built before the field
             fields.pop("max_length")
         return fields
@@ -105,7 +110,7 @@ def _jax_encoder(
     try:
         model = load_model(folder)
     except UserError:
-        return None, 0
+        return None, 0, None
     encoder = TextEncoder(model, batch_size=batch_size)
     head = resolve_head(model.config, None)
     dim = model.config.hidden_size if head == POOLED else int(head.removeprefix("dense_"))
@@ -113,7 +118,10 @@ def _jax_encoder(
     def encode(texts: list[str]) -> np.ndarray:
         return encoder.encode(texts, prompt=prompt, max_length=max_length)
 
-    return encode, int(dim)
+    def count(texts: list[str]) -> int:
+        return encoder.count_truncated(texts, prompt=prompt, max_length=max_length)
+
+    return encode, int(dim), count
 
 
 def _torch_encoder(
@@ -135,7 +143,12 @@ def _torch_encoder(
         vectors = model.encode(texts, batch_size=batch_size, prompt=prompt, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
-    return encode, int(model.get_embedding_dimension())
+    def count(texts: list[str]) -> int:
+        from jasper_jax.encode import tokenize
+
+        return tokenize(model.tokenizer, texts, model.max_seq_length, prompt).truncated
+
+    return encode, int(model.get_embedding_dimension()), count
 
 
 BACKENDS = ("auto", "jax", "torch")
@@ -159,8 +172,10 @@ def load_teacher(
     if backend not in BACKENDS:
         raise UserError(f"teacher backend {backend!r}: choose one of {BACKENDS}")
     folder = resolve_teacher_folder(spec)
-    encode, dim = (
-        (None, 0) if backend == "torch" else _jax_encoder(folder, prompt, batch_size, max_length)
+    encode, dim, count = (
+        (None, 0, None)
+        if backend == "torch"
+        else _jax_encoder(folder, prompt, batch_size, max_length)
     )
     if encode is None:
         if backend == "jax":
@@ -168,10 +183,12 @@ def load_teacher(
                 f"teacher {str(spec)!r}: its architecture is not one jasper-jax implements; "
                 "fix: use --backend torch (sentence-transformers)"
             )
-        encode, dim = _torch_encoder(spec, folder, prompt, batch_size, max_length)
+        encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
     name = str(spec) if str(spec) in teacher_assets.KNOWN_TEACHERS else folder.name
     model_fp, tokenizer_fp = folder_fingerprints(folder)
-    return Teacher(name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length)
+    return Teacher(
+        name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length, count
+    )
 
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:

@@ -109,6 +109,9 @@ def teachers_main(args: argparse.Namespace) -> int:
         print(f"teacher dataset ready: {result.dataset_dir} ({result.rows} texts)")
     if result.skipped_empty:
         print(f"skipped {result.skipped_empty} empty texts")
+    for name, count in result.truncated.items():
+        if count:
+            print(f"{count} texts were cut at teacher {name}'s max length (see --max-length)")
     return 0
 
 

@@ -21,6 +21,7 @@ from jasper_jax.evaluation import retrieval
 from jasper_jax.evaluation.models import EvalModel, student_model, teacher_model
 from jasper_jax.evaluation.report import markdown_report, plot_quality
 from jasper_jax.evaluation.robustness import Encoded, robustness_rows
+from jasper_jax.evaluation.teacher_cache import resolve_cache_dir
 
 log = logging.getLogger(__name__)
 DEFAULT_TEACHERS = ("all-mpnet-base-v2", "all-MiniLM-L6-v2")  # the embedded default's order
@@ -37,6 +38,7 @@ class EvalSettings:
     documents: int | None = None
     speed_texts: int = 256
     batch_size: int = 64
+    teacher_cache: str | None = None  # folder, "off", or None: the default (teacher_cache.py)
 
 
 def heldout_texts(settings: EvalSettings) -> tuple[list[str], np.ndarray | None, str]:
@@ -113,7 +115,10 @@ def evaluate(
     texts, stored_target, source = heldout_texts(settings)
     task = retrieval.wordnet_task(settings.queries, settings.documents)
     speed_texts = texts[: settings.speed_texts]
-    models = [teacher_model(s, batch_size=settings.batch_size) for s in specs]
+    cache_dir = resolve_cache_dir(settings.teacher_cache)
+    if cache_dir is not None:
+        log.info("teacher encodings are cached in %s (--teacher-cache off to disable)", cache_dir)
+    models = [teacher_model(s, settings.batch_size, cache_dir) for s in specs]
     encoded = []
     for m in models:
         log.info("encoding with teacher %s", m.name)

@@ -93,12 +93,13 @@ def retrieval_rows(c, task, workdir: Path) -> dict[str, dict]:
     from jasper_jax.evaluation.long_documents import student_rows, teacher_rows
     from jasper_jax.evaluation.models import teacher_model
     from jasper_jax.evaluation.runner import combined_target
+    from jasper_jax.evaluation.teacher_cache import default_cache_dir
     from jasper_jax.workdir import load_any_model
 
     records = sorted_records(c.data.eval_dir)
     documents = unit_rows(np.stack([r["teacher"] for r in records]))
     chunks = unit_rows(np.concatenate([r["chunk_teacher"] for r in records]))
-    teachers = [teacher_model(t) for t in c.teachers]
+    teachers = [teacher_model(t, cache_dir=default_cache_dir()) for t in c.teachers]
 
     def encode_queries(queries):
         return combined_target([t.encode(queries)[t.default_output] for t in teachers])
