@@ -47,10 +47,14 @@ def test_sentence_spans_cover_sentences_without_whitespace():
     assert pieces == ["First one.", "Second?", "Third!", "last bit"]
 
 
-@pytest.mark.parametrize("spec", ["sentences:12", "sentences:5", "tokens:8", "tokens:8:3"])
+SPECS = ["sentences:12", "sentences:5", "sentences:12:6", "tokens:8", "tokens:8:3", "random:3:9"]
+
+
+@pytest.mark.parametrize("spec", SPECS)
 def test_chunks_respect_size_and_cover_every_token(backend, spec):
-    config = ChunkingConfig.parse(spec)
-    for text, spans in zip(DOCS, chunk_texts(DOCS, backend, config), strict=True):
+    all_spans = chunk_texts(DOCS, backend, ChunkingConfig.parse(spec))
+    for text, spans in zip(DOCS, all_spans, strict=True):
+        config = ChunkingConfig.parse(spec).for_document(text)
         assert all(n_tokens(backend, text[a:b]) <= config.size for a, b in spans), spans
         assert all(0 <= a < b <= len(text) for a, b in spans)
         starts = [a for a, _ in spans]
@@ -58,14 +62,14 @@ def test_chunks_respect_size_and_cover_every_token(backend, spec):
         offsets = backend.encode(text, add_special_tokens=False).offsets
         covered = {i for i, (s, _) in enumerate(offsets) for a, b in spans if a <= s < b}
         assert covered == set(range(len(offsets)))  # no token falls between chunks
-        if config.mode == "sentences":  # chunks do not overlap and end at sentence ends or cuts
-            assert all(b1 <= a2 for (_, b1), (a2, _) in zip(spans, spans[1:], strict=False))
-        if config.overlap:
-            shared = [
-                len({i for i, (s, _) in enumerate(offsets) if a1 <= s < b1 and a2 <= s < b2})
-                for (a1, b1), (a2, b2) in zip(spans, spans[1:], strict=False)
-            ]
+        shared = [
+            len({i for i, (s, _) in enumerate(offsets) if a1 <= s < b1 and a2 <= s < b2})
+            for (a1, b1), (a2, b2) in zip(spans, spans[1:], strict=False)
+        ]
+        if config.mode == "tokens":
             assert all(n == config.overlap for n in shared), shared
+        else:  # sentence chunks share at most `overlap` tokens (none without overlap)
+            assert all(n <= config.overlap for n in shared), shared
 
 
 def test_sentences_mode_keeps_sentences_whole_when_they_fit(backend):
@@ -79,7 +83,46 @@ def test_sentences_mode_keeps_sentences_whole_when_they_fit(backend):
     ]
 
 
-@pytest.mark.parametrize("spec", ["words:5", "tokens:0", "sentences:8:2", "tokens:4:4", "x"])
+def test_sentence_overlap_repeats_whole_trailing_sentences(backend):
+    text = " ".join(f"Sentence number {w} is here." for w in "abcdefgh")
+    sentences = [text[a:b] for a, b in sentence_spans(text)]
+    per = n_tokens(backend, sentences[0])  # every sentence has the same token count
+
+    def chunks(size, overlap=0):
+        config = ChunkingConfig("sentences", size, overlap)
+        return [text[a:b] for a, b in chunk_texts([text], backend, config)[0]]
+
+    plain = chunks(3 * per)
+    assert plain == [" ".join(sentences[i : i + 3]) for i in (0, 3, 6)]
+    # Each chunk after the first starts with the last sentence of the one before.
+    expected = [" ".join(sentences[i : i + 3]) for i in (0, 2, 4)] + [" ".join(sentences[6:])]
+    assert chunks(3 * per, per) == expected
+    assert chunks(3 * per, per - 1) == plain  # less than one sentence carries nothing back
+
+
+def test_random_chunking_draws_per_document_and_is_reproducible(backend):
+    from jasper_jax.data.corpus import load_corpus
+
+    texts = load_corpus("embedded")[:3000]
+    docs = documents_from_texts(texts, lambda t: n_tokens(backend, t), 60, 160)[:150]
+    config = ChunkingConfig.parse("random:16:48")
+    assert config.spec() == "random:16:48"
+    drawn = [config.for_document(d) for d in docs]
+    assert all(16 <= c.size <= 48 for c in drawn)
+    assert all(0.3 * c.size - 1 <= c.overlap <= 0.6 * c.size + 1 for c in drawn)
+    assert len({c.size for c in drawn}) > 10  # sizes vary between documents
+    assert 80 < sum(c.mode == "sentences" for c in drawn) < 135  # 70 % of 150 expected
+    spans = chunk_texts(docs, backend, config)
+    assert spans == chunk_texts(docs, backend, config)  # same text, same chunks
+    assert chunk_texts(docs[5:7][::-1], backend, config) == spans[5:7][::-1]  # not order-bound
+    for doc, c, doc_spans in zip(docs, drawn, spans, strict=True):
+        assert doc_spans == chunk_texts([doc], backend, c)[0]
+
+
+BAD_SPECS = ["words:5", "tokens:0", "sentences:8:8", "tokens:4:4", "x", "random:8", "random:9:4"]
+
+
+@pytest.mark.parametrize("spec", [*BAD_SPECS, "random:0:4", "random:4:8:2", "tokens:4:1:1"])
 def test_bad_chunking_specs_are_refused(spec):
     with pytest.raises(UserError, match="chunk"):
         ChunkingConfig.parse(spec)

@@ -5,15 +5,22 @@ token span. Chunks are stored as character spans ``[start, end)`` of the text, s
 encode ``text[start:end]`` on its own and any student tokenizer can find the same span again
 through its offset mapping (:func:`token_spans`).
 
-Two ways to chunk (``ChunkingConfig.mode``), with sizes counted in tokens of one tokenizer:
+Three ways to chunk (``ChunkingConfig.mode``), with sizes counted in tokens of one tokenizer:
 - ``sentences``: consecutive sentences packed greedily into chunks of at most ``size`` tokens
-  (a single sentence longer than ``size`` is cut into token windows);
-- ``tokens``: windows of ``size`` tokens, consecutive windows sharing ``overlap`` tokens.
+  (a single sentence longer than ``size`` is cut into token windows); with ``overlap`` a chunk
+  starts with the last whole sentences of the one before, up to ``overlap`` tokens of them;
+- ``tokens``: windows of ``size`` tokens, consecutive windows sharing ``overlap`` tokens;
+- ``random``: dewey_en_beta's recipe (PAPER 7): per document a size drawn from
+  [``min_size``, ``size``], an overlap of 30-60 % of it, and sentence packing (70 % of
+  documents) or token windows (30 %). The draws are seeded by the document's text, so a build
+  is reproducible and resumable. dewey draws 64-500 *characters*; in tokens that is about
+  ``random:16:112``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 
@@ -21,7 +28,9 @@ import numpy as np
 
 from jasper_jax.errors import UserError
 
-MODES = ("sentences", "tokens")
+MODES = ("sentences", "tokens", "random")
+RANDOM_OVERLAP = (0.3, 0.6)  # share of the drawn size (dewey_en_beta)
+RANDOM_SENTENCE_SHARE = 0.7  # documents chunked by sentences; the rest by token windows
 Span = tuple[int, int]
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
@@ -31,41 +40,67 @@ class ChunkingConfig:
     """How documents are cut into chunks.
 
     Attributes:
-      mode: "sentences" or "tokens" (see module docstring).
+      mode: "sentences", "tokens" or "random" (see module docstring).
       size: most tokens in one chunk (tokenizer of the teacher-data build).
-      overlap: tokens shared by consecutive windows ("tokens" mode only).
+      overlap: tokens shared by consecutive chunks (at most; whole sentences in "sentences").
+      min_size: smallest drawn size ("random" only).
     """
 
     mode: str
     size: int
     overlap: int = 0
+    min_size: int = 0
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise UserError(f"chunking mode {self.mode!r}: choose one of {MODES}")
         if self.size < 1:
             raise UserError(f"chunk size {self.size} must be at least 1 token")
-        if not 0 <= self.overlap < self.size or (self.overlap and self.mode != "tokens"):
+        if not 0 <= self.overlap < self.size or (self.overlap and self.mode == "random"):
             raise UserError(
-                f"chunk overlap {self.overlap}: must be >= 0 and < size {self.size}, and only "
-                "'tokens' mode overlaps (e.g. tokens:128:32)"
+                f"chunk overlap {self.overlap}: must be >= 0 and < size {self.size} (e.g. "
+                "tokens:128:32); 'random' draws its own overlap"
+            )
+        if (self.mode == "random") != (self.min_size > 0) or self.min_size > self.size:
+            raise UserError(
+                f"chunk sizes [{self.min_size}, {self.size}]: 'random' needs "
+                "1 <= MIN <= MAX (random:MIN:MAX, e.g. random:16:112); other modes take no MIN"
             )
 
     @classmethod
     def parse(cls, spec: str) -> ChunkingConfig:
-        """ "sentences:64", "tokens:128" or "tokens:128:32" (mode:size[:overlap])."""
+        """ "sentences:64", "sentences:64:16", "tokens:128", "tokens:128:32" (mode:size[:overlap])
+        or "random:16:112" (random:min:max)."""
         parts = spec.split(":")
         try:
-            if len(parts) not in (2, 3):
+            if len(parts) not in (2, 3) or (parts[0] == "random" and len(parts) != 3):
                 raise ValueError
-            return cls(parts[0], int(parts[1]), int(parts[2]) if len(parts) == 3 else 0)
+            numbers = [int(x) for x in parts[1:]]
+            if parts[0] == "random":
+                return cls("random", numbers[1], min_size=numbers[0])
+            return cls(parts[0], numbers[0], numbers[1] if len(numbers) == 2 else 0)
         except ValueError as e:
             raise UserError(
-                f"chunking {spec!r}: write MODE:SIZE[:OVERLAP], e.g. sentences:64 or tokens:128:32"
+                f"chunking {spec!r}: write MODE:SIZE[:OVERLAP] or random:MIN:MAX, e.g. "
+                "sentences:64, tokens:128:32 or random:16:112"
             ) from e
 
     def spec(self) -> str:
+        if self.mode == "random":
+            return f"random:{self.min_size}:{self.size}"
         return f"{self.mode}:{self.size}" + (f":{self.overlap}" if self.overlap else "")
+
+    def for_document(self, text: str) -> ChunkingConfig:
+        """The fixed chunking of one document: itself, or for "random" the draws seeded by the
+        text (size, overlap, sentences or tokens)."""
+        if self.mode != "random":
+            return self
+        seed = int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "little")
+        rng = np.random.default_rng(seed)
+        size = int(rng.integers(self.min_size, self.size + 1))
+        overlap = min(int(round(rng.uniform(*RANDOM_OVERLAP) * size)), size - 1)
+        mode = "sentences" if rng.random() < RANDOM_SENTENCE_SHARE else "tokens"
+        return ChunkingConfig(mode, size, overlap)
 
 
 def sentence_spans(text: str) -> list[Span]:
@@ -94,39 +129,59 @@ def _windows(offsets: np.ndarray, first: int, last: int, size: int, step: int) -
 
 
 def chunk_spans(text: str, offsets: np.ndarray, config: ChunkingConfig) -> list[Span]:
-    """Chunks of ``text`` as character spans, in order.
+    """Chunks of ``text`` as character spans, in order of their starts.
 
     Args:
       text: the document.
       offsets: [n_tokens, 2] character offsets of its tokens (no special tokens), in order.
-      config: mode and sizes.
+      config: mode and sizes ("random" is resolved per document, see ``for_document``).
     """
+    config = config.for_document(text)
     offsets = np.asarray(offsets, np.int64).reshape(-1, 2)
     offsets = offsets[offsets[:, 1] > offsets[:, 0]]  # special and padding tokens cover nothing
     if config.mode == "tokens":
         return _windows(offsets, 0, len(offsets), config.size, config.size - config.overlap)
+    return _pack_sentences(_sentence_units(text, offsets, config.size), config)
+
+
+def _sentence_units(text: str, offsets: np.ndarray, size: int) -> list[tuple[int, int, int]]:
+    """(start char, end char, tokens) of each sentence; a sentence over ``size`` tokens becomes
+    ``size``-token windows (the last one may pack with the sentences that follow)."""
     starts = offsets[:, 0]
-    chunks: list[Span] = []
-    current: Span | None = None
-    current_tokens = 0
+    units = []
     for s, e in sentence_spans(text):
-        first, last = np.searchsorted(starts, s), np.searchsorted(starts, e)
-        n = int(last - first)
-        if n == 0:
+        first, last = int(np.searchsorted(starts, s)), int(np.searchsorted(starts, e))
+        if last == first:
             continue  # whitespace/punctuation the tokenizer drops entirely
-        if current is not None and current_tokens + n <= config.size:
-            current, current_tokens = (current[0], e), current_tokens + n
+        if last - first <= size:
+            units.append((s, e, last - first))
             continue
-        if current is not None:
-            chunks.append(current)
-        if n > config.size:  # one over-long sentence: cut into windows, the last one stays open
-            *full, tail = _windows(offsets, int(first), int(last), config.size, config.size)
-            chunks.extend(full)
-            current, current_tokens = tail, int(last - first) - config.size * len(full)
-        else:
-            current, current_tokens = (s, e), n
-    if current is not None:
-        chunks.append(current)
+        for a in range(first, last, size):
+            b = min(a + size, last)
+            units.append((int(offsets[a, 0]), int(offsets[b - 1, 1]), b - a))
+    return units
+
+
+def _pack_sentences(units: list[tuple[int, int, int]], config: ChunkingConfig) -> list[Span]:
+    """Greedy packing of units into chunks of <= size tokens; each new chunk first takes back
+    the previous chunk's last units while they total <= overlap tokens and leave room."""
+    chunks: list[Span] = []
+    current: list[int] = []
+    tokens = 0
+    for j, (_, _, n) in enumerate(units):
+        if current and tokens + n > config.size:
+            chunks.append((units[current[0]][0], units[current[-1]][1]))
+            carried, kept = [], 0
+            for k in reversed(current):
+                if kept + units[k][2] > config.overlap or kept + units[k][2] + n > config.size:
+                    break
+                carried.insert(0, k)
+                kept += units[k][2]
+            current, tokens = carried, kept
+        current.append(j)
+        tokens += n
+    if current:
+        chunks.append((units[current[0]][0], units[current[-1]][1]))
     return chunks
 
 

@@ -64,7 +64,8 @@ def add_teachers_args(parser: argparse.ArgumentParser) -> None:
         "--chunks",
         default=None,
         help="chunk mode: also store each text's chunks and their vectors, cut by "
-        "MODE:SIZE[:OVERLAP] (sentences:64, tokens:128:32), sizes in --chunk-tokenizer tokens",
+        "MODE:SIZE[:OVERLAP] (sentences:64, sentences:64:16, tokens:128:32) or random:MIN:MAX "
+        "(dewey: per document a drawn size, overlap and mode), sizes in --chunk-tokenizer tokens",
     )
     parser.add_argument(
         "--chunk-tokenizer",
