@@ -95,14 +95,19 @@ def test_kill_and_resume_gives_identical_losses(tiny_setup, tmp_path):  # noqa: 
     assert resumed == reference  # exactly: same batches, same dropout keys, same arithmetic
 
 
+@pytest.fixture(scope="module")
+def single_device_losses(tiny_setup, tmp_path_factory):  # noqa: F811
+    workdir = tmp_path_factory.mktemp("one") / "run"
+    assert train_and_evaluate(tiny_config(tiny_setup, 3), workdir)["status"] == "finished"
+    return [m["train/loss"] for m in read_metrics(workdir)]
+
+
 @pytest.mark.parametrize("mesh", [(2, 1, 4), (2, 4, 1)])
-def test_sharded_losses_equal_single_device(tiny_setup, tmp_path, mesh):  # noqa: F811
-    one = train_and_evaluate(tiny_config(tiny_setup, 3), tmp_path / "one")
+def test_sharded_losses_equal_single_device(single_device_losses, tiny_setup, tmp_path, mesh):  # noqa: F811
     many = train_and_evaluate(tiny_config(tiny_setup, 3, mesh_shape=mesh), tmp_path / "many")
-    assert one["status"] == many["status"] == "finished"
-    a = [m["train/loss"] for m in read_metrics(tmp_path / "one")]
+    assert many["status"] == "finished"
     b = [m["train/loss"] for m in read_metrics(tmp_path / "many")]
-    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b, single_device_losses, rtol=1e-5, atol=1e-5)
 
 
 def _tree_hash(folder: Path) -> str:

@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import tempfile
 from pathlib import Path
 
-import numpy as np
-
 from jasper_jax.errors import UserError
+from jasper_jax.paths import save_npy_atomic
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +35,6 @@ def read_lines(path: str | Path) -> list[str]:
     if lines and lines[-1] == "":
         lines.pop()  # the final newline ends the last line; it does not start a new one
     return [line.rstrip("\r") for line in lines]
-
-
-def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
-    """Writes beside the target, then renames: an existing file is never left half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def parse_mesh(text: str) -> tuple[int, int, int]:

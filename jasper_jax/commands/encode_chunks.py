@@ -16,9 +16,9 @@ import json
 import logging
 from pathlib import Path
 
-from jasper_jax.commands.encode import parse_mesh, read_lines, save_npy_atomic
+from jasper_jax.commands.encode import parse_mesh, read_lines
 from jasper_jax.errors import UserError
-from jasper_jax.paths import write_text_atomic
+from jasper_jax.paths import save_npy_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,11 +17,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from jasper_jax.paths import save_npy_atomic
 
 log = logging.getLogger(__name__)
 CACHE_ENV = "JASPER_JAX_CACHE"
@@ -55,18 +56,6 @@ def entry_key(identity: dict, prompt: str | None, texts: Sequence[str]) -> str:
         digest.update(len(raw).to_bytes(8, "little"))
         digest.update(raw)
     return digest.hexdigest()
-
-
-def _save_atomic(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _load_valid(path: Path, rows: int) -> np.ndarray | None:
@@ -116,7 +105,7 @@ def cached_encode(
     array = np.asarray(compute(texts), np.float32)
     if array.ndim == 2 and array.shape[0] == len(texts) and np.isfinite(array).all():
         try:
-            _save_atomic(path, array)
+            save_npy_atomic(path, array)
         except OSError as err:
             log.warning("teacher cache %s is not writable (%s); nothing is cached", folder, err)
     return array
