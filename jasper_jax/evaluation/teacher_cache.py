@@ -62,7 +62,7 @@ def _load_valid(path: Path, rows: int) -> np.ndarray | None:
     """The entry if it is a finite float32 [rows, dim] array; None (with a warning) otherwise."""
     try:
         array = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, EOFError) as err:
         log.warning("teacher cache entry %s is unreadable (%s); recomputing it", path, err)
         return None
     if array.ndim != 2 or array.shape[0] != rows or array.dtype != np.float32:

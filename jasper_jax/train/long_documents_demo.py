@@ -49,26 +49,33 @@ def long_config(workdir: Path, quick: bool, **overrides: Any):
     return load_config(CONFIG, [f"--config.{k}={v}" for k, v in fields.items()])
 
 
-def build_long_data(c, task) -> None:
-    """Chunk-mode teacher datasets: train documents and the retrieval task's documents."""
+def train_documents(c) -> list[str]:
+    """The long train documents: consecutive train-split texts, `data.document_tokens` student
+    tokens each (seeded by `c.seed`)."""
     from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
     from jasper_jax.data.corpus import load_corpus
-    from jasper_jax.data.teacher_dataset import build_teacher_dataset
-    from jasper_jax.train.setup import resolve_model_folder
 
-    tokenizer = _tokenizer(c)
-    backend = plain_tokenizer(tokenizer)
+    backend = plain_tokenizer(_tokenizer(c))
     count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)
     low, high = c.data.document_tokens
     texts = load_corpus(c.data.corpus, split="train")
     # Enough texts for the documents wanted: ~1.5 tokens of budget per corpus token on average.
     wanted = int(c.data.train_documents * (low + high) / 2 / 12)
     documents = documents_from_texts(texts[:wanted], count, low, high, seed=c.seed)
-    documents = documents[: c.data.train_documents]
+    return documents[: c.data.train_documents]
+
+
+def build_long_data(c, task) -> None:
+    """Chunk-mode teacher datasets: train documents (cut by `data.chunking`) and the retrieval
+    task's documents (cut by the task's spans)."""
+    from jasper_jax.data.teacher_dataset import build_teacher_dataset
+    from jasper_jax.train.setup import resolve_model_folder
+
     folder = resolve_model_folder(c.model.init_hf)
     # Resumable blocks of one teacher batch (64) of documents: a long document and its chunks
     # cost as much as ~50 short texts.
     common = dict(max_length=c.data.max_length, chunk_tokenizer=folder, chunk_size=64)
+    documents = train_documents(c)
     log.info("teacher vectors for %d long train documents and their chunks", len(documents))
     build_teacher_dataset(
         documents, list(c.teachers), c.data.train_dir, chunking=c.data.chunking, **common
@@ -116,11 +123,16 @@ def retrieval_rows(c, task, workdir: Path) -> dict[str, dict]:
 def fidelity_before(c, workdir: Path) -> dict[str, dict[str, float]]:
     """The stage-3 student's held-out document and chunk fidelity (what chunk alignment starts
     from), measured exactly as the chunk-aligned stage's own evaluation."""
+    return heldout_fidelity(c, workdir / "stage3")
+
+
+def heldout_fidelity(c, run: Path) -> dict[str, dict[str, float]]:
+    """Held-out document and chunk fidelity (`c`'s eval data) of the run's latest checkpoint."""
     from jasper_jax import sharding
     from jasper_jax.train.checkpoint import load_params
     from jasper_jax.train.setup import make_task
 
-    params, _ = load_params(workdir / "stage3")
+    params, _ = load_params(run)
     return make_task(c).evaluate(c, params, sharding.make_mesh(tuple(c.mesh_shape)))
 
 
