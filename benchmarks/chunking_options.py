@@ -49,10 +49,10 @@ def main() -> None:
     from jasper_jax.evaluation.models import teacher_model
     from jasper_jax.evaluation.teacher_cache import default_cache_dir
     from jasper_jax.train.long_documents_demo import (
-        _tokenizer,
         build_long_data,
         heldout_fidelity,
         long_config,
+        student_tokenizer,
     )
     from jasper_jax.train.loop import train_and_evaluate
     from jasper_jax.workdir import load_any_model
@@ -79,7 +79,7 @@ def main() -> None:
         },
     )
     low, high = base.data.document_tokens
-    tokenizer = _tokenizer(base)
+    tokenizer = student_tokenizer(base)
 
     def task_for(chunking: str):
         return long_document_task(

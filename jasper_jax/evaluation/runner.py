@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from jasper_jax.evaluation.models import EvalModel, student_model, teacher_model
 from jasper_jax.evaluation.report import markdown_report, plot_quality
 from jasper_jax.evaluation.robustness import Encoded, robustness_rows
 from jasper_jax.evaluation.teacher_cache import resolve_cache_dir
+from jasper_jax.paths import write_text_atomic
 
 log = logging.getLogger(__name__)
 DEFAULT_TEACHERS = ("all-mpnet-base-v2", "all-MiniLM-L6-v2")  # the embedded default's order
@@ -160,21 +160,14 @@ def default_output_dir(model_path: Path) -> Path:
     return model_path.parent / f"{model_path.name}-eval"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_results(result: dict, output: Path) -> dict[str, Path]:
     """eval.json, eval.md and quality.png in `output`; returns their paths."""
     import json
 
     output.mkdir(parents=True, exist_ok=True)
     paths = {k: output / n for k, n in (("json", "eval.json"), ("md", "eval.md"))}
-    _write_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
-    _write_atomic(paths["md"], markdown_report(result) + "\n")
+    write_text_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
+    write_text_atomic(paths["md"], markdown_report(result) + "\n")
     paths["png"] = output / "quality.png"
     tmp = output / ".quality.tmp.png"
     plot_quality(result, tmp)

@@ -55,7 +55,7 @@ def train_documents(c) -> list[str]:
     from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
     from jasper_jax.data.corpus import load_corpus
 
-    backend = plain_tokenizer(_tokenizer(c))
+    backend = plain_tokenizer(student_tokenizer(c))
     count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)
     low, high = c.data.document_tokens
     texts = load_corpus(c.data.corpus, split="train")
@@ -86,7 +86,8 @@ def build_long_data(c, task) -> None:
     )
 
 
-def _tokenizer(c):
+def student_tokenizer(c):
+    """The student's HF tokenizer (document lengths and chunk sizes are counted in its tokens)."""
     from transformers import AutoTokenizer
 
     from jasper_jax.train.setup import resolve_model_folder
@@ -163,7 +164,7 @@ def run_long_documents(workdir: Path, quick: bool) -> dict:
     c = long_config(workdir, quick)
     low, high = c.data.document_tokens
     task = long_document_task(
-        _tokenizer(c),
+        student_tokenizer(c),
         min_tokens=low,
         max_tokens=high,
         max_documents=c.data.eval_texts,
