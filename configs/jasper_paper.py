@@ -55,6 +55,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.pooling = "mean"
     c.model.heads = s["heads"]
     c.model.trainable_last_layers = 3
+    # New heads: "lstsq" fits them in closed form (ridge regression of the teacher target on
+    # the features they read, one forward pass over head_init_texts train texts, reduced heads
+    # by PCA of the full head's predictions; jasper_jax.train.head_init); "random" is the
+    # paper's (FC layers at PyTorch's default init).
+    c.model.head_init = "lstsq"
+    c.model.head_init_texts = 65536
+    c.model.head_init_ridge = 1e-3  # x trace(X^T X) / hidden
+    c.model.normalize_pooled = False  # stella's heads read the raw mean-pooled state
     c.model.remat = "full"  # 28 layers x 512 tokens x batch 128 of activations otherwise
 
     c.teachers = ("nvidia/NV-Embed-v2", "dunzhang/stella_en_1.5B_v5")  # precomputed offline

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from jasper_jax.errors import UserError
 
 TRAINABLE = ("heads", "heads+last_layers", "all", "vision")
 DTYPES = ("float32", "bfloat16")
+HEAD_INIT_MODES = ("lstsq", "random")  # new heads: closed-form ridge fit, or random (paper)
 
 
 def import_config_module(path: Path):
@@ -104,6 +106,20 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(len(heads) > 0 and all(int(d) > 0 for d in heads), "model.heads", "positive dims")
     _check(len(set(heads)) == len(heads), "model.heads", f"{heads} has a repeated dim")
     _check(c.model.trainable_last_layers >= 0, "model.trainable_last_layers", "must be >= 0")
+    _check(
+        c.model.head_init in HEAD_INIT_MODES,
+        "model.head_init",
+        f"{c.model.head_init!r} must be one of {HEAD_INIT_MODES}",
+    )
+    _check(c.model.head_init_texts >= 1, "model.head_init_texts", "must be >= 1 text")
+    _check(
+        math.isfinite(c.model.head_init_ridge) and c.model.head_init_ridge >= 0,
+        "model.head_init_ridge",
+        f"{c.model.head_init_ridge} must be a finite number >= 0",
+    )
+    _check(
+        isinstance(c.model.normalize_pooled, bool), "model.normalize_pooled", "must be True/False"
+    )
     _validate_memory_fields(c.model)
     _check(c.data.batch_size >= 2, "data.batch_size", "in-batch losses need at least 2 rows")
     _check(c.data.max_length >= 4, "data.max_length", "must be at least 4 tokens")
@@ -119,7 +135,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.clip_norm > 0, "optim.clip_norm", "must be > 0")
     t = c.train
-    _check(t.steps >= 1, "train.steps", "must be >= 1")
+    _check(t.steps >= 0, "train.steps", "must be >= 0 (0: fit the heads, no gradient steps)")
+    _check(
+        t.steps >= 1 or (c.model.head_init == "lstsq" and c.trainable == "heads"),
+        "train.steps",
+        "0 steps only makes sense for a head-only stage with model.head_init=lstsq",
+    )
     for f in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_row"):
         _check(t[f] >= 1, f"train.{f}", "must be >= 1")
     w = c.loss

@@ -32,7 +32,7 @@ import numpy as np
 from jasper_jax.errors import UserError
 from jasper_jax.models.embedder import POOLED, head_name
 from jasper_jax.models.hf_io import params_to_state_dict, read_json
-from jasper_jax.models.loading import LoadedModel
+from jasper_jax.models.loading import LoadedModel, normalizes_pooled
 from jasper_jax.train.checkpoint import MODEL_FILE, load_params
 
 log = logging.getLogger(__name__)
@@ -144,9 +144,14 @@ def dense_folder_name(dim: int) -> str:
     return f"2_Dense_{dim}"
 
 
-def modules_json(default_head: str) -> list[dict[str, Any]]:
-    """The module list: Transformer, Pooling, [the default head's Dense], Normalize."""
+def modules_json(default_head: str, normalize_pooled: bool = False) -> list[dict[str, Any]]:
+    """The module list: Transformer, Pooling, [Normalize], [the default head's Dense],
+    Normalize. With `normalize_pooled` the heads read the unit pooled vector, so a Normalize
+    sits between Pooling and the head; it is written for the pooled default too (two Normalize
+    in a row change nothing), so the folder always says what its heads read."""
     names = [("", "Transformer"), ("1_Pooling", "Pooling")]
+    if normalize_pooled:
+        names.append(("2_Normalize", "Normalize"))
     if default_head != POOLED:
         names.append((dense_folder_name(int(default_head.removeprefix("dense_"))), "Dense"))
     names.append((f"{len(names)}_Normalize", "Normalize"))
@@ -218,7 +223,7 @@ def write_text_model(
     _save_safetensors(params_to_state_dict(model.params["encoder"]), folder / "model.safetensors")
     tokenizer = copy_tokenizer(Path(model.folder), folder)
     dims = write_heads(model.params.get("heads", {}), cfg.hidden_size, folder)
-    _write_json(folder / "modules.json", modules_json(default_head))
+    _write_json(folder / "modules.json", modules_json(default_head, cfg.normalize_pooled))
     _write_json(folder / "1_Pooling" / "config.json", pooling_config(cfg.pooling, cfg.hidden_size))
     _write_json(
         folder / "sentence_bert_config.json",
@@ -337,6 +342,7 @@ def set_default_head(folder: str | Path, head: str) -> None:
         if not (folder / dense_folder_name(dim) / "config.json").is_file():
             raise UserError(f"{folder} has no head {head!r} ({dense_folder_name(dim)}/ missing)")
     path = folder / "modules.json"
+    modules = modules_json(head, normalizes_pooled(read_json(path)))
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(modules_json(head), indent=2) + "\n", encoding="utf-8")
+    tmp.write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
     tmp.replace(path)

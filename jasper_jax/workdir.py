@@ -33,6 +33,7 @@ def embedder_config_from_dict(d: dict) -> EmbedderConfig:
         pooling=d["pooling"],
         heads=tuple(d["heads"]),
         default_head=d.get("default_head"),
+        normalize_pooled=bool(d.get("normalize_pooled", False)),
     )
 
 

@@ -62,13 +62,15 @@ def test_folder_layout_is_sentence_transformers_with_safetensors_only(exported):
     } <= names
     assert not [n for n in names if n.endswith((".bin", ".pkl", ".pt", ".pth", ".ckpt"))]
     modules = json.loads((exported / "modules.json").read_text())
+    # The embedded default's heads read the unit pooled vector: Normalize before the Dense.
     assert [m["type"].rsplit(".", 1)[1] for m in modules] == [
         "Transformer",
         "Pooling",
+        "Normalize",
         "Dense",
         "Normalize",
     ]
-    assert modules[2]["path"] == "2_Dense_384"  # the full teacher-dim head by default
+    assert modules[3]["path"] == "2_Dense_384"  # the full teacher-dim head by default
     prompts = json.loads((exported / "config_sentence_transformers.json").read_text())["prompts"]
     assert prompts == {"query": "query: ", "document": ""}
     leftovers = [p.name for p in exported.parent.iterdir() if p.name.startswith(".out.")]
@@ -246,3 +248,24 @@ def test_vision_tower_exports_as_siglip_vision_model(workdir, tmp_path, monkeypa
     )
     # The text part of the same export is unchanged by the tower.
     assert load_model(out).config.heads
+
+
+def test_heads_on_the_raw_pooled_vector_export_and_match(tiny_setup, tmp_path, texts):  # noqa: F811
+    """model.normalize_pooled=False (the paper's stella heads): no Normalize before the Dense,
+    and sentence-transformers still encodes like our JAX code."""
+    from sentence_transformers import SentenceTransformer
+
+    from jasper_jax.train.loop import train_and_evaluate
+
+    c = tiny_config(tiny_setup, 1, **{"train.steps": 1, "model.normalize_pooled": False})
+    train_and_evaluate(c, tmp_path / "raw")
+    export_workdir(tmp_path / "raw", tmp_path / "out")
+    modules = json.loads((tmp_path / "out" / "modules.json").read_text())
+    kinds = [m["type"].rsplit(".", 1)[1] for m in modules]
+    assert kinds == ["Transformer", "Pooling", "Dense", "Normalize"]
+    back = load_model(tmp_path / "out")
+    assert back.config.normalize_pooled is False
+    ours = TextEncoder(back).encode(texts[:64])
+    st = SentenceTransformer(str(tmp_path / "out"), device="cpu").encode(texts[:64])
+    cos = np.sum(ours * st, axis=1) / np.linalg.norm(st, axis=1)
+    assert cos.min() > 0.9999

@@ -5,8 +5,10 @@
 2. stages 1-3, each starting from the previous stage's last checkpoint;
 3. the long-document step (chunk alignment on documents of consecutive texts; see
    `jasper_jax.train.long_documents_demo`) and stage 4 (vision);
-4. a table: per stage, held-out cosine to the teacher and Spearman correlation of pairwise
-   similarities, for the full head and each reduced head.
+4. a table and a picture (`demo_results.{md,png}`): for each teacher, the target, the initial
+   student, the start of each stage that fits new heads in closed form, and the end of each
+   stage, every head: held-out cosine to the target, Spearman of pairwise similarities, and
+   held-out WordNet retrieval (nDCG@10, R@1), all from one teacher pass over the held-out set.
 
 Re-running the same command resumes: finished datasets and stages are kept.
 """
@@ -14,13 +16,18 @@ Re-running the same command resumes: finished datasets and stages are kept.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from jasper_jax.errors import UserError
+from jasper_jax.evaluation.learning_table import Row, markdown_table, plot_learning
+from jasper_jax.paths import write_json_atomic, write_text_atomic
 
 log = logging.getLogger("jasper_jax.demo")
 CONFIG = "configs/embedded_default.py"
@@ -35,9 +42,28 @@ QUICK = {
 }
 
 
+# `--large`: more of the bundled corpus and more steps, for a student that learns more than
+# the few-minute default; about an hour on a 2-core CPU (README, "The larger run").
+LARGE = {
+    "data.train_texts": 48000,
+    "model.head_init_texts": 16384,
+    "train.checkpoint_every": 200,
+}
+LARGE_STEPS = {1: 0, 2: 600, 3: 1200}
+# The held-out retrieval task scored at every stage (queries, documents): the eval's default
+# task, so the demo's figures compare with `jasper-jax eval`.
+RETRIEVAL = {"full": (1000, None), "quick": (64, 256)}
+
+
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, results go")
-    p.add_argument("--quick", action="store_true", help="a tiny budget for a smoke run (~2 min)")
+    size = p.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a tiny budget for a smoke run (~2 min)")
+    size.add_argument(
+        "--large",
+        action="store_true",
+        help="48k train texts, 1800 steps over stages 2-3 (about an hour on 2 CPU cores)",
+    )
     p.add_argument("--skip-vision", action="store_true", help="leave out stage 4 (images)")
     p.add_argument(
         "--skip-long", action="store_true", help="leave out the long-document (chunk) step"
@@ -50,78 +76,154 @@ def _config(stage: int, overrides: dict[str, Any]):
     return load_config(f"{CONFIG}:{stage}", [f"--config.{k}={v}" for k, v in overrides.items()])
 
 
-def build_teacher_data(workdir: Path, c) -> tuple[Path, Path]:
-    """Teacher datasets for the train slice and the held-out split (kept if already built)."""
+def retrieval_task(quick: bool):
+    from jasper_jax.evaluation.retrieval import wordnet_task
+
+    queries, documents = RETRIEVAL["quick" if quick else "full"]
+    return wordnet_task(queries, documents)
+
+
+def spread_sample(texts: list[str], n: int) -> list[str]:
+    """`n` texts evenly spaced over `texts` (all of them when n >= len): the bundled corpus is
+    ordered by part of speech and synset, so its first n texts are all nouns of one branch of
+    WordNet (the first 12,000: organisms and objects), a slice unlike the held-out set that a
+    student trained on it drifts towards."""
+    if n >= len(texts):
+        return list(texts)
+    return [texts[i] for i in np.linspace(0, len(texts) - 1, n).round().astype(int)]
+
+
+def build_teacher_data(workdir: Path, c, task) -> tuple[Path, Path]:
+    """Teacher datasets (kept if already built) for `data.train_texts` train texts spread over
+    the train split, and the held-out set: `data.eval_texts` texts spread over the held-out
+    split, then every text of the retrieval `task`."""
     from jasper_jax.data.corpus import load_corpus
     from jasper_jax.data.teacher_dataset import build_teacher_dataset
+    from jasper_jax.evaluation.heldout import heldout_texts
 
     out = {}
-    for split, limit in (("train", c.data.train_texts), ("validation", c.data.eval_texts)):
-        texts = load_corpus(c.data.corpus, split=split)[:limit]
-        log.info("teacher vectors for %d %s texts with %s", len(texts), split, list(c.teachers))
+    validation = spread_sample(load_corpus(c.data.corpus, split="validation"), c.data.eval_texts)
+    texts = {
+        "train": spread_sample(load_corpus(c.data.corpus, split="train"), c.data.train_texts),
+        "validation": heldout_texts(validation, task),
+    }
+    for split, rows in texts.items():
+        log.info("teacher vectors for %d %s texts with %s", len(rows), split, list(c.teachers))
         out[split] = workdir / "data" / split
-        build_teacher_dataset(texts, list(c.teachers), out[split])
+        build_teacher_dataset(rows, list(c.teachers), out[split])
     return out["train"], out["validation"]
 
 
-def initial_scores(c, eval_dir: Path) -> dict[str, dict[str, float]]:
-    """The untrained student's own pooled vectors vs the teachers: the starting point."""
-    from jasper_jax.data.pipeline import load_eval_arrays
+def load_heldout(eval_dir: Path, c, task):
+    """The held-out set (fidelity rows first, then the retrieval texts) with its teachers."""
+    from jasper_jax.data.pipeline import sorted_records
+    from jasper_jax.data.teacher_dataset import open_teacher_dataset
+    from jasper_jax.evaluation.heldout import HeldOut
+
+    records = sorted_records(eval_dir)
+    texts = [r["text"].decode("utf-8") for r in records]
+    stored = np.stack([r["teacher"] for r in records]).astype(np.float32)
+    teachers = [(t["name"], int(t["dim"])) for t in open_teacher_dataset(eval_dir)[1]["teachers"]]
+    return HeldOut.build(texts, stored, teachers, c.data.eval_texts, task)
+
+
+def student_evaluator(heldout, c):
+    """`(model, mesh) -> {output: scores}`: every head (and, for a model without heads, the
+    pooled vector) on every held-out text, encoded once."""
     from jasper_jax.encode import TextEncoder
-    from jasper_jax.fidelity import fidelity_metrics
+    from jasper_jax.models.embedder import POOLED
+
+    def evaluate(model, mesh=None) -> dict[str, dict[str, float]]:
+        encoder = TextEncoder(model, mesh=mesh, batch_size=c.data.batch_size, dtype=c.dtype)
+        heads = model.config.head_names or (POOLED,)
+        vectors = encoder.encode_heads(heldout.texts, heads=heads, max_length=c.data.max_length)
+        return {name: heldout.score(v) for name, v in vectors.items()}
+
+    return evaluate
+
+
+def initial_scores(c, evaluate) -> dict[str, dict[str, float]]:
+    """The untrained student's own pooled vectors: the starting point."""
     from jasper_jax.train.setup import resolve_model_folder
     from jasper_jax.workdir import load_any_model
 
-    texts, teacher, _ = load_eval_arrays(eval_dir, limit=c.data.eval_texts)
-    model = load_any_model(resolve_model_folder(c.model.init_hf))
-    vectors = TextEncoder(model).encode(texts, head="pooled", max_length=c.data.max_length)
-    return {"pooled": fidelity_metrics(vectors, teacher)}
+    return evaluate(load_any_model(resolve_model_folder(c.model.init_hf)))
 
 
-def run_text_stages(workdir: Path, overrides: dict[str, Any]) -> list[dict]:
+def run_text_stages(workdir: Path, overrides: dict[str, Any], evaluate, steps=None) -> list[dict]:
+    """Stages 1-3, each from the previous one's checkpoint; held-out scores at the start of each
+    stage (closed-form heads included) and at its end, kept in `stageN/heldout.json` so that a
+    resumed demo still has the start of a finished stage."""
     from jasper_jax.train.loop import train_and_evaluate
 
     rows, previous = [], ""
     for stage in (1, 2, 3):
         stage_dir = workdir / f"stage{stage}"
-        c = _config(stage, {**overrides, "init_from": previous})
+        extra = {"train.steps": steps[stage]} if steps else {}
+        c = _config(stage, {**overrides, **extra, "init_from": previous})
         start = time.perf_counter()
-        result = train_and_evaluate(c, stage_dir)
+        result = train_and_evaluate(c, stage_dir, evaluator=evaluate)
         if result["status"] != "finished":
             raise UserError(f"stage {stage} stopped ({result['status']}); re-run to resume")
-        rows.append({"stage": stage, "seconds": time.perf_counter() - start, **result})
+        saved = stage_dir / "heldout.json"
+        kept = json.loads(saved.read_text()) if saved.is_file() else {}
+        start_scores = result.get("start_scores", kept.get("start_scores"))
+        write_json_atomic(saved, {"start_scores": start_scores, "scores": result["scores"]})
+        rows.append(
+            {
+                "stage": stage,
+                "seconds": time.perf_counter() - start,
+                **result,
+                "start_scores": start_scores,
+            }
+        )
         previous = str(stage_dir)
     return rows
 
 
-def format_table(initial: dict, rows: list[dict]) -> str:
-    """Markdown: one line per (stage, head) with cosine (full head) and Spearman."""
-    lines = [
-        "| stage | head | held-out cosine to teacher | held-out Spearman (pairwise sims) | "
-        "teacher-NN recall@10 |",
-        "|---|---|---|---|---|",
+def learning_rows(heldout, initial: dict, stages: list[dict]) -> list[Row]:
+    """Teachers and target, the initial student, then each stage's start (when it fitted new
+    heads in closed form) and end, every head."""
+    rows = [
+        Row(name, "embedding", s, reference=True) for name, s in heldout.teacher_scores().items()
     ]
-    all_rows = [{"stage": "start (MiniLM, no head)", "eval": initial}, *rows]
-    for row in all_rows:
-        for head, m in row["eval"].items():
-            cos = f"{m['cosine']:.4f}" if "cosine" in m else "n/a (dim differs)"
-            lines.append(
-                f"| {row['stage']} | {head} | {cos} | {m['spearman']:.4f} | "
-                f"{m['nn_recall_at_10']:.3f} |"
-            )
-    return "\n".join(lines)
+    rows += [Row("start (init, no head)", out, s) for out, s in initial.items()]
+    for r in stages:
+        label = f"stage {r['stage']}"
+        fresh = set(r["scores"]) - {row.output for row in rows if not row.reference}
+        if r["step"] == 0:
+            label += " (closed-form heads, 0 steps)"
+        elif r.get("start_scores") and fresh:
+            for out in sorted(fresh, key=_head_order):
+                rows.append(Row(f"{label} start (closed form)", out, r["start_scores"][out]))
+        for out, s in sorted(r["scores"].items(), key=lambda kv: _head_order(kv[0])):
+            rows.append(Row(label, out, s))
+    return rows
+
+
+def _head_order(name: str) -> int:
+    return -int(name.removeprefix("dense_")) if name.startswith("dense_") else 0
 
 
 def demo_main(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
+    if args.large:
+        overrides.update(LARGE)
     base = _config(1, overrides)
+    task = retrieval_task(args.quick)
     start = time.perf_counter()
-    train_dir, eval_dir = build_teacher_data(workdir, base)
+    train_dir, eval_dir = build_teacher_data(workdir, base, task)
     overrides.update({"data.train_dir": str(train_dir), "data.eval_dir": str(eval_dir)})
     teacher_seconds = time.perf_counter() - start
-    initial = initial_scores(base, eval_dir)
-    rows = run_text_stages(workdir, overrides)
+    heldout = load_heldout(eval_dir, base, task)
+    evaluate = student_evaluator(heldout, base)
+    initial = initial_scores(base, evaluate)
+    rows = run_text_stages(workdir, overrides, evaluate, LARGE_STEPS if args.large else None)
+    text_seconds = time.perf_counter() - start - teacher_seconds
+    learning = learning_rows(heldout, initial, rows)
+    table = markdown_table(learning)
+    plot = plot_learning(learning, workdir / "demo_results.png", "held-out scores over the stages")
     long_documents = None
     if not args.skip_long:
         from jasper_jax.train.long_documents_demo import run_long_documents
@@ -130,27 +232,30 @@ def demo_main(args: argparse.Namespace) -> int:
     vision = None
     if not args.skip_vision:
         vision = _run_vision(workdir, overrides)
-    table = format_table(initial, rows)
     summary = {
         "teacher_seconds": teacher_seconds,
+        "text_stage_seconds": text_seconds,
         "total_seconds": time.perf_counter() - start,
-        "initial": initial,
+        "table": [dataclasses.asdict(r) for r in learning],
         "stages": [{k: v for k, v in r.items() if k != "state"} for r in rows],
         "vision": vision,
         "long_documents": long_documents,
     }
-    (workdir / "demo_results.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json_atomic(workdir / "demo_results.json", json.loads(json.dumps(summary, default=str)))
     extra = [part["table"] for part in (long_documents, vision) if part and "table" in part]
-    (workdir / "demo_results.md").write_text("\n\n".join([table, *extra]) + "\n")
+    write_text_atomic(workdir / "demo_results.md", "\n\n".join([table, *extra]) + "\n")
     print("\n" + table)
     if long_documents:
         print("\n" + long_documents["table"])
     if vision:
         print("\n" + vision.get("table", json.dumps(vision, indent=2, default=str)))
-    print(f"\nteacher vectors {teacher_seconds:.0f} s; total {summary['total_seconds']:.0f} s; ")
     print(
-        f"results in {workdir}/demo_results.md; export: jasper-jax export --workdir "
-        f"{workdir}/stage3 --output {workdir}/export"
+        f"\nteacher vectors {teacher_seconds:.0f} s; stages 1-3 {text_seconds:.0f} s; "
+        f"total {summary['total_seconds']:.0f} s"
+    )
+    print(
+        f"results in {workdir}/demo_results.md, picture {plot}; export: jasper-jax export "
+        f"--workdir {workdir}/stage3 --output {workdir}/export"
     )
     return 0
 

@@ -226,18 +226,21 @@ def compute_teacher_vectors(
     if own_bar:
         bar = tqdm.tqdm(total=len(texts) * len(teachers), unit="text", disable=not progress)
     offset = 0
+    # Blocks of similar length: a block pads to its longest text, so one long text among short
+    # ones would make every batch of its block long (character count is a cheap proxy).
+    order = np.argsort([len(t) for t in texts], kind="stable")
     try:
         for teacher in teachers:
             bar.set_postfix_str(teacher.name)
             for start in range(0, len(texts), encode_batch):
-                batch = list(texts[start : start + encode_batch])
+                rows = order[start : start + encode_batch]
+                batch = [texts[i] for i in rows]
                 raw = teacher.encode(batch)
                 if raw.shape != (len(batch), teacher.dim):
                     raise UserError(
                         f"teacher {teacher.name!r} returned shape {raw.shape} for "
                         f"{len(batch)} texts; expected ({len(batch)}, {teacher.dim})"
                     )
-                rows = slice(start, start + len(batch))
                 out[rows, offset : offset + teacher.dim] = normalise_rows(raw)
                 bar.update(len(batch))
             offset += teacher.dim

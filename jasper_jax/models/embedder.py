@@ -25,6 +25,9 @@ from jasper_jax.models.qwen2 import Qwen2Config, Qwen2Encoder
 EncoderConfig = BertConfig | MPNetConfig | Qwen2Config
 ENCODERS = {"bert": BertEncoder, "mpnet": MPNetEncoder, "qwen2": Qwen2Encoder}
 POOLED = "pooled"  # the name under which the bare pooled vector is returned
+# What the heads read ([B, hidden], not normalised to unit length unless normalize_pooled):
+# the features a closed-form head fit regresses on (`jasper_jax.train.head_init`).
+HEAD_INPUT = "head_input"
 
 
 def head_name(dim: int) -> str:
@@ -40,12 +43,17 @@ class EmbedderConfig:
       pooling: one of POOLING_MODES.
       heads: output dims of the projection heads, e.g. (1152, 256, 128); named `dense_<dim>`.
       default_head: the head `encode` uses when none is named; None means the pooled vector.
+      normalize_pooled: the heads read the unit-length pooled vector instead of the raw mean
+        (sentence-transformers: a Normalize module between Pooling and Dense). A student
+        initialised from an embedding model whose own output is normalised (all-MiniLM-L6-v2)
+        then starts with a head that can reproduce its own slice of the target exactly.
     """
 
     encoder: EncoderConfig
     pooling: str = "mean"
     heads: tuple[int, ...] = ()
     default_head: str | None = None
+    normalize_pooled: bool = False
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
@@ -79,8 +87,9 @@ class ProjectionHeads(nn.Module):
 class Embedder(nn.Module):
     """Call: (input_ids [B, L], attention_mask [B, L]) -> {name: [B, dim] unit vectors}.
 
-    `heads` selects which outputs to compute (names from `config.head_names` and/or "pooled");
-    None computes all of them. `inputs_embeds` [B, L, hidden] replaces token embeddings.
+    `heads` selects which outputs to compute (names from `config.head_names`, "pooled" and/or
+    "head_input", the heads' unnormalised input); None computes the pooled vector and every
+    head. `inputs_embeds` [B, L, hidden] replaces token embeddings.
     `chunk_spans` [B, C, 2] token ranges [start, end) turn the output into a pair
     (document vectors {name: [B, dim]}, chunk vectors {name: [B, C, dim]}) from one encoder
     pass; each chunk is the mean of its tokens' states (late chunking), an empty span gives 0.
@@ -111,14 +120,17 @@ class Embedder(nn.Module):
         names = (POOLED, *cfg.head_names) if heads is None else tuple(heads)
 
         def outputs(vectors: jax.Array) -> dict[str, jax.Array]:
+            features = l2_normalize(vectors) if cfg.normalize_pooled else vectors
             out = {}
             for name in names:
                 if name == POOLED:
                     out[name] = l2_normalize(vectors)
+                elif name == HEAD_INPUT:
+                    out[name] = features.astype(jnp.float32)
                 elif name in cfg.head_names:
-                    out[name] = l2_normalize(projection(vectors, name))
+                    out[name] = l2_normalize(projection(features, name))
                 else:
-                    raise KeyError(f"head {name!r} not in {(POOLED, *cfg.head_names)}")
+                    raise KeyError(f"head {name!r} not in {(POOLED, HEAD_INPUT, *cfg.head_names)}")
             return out
 
         if chunk_spans is None:

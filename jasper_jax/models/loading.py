@@ -76,6 +76,15 @@ def _modules(folder: Path) -> list[dict[str, Any]]:
     return hf_io.read_json(path) if path.exists() else []
 
 
+def normalizes_pooled(modules: list[dict[str, Any]]) -> bool:
+    """Whether a modules.json list normalises the pooled vector before what follows it."""
+    kinds = [m.get("type", "").rsplit(".", 1)[-1] for m in modules]
+    return any(
+        a == "Pooling" and b == "Normalize" and i + 2 < len(kinds)
+        for i, (a, b) in enumerate(zip(kinds, kinds[1:], strict=False))
+    )
+
+
 def _dense_heads(folder: Path, hidden: int) -> tuple[dict[int, dict], str | None]:
     """Projection heads from `2_Dense*` folders: {dim: {"kernel", "bias"}}, default head name."""
     in_modules = {m["path"] for m in _modules(folder) if m.get("type", "").endswith("Dense")}
@@ -126,6 +135,7 @@ def load_model(folder: str | Path) -> LoadedModel:
         pooling=_pooling_mode(folder),
         heads=tuple(heads),
         default_head=default or POOLED,
+        normalize_pooled=normalizes_pooled(_modules(folder)),
     )
     import flax.linen as nn
 

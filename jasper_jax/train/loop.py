@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -19,12 +20,17 @@ import jax
 import ml_collections
 import numpy as np
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
 from jasper_jax import sharding
+from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
 from jasper_jax.losses import LossConfig
+from jasper_jax.models.embedder import head_name
+from jasper_jax.models.loading import LoadedModel
 from jasper_jax.paths import PathLike, as_path, canonical, write_json_atomic
 from jasper_jax.train import checkpoint as ckpt
+from jasper_jax.train import head_init
 from jasper_jax.train import state as st
 from jasper_jax.train.reporting import MetricWriter, Progress, step_flops
 from jasper_jax.train.setup import Task, make_task
@@ -76,8 +82,10 @@ def run_identity(c: ml_collections.ConfigDict, task: Task) -> dict:
     }
 
 
-def _initial_params(c, task: Task, shardings) -> Any:
-    """Random params (sharded), overwritten by HF weights or the previous stage's params."""
+def _initial_params(c, task: Task, shardings, mesh) -> tuple[Any, bool]:
+    """Random params (sharded), overwritten by HF weights or the previous stage's params; heads
+    neither provides are fitted in closed form with `model.head_init = "lstsq"`. Returns
+    (params, whether any head was fitted)."""
     init = jax.jit(lambda rng: nn.meta.unbox(task.init(rng)), out_shardings=shardings)
     params = traverse_util.flatten_dict(init(jax.random.key(c.seed)))
     pretrained, source = task.pretrained()
@@ -101,9 +109,60 @@ def _initial_params(c, task: Task, shardings) -> Any:
                 np.asarray(loaded[path], np.float32), flat_shardings[path]
             )
         else:
-            fresh.append("/".join(path))
-    log.info("initialised from %s; %d tensors at random init: %s", source, len(fresh), fresh)
-    return traverse_util.unflatten_dict(params)
+            fresh.append(path)
+    new_heads = sorted({p[1] for p in fresh if p[0] == "heads"})
+    fitted = bool(new_heads) and c.model.head_init == "lstsq"
+    if fitted:
+        params = _fit_heads(c, task, params, new_heads, mesh, flat_shardings)
+        fresh = [p for p in fresh if p[0] != "heads"]
+    names = ["/".join(p) for p in fresh]
+    log.info("initialised from %s; %d tensors at random init: %s", source, len(names), names)
+    return traverse_util.unflatten_dict(params), fitted
+
+
+def _fit_heads(c, task: Task, params: dict, names: list[str], mesh, flat_shardings) -> dict:
+    """Closed-form fit of the heads `names` on `model.head_init_texts` train texts, read with
+    the parameters as loaded (one forward pass; see `jasper_jax.train.head_init`)."""
+    data = task.pipeline(c)
+    # Each text once: a small dataset is not cycled to reach head_init_texts.
+    texts = min(c.model.head_init_texts, len(open_teacher_dataset(c.data.train_dir)[0]))
+    batches = max(1, texts // c.data.batch_size)
+    keys = ("input_ids", "attention_mask", "teacher")
+    moments = head_init.accumulate_moments(
+        task.head_features,
+        traverse_util.unflatten_dict(params),
+        (_global_batch(next(data), mesh, keys) for _ in range(batches)),
+        mesh,
+    )
+    full_name = head_name(task.teacher_dim)
+    full_head = None
+    if full_name not in names:  # reduce from the full head as trained so far
+        full_head = tuple(
+            _host_value(params[("heads", full_name, leaf)]) for leaf in ("kernel", "bias")
+        )
+    dims = dict(zip(task.config.head_names, task.config.heads, strict=True))
+    fitted = head_init.closed_form_heads(
+        moments, {n: dims[n] for n in names}, task.teacher_dim, c.model.head_init_ridge, full_head
+    )
+    for name, leaves in fitted.items():
+        for leaf, value in leaves.items():
+            params[("heads", name, leaf)] = jax.device_put(
+                value, flat_shardings[("heads", name, leaf)]
+            )
+    log.info(
+        "heads %s fitted in closed form (ridge %g) on %d texts",
+        names,
+        c.model.head_init_ridge,
+        moments.count,
+    )
+    return params
+
+
+def _host_value(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-host, sharded) array, on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def _global_batch(batch: dict, mesh, keys: tuple[str, ...]) -> dict:
@@ -132,8 +191,17 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def train_and_evaluate(c: ml_collections.ConfigDict, workdir: PathLike) -> dict[str, Any]:
-    """Trains one stage in `workdir`; returns {"status", "step", "eval": {...}}."""
+def train_and_evaluate(
+    c: ml_collections.ConfigDict,
+    workdir: PathLike,
+    evaluator: Callable[[LoadedModel, Any], dict] | None = None,
+) -> dict[str, Any]:
+    """Trains one stage in `workdir`; returns {"status", "step", "eval": {...}}.
+
+    evaluator: an extra held-out evaluation `(model, mesh) -> scores` of a text stage (the
+    demo's fidelity + retrieval table), run on the final parameters ("scores") and, when a
+    fresh run fitted heads in closed form, on the starting ones ("start_scores").
+    """
     workdir = as_path(workdir)
     mesh = sharding.make_mesh(tuple(c.mesh_shape))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -164,7 +232,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: PathLike) -> dict[
     )
     state_shardings = _state_shardings(abstract_state, param_shardings, tx, paths, mesh)
 
-    start = checkpointer.latest_step()
+    start, start_scores = checkpointer.latest_step(), None
     if start is not None:
         target = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -174,12 +242,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: PathLike) -> dict[
         state = checkpointer.restore(start, target, data)
         log.info("resumed from %s at step %d", workdir / ckpt.CHECKPOINT_DIR, start)
     else:
-        params = _initial_params(c, task, param_shardings)
+        params, fitted = _initial_params(c, task, param_shardings, mesh)
         state = jax.jit(
             functools.partial(st.init_state, paths=paths, tx=tx, seed=c.seed),
             out_shardings=state_shardings,
         )(params)
         start = 0
+        if evaluator is not None and fitted:
+            start_scores = evaluator(task.loaded_model(c, state.params), mesh)
     train_step = make_train_step(
         task.forward(c),
         loss_config(c),
@@ -196,9 +266,19 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: PathLike) -> dict[
         out_shardings=(state_shardings, None),
         donate_argnums=0,
     )
+    if c.train.steps == 0 and checkpointer.latest_step() is None:
+        # A fit-only stage (closed-form heads, no gradient steps): its result is the start.
+        checkpointer.save(0, state, data)
     result = _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, task.batch_keys)
+    if start_scores is not None:
+        result["start_scores"] = start_scores
     if result["status"] == "finished":
-        result["eval"] = task.evaluate(c, result.pop("state").params, mesh)
+        params = result.pop("state").params
+        result["eval"] = task.evaluate(c, params, mesh)
+        if evaluator is not None and start_scores is not None and result["step"] == 0:
+            result["scores"] = start_scores  # a fit-only stage ends where it started
+        elif evaluator is not None:
+            result["scores"] = evaluator(task.loaded_model(c, params), mesh)
         MetricWriter(workdir / "tb").scalars(
             result["step"], {f"eval/{k}": v for k, v in _flatten(result["eval"]).items()}
         )

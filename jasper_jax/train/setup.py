@@ -20,7 +20,13 @@ import ml_collections
 
 from jasper_jax.errors import UserError
 from jasper_jax.models.attention import AttentionSettings
-from jasper_jax.models.embedder import Embedder, EmbedderConfig, head_name, init_params
+from jasper_jax.models.embedder import (
+    HEAD_INPUT,
+    Embedder,
+    EmbedderConfig,
+    head_name,
+    init_params,
+)
 from jasper_jax.models.loading import LoadedModel, load_model
 
 
@@ -67,6 +73,7 @@ def embedder_config_to_dict(config: EmbedderConfig) -> dict:
         "pooling": config.pooling,
         "heads": list(config.heads),
         "default_head": config.default_head,
+        "normalize_pooled": config.normalize_pooled,
     }
 
 
@@ -101,6 +108,7 @@ def student_config(c: ml_collections.ConfigDict, loaded: LoadedModel, teacher_di
         pooling=c.model.pooling,
         heads=heads,
         default_head=head_name(teacher_dim),
+        normalize_pooled=bool(c.model.normalize_pooled),
     )
 
 
@@ -182,6 +190,17 @@ class TextTask:
             max_chunks=c.data.max_chunks,
         )
 
+    def loaded_model(self, c: ml_collections.ConfigDict, params: Any) -> LoadedModel:
+        """The student with `params`, usable by `TextEncoder` and evaluators."""
+        prompts = {"query": c.data.prompt} if c.data.prompt else {}
+        return LoadedModel(self.config, params, self.folder, c.data.max_length, prompts)
+
+    def head_features(self, params: Any, batch: dict) -> jax.Array:
+        """[B, hidden] float32: what the heads read for this batch (no dropout)."""
+        return self.model.apply(
+            {"params": params}, batch["input_ids"], batch["attention_mask"], heads=(HEAD_INPUT,)
+        )[HEAD_INPUT]
+
     def forward(self, c: ml_collections.ConfigDict):
         from jasper_jax.train.step import text_forward
 
@@ -204,7 +223,7 @@ class TextTask:
                 f"eval data {c.data.eval_dir} has teacher dim {teacher.shape[1]} but the train "
                 f"data has {self.teacher_dim}; build both with the same teachers"
             )
-        model = LoadedModel(self.config, params, self.folder, c.data.max_length, {})
+        model = self.loaded_model(c, params)
         encoder = TextEncoder(
             model,
             dtype=c.dtype,
