@@ -61,9 +61,7 @@ def test_teacher_rows_come_from_their_own_columns():
 
 def test_missing_retrieval_text_is_refused():
     with pytest.raises(ValueError, match="lacks 1 retrieval texts"):
-        HeldOut.build(
-            ["q0", "q1", "shared", "d0", "d1"], np.ones((5, 2)), [("A", 2)], 2, _task()
-        )
+        HeldOut.build(["q0", "q1", "shared", "d0", "d1"], np.ones((5, 2)), [("A", 2)], 2, _task())
 
 
 def test_spread_sample_covers_the_whole_split():
