@@ -33,7 +33,7 @@ from jasper_jax.train import checkpoint as ckpt
 from jasper_jax.train import head_init
 from jasper_jax.train import state as st
 from jasper_jax.train.reporting import MetricWriter, Progress, step_flops
-from jasper_jax.train.setup import Task, make_task
+from jasper_jax.train.setup import Task, TextTask, make_task
 from jasper_jax.train.step import make_train_step
 
 log = logging.getLogger("jasper_jax.train")
@@ -111,7 +111,8 @@ def _initial_params(c, task: Task, shardings, mesh) -> tuple[Any, bool]:
         else:
             fresh.append(path)
     new_heads = sorted({p[1] for p in fresh if p[0] == "heads"})
-    fitted = bool(new_heads) and c.model.head_init == "lstsq"
+    # Only text tasks have targets to regress on (stage 4 keeps the student's trained heads).
+    fitted = bool(new_heads) and c.model.head_init == "lstsq" and isinstance(task, TextTask)
     if fitted:
         params = _fit_heads(c, task, params, new_heads, mesh, flat_shardings)
         fresh = [p for p in fresh if p[0] != "heads"]
