@@ -43,7 +43,7 @@ QUICK = {
 
 
 # `--large`: 3x the train texts and 4x the steps of the default, for a student that learns more
-# than a few minutes allow; about 45 minutes on a 2-core CPU (README, "The larger run").
+# than a few minutes allow; about 50 minutes on a 2-core CPU (README, "The larger run").
 LARGE = {
     "data.train_texts": 36000,
     "train.checkpoint_every": 200,
@@ -61,7 +61,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     size.add_argument(
         "--large",
         action="store_true",
-        help="36k train texts, 1300 steps over stages 2-3 (about 45 min on 2 CPU cores)",
+        help="36k train texts, 1300 steps over stages 2-3 (about 50 min on 2 CPU cores)",
     )
     p.add_argument("--skip-vision", action="store_true", help="leave out stage 4 (images)")
     p.add_argument(
