@@ -16,16 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jasper_jax.data.pipeline import unit_rows
 from jasper_jax.evaluation import retrieval
 from jasper_jax.fidelity import fidelity_metrics
 
 TARGET = "teacher target"  # the concatenated, renormalised teacher vectors
-
-
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """[N, d] rows scaled to unit length (float32; zero rows stay zero)."""
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def heldout_texts(fidelity: Sequence[str], task: retrieval.RetrievalTask) -> list[str]:

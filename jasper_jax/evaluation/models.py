@@ -15,15 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from jasper_jax.data.pipeline import unit_rows
 from jasper_jax.errors import UserError
 from jasper_jax.models.embedder import POOLED
 
 TEACHER_OUTPUT = "embedding"
-
-
-def _unit_rows(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 @dataclasses.dataclass
@@ -142,7 +138,7 @@ def teacher_model(spec: str, batch_size: int = 64, cache_dir: Path | None = None
     def run(texts, prompt, wanted):
         del wanted  # a teacher has one output
         texts = [prompt + t for t in texts] if prompt else texts
-        return {TEACHER_OUTPUT: _unit_rows(teacher.encode(texts))}
+        return {TEACHER_OUTPUT: unit_rows(teacher.encode(texts))}
 
     def encode(texts, prompt, wanted):
         rows = cached_encode(
