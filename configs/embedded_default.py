@@ -90,6 +90,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.eval_dir = ""
     c.data.batch_size = 64
     c.data.max_length = 48
+    # Length-grouped batches: draw 16 batches at a time, regroup their texts by token count and
+    # pad each batch to its longest text rounded up to 16 tokens (16/32/48: three compiles).
+    # Corpus texts average 13 tokens, so fixed 48-token batches were mostly padding; grouped,
+    # a stage-3 step takes half the time at the same held-out scores (README). 1: fixed length.
+    c.data.length_groups = 16
+    c.data.pad_multiple = 16
     c.data.prompt = ""
     c.data.worker_count = 0
     c.data.eval_texts = 1000
@@ -153,6 +159,7 @@ def _long_documents(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     c.loss.relative_similarity = PAPER_LOSS["relative_similarity"]
     c.data.max_length = LONG["max_length"]
     c.data.max_chunks = LONG["max_chunks"]
+    c.data.length_groups = 1  # documents with chunk spans keep fixed-length batches
     c.data.batch_size = LONG["batch_size"]
     c.data.eval_texts = 96  # held-out documents
     c.data.chunking = "sentences:32"  # demo: how documents are cut (student tokens)

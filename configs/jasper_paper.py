@@ -68,6 +68,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.teachers = ("nvidia/NV-Embed-v2", "dunzhang/stella_en_1.5B_v5")  # precomputed offline
     c.data.batch_size = s["batch"]
     c.data.max_length = 512
+    c.data.pad_multiple = 128  # length-grouped batches of 128..512 tokens: four compiles
     c.data.eval_texts = 5000
     c.data.corpus = "jasper_text_distill_dataset"
 
@@ -109,6 +110,7 @@ def _long_documents(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     `jasper-jax teachers ... --chunks sentences:256 --max-length 4096`."""
     c.data.max_length = 4096
     c.data.max_chunks = 64
+    c.data.length_groups = 1
     c.data.batch_size = 32
     c.model.remat = "full"
     c.model.attention = "auto"

@@ -124,6 +124,13 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.data.batch_size >= 2, "data.batch_size", "in-batch losses need at least 2 rows")
     _check(c.data.max_length >= 4, "data.max_length", "must be at least 4 tokens")
     _check(c.data.max_chunks >= 0, "data.max_chunks", "must be >= 0 (0: no chunk alignment)")
+    _check(c.data.length_groups >= 1, "data.length_groups", "must be >= 1 (1: fixed length)")
+    _check(c.data.pad_multiple >= 1, "data.pad_multiple", "must be >= 1 token")
+    _check(
+        c.data.length_groups == 1 or c.data.max_chunks == 0,
+        "data.length_groups",
+        "length grouping is for plain text batches; set it to 1 with data.max_chunks > 0",
+    )
     _check(
         c.data.max_chunks == 0 or c.stage in (1, 2, 3),
         "data.max_chunks",

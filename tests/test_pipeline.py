@@ -133,3 +133,89 @@ def test_eval_arrays_and_bad_settings(dataset, tokenizer_dir, texts):
         pipeline(dataset, tokenizer_dir, batch_size=9, process_count=2)
     with pytest.raises(UserError, match="no teacher dataset"):
         pipeline(dataset / "nothing", tokenizer_dir)
+
+
+GROUPED = dict(length_groups=4, pad_multiple=4)  # 3 groups of 4 batches of 8 per epoch
+
+
+def test_length_groups_pad_each_batch_to_its_own_longest_text(dataset, tokenizer_dir, texts):
+    reference = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    fixed = list(pipeline(dataset, tokenizer_dir))
+    grouped = list(pipeline(dataset, tokenizer_dir, **GROUPED))
+    assert len(grouped) == 12 and len(fixed) == 12
+    lengths = set()
+    for batch in grouped:
+        n = batch["input_ids"].shape[1]
+        lengths.add(n)
+        true = [min(len(reference(texts[i])["input_ids"]), 12) for i in batch["index"]]
+        assert n % 4 == 0 or n == 12
+        assert max(true) <= n < max(true) + 4  # rounded up to the multiple, never beyond
+        expected = reference(
+            [texts[i] for i in batch["index"]],
+            padding="max_length",
+            truncation=True,
+            max_length=n,
+            return_tensors="np",
+        )
+        np.testing.assert_array_equal(batch["input_ids"], expected["input_ids"])
+        np.testing.assert_array_equal(batch["attention_mask"], expected["attention_mask"])
+        assert batch["attention_mask"].sum(axis=1).tolist() == true
+        want = np.stack([fake_vector(texts[i]) for i in batch["index"]])
+        np.testing.assert_allclose(
+            batch["teacher"], want / np.linalg.norm(want, axis=1)[:, None], atol=2e-3
+        )
+    assert len(lengths) > 1
+    # The same epoch's rows (complete groups of the same shuffle), with less padding.
+    rows = lambda bs: sorted(i for b in bs for i in b["index"].tolist())
+    assert rows(grouped) == rows(fixed)
+    pad = lambda bs: sum(b["attention_mask"].size for b in bs)
+    assert pad(grouped) < pad(fixed)
+    # Each batch holds texts of similar length: sorted within a group, so batches are tighter.
+    spread = lambda bs: np.mean([np.ptp(b["attention_mask"].sum(1)) for b in bs])
+    assert spread(grouped) < spread(fixed)
+
+
+def test_length_groups_resume_inside_a_group_replays_the_same_batches(dataset, tokenizer_dir):
+    settings = dict(num_epochs=2, **GROUPED)
+    uninterrupted = list(pipeline(dataset, tokenizer_dir, **settings))
+    for stop in (0, 2, 4, 13):  # before any, inside a group, at a group's end, next epoch
+        first = pipeline(dataset, tokenizer_dir, **settings)
+        for _ in range(stop):
+            next(first)
+        resumed = pipeline(dataset, tokenizer_dir, **settings)
+        resumed.set_state(first.get_state())
+        for got, want in zip(resumed, uninterrupted[stop:], strict=True):
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_length_groups_process_rows_split_each_global_batch(dataset, tokenizer_dir):
+    whole = list(pipeline(dataset, tokenizer_dir, batch_size=10, length_groups=3))
+    parts = [
+        list(
+            pipeline(
+                dataset,
+                tokenizer_dir,
+                batch_size=10,
+                length_groups=3,
+                process_index=i,
+                process_count=2,
+            )
+        )
+        for i in range(2)
+    ]
+    assert len(parts[0]) == len(parts[1]) == len(whole) == 9
+    for k, batch in enumerate(whole):
+        for key in batch:  # both processes pad to the global batch's length
+            joined = np.concatenate([parts[0][k][key], parts[1][k][key]])
+            np.testing.assert_array_equal(joined, batch[key])
+
+
+def test_length_groups_bad_settings_and_small_data(dataset, tokenizer_dir):
+    # More groups than the data has batches: the whole epoch is one group.
+    whole = list(pipeline(dataset, tokenizer_dir, length_groups=50, pad_multiple=1))
+    assert len(whole) == ROWS // 8
+    assert len({b["input_ids"].shape[1] for b in whole}) > 1
+    for bad in (dict(length_groups=0), dict(pad_multiple=0), dict(length_groups=2, max_chunks=2)):
+        with pytest.raises(UserError, match="length_groups"):
+            pipeline(dataset, tokenizer_dir, **bad)

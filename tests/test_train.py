@@ -95,6 +95,19 @@ def test_kill_and_resume_gives_identical_losses(tiny_setup, tmp_path):  # noqa: 
     assert resumed == reference  # exactly: same batches, same dropout keys, same arithmetic
 
 
+def test_length_groups_compile_once_per_length(tiny_setup, tmp_path):  # noqa: F811
+    fields = {"train.steps": 12, "data.length_groups": 6, "data.pad_multiple": 4}
+    grouped = train_and_evaluate(tiny_config(tiny_setup, 3, **fields), tmp_path / "grouped")
+    tokens = [m["train/tokens"] for m in read_metrics(tmp_path / "grouped")]
+    assert grouped["status"] == "finished" and len(tokens) == 12
+    lengths = grouped["batch_lengths"]
+    assert len(lengths) > 1 and all(n % 4 == 0 and n <= 16 for n in lengths), lengths
+    fixed = train_and_evaluate(
+        tiny_config(tiny_setup, 3, **{"train.steps": 2, "data.length_groups": 1}), tmp_path / "f"
+    )
+    assert fixed["batch_lengths"] == [16]
+
+
 @pytest.fixture(scope="module")
 def single_device_losses(tiny_setup, tmp_path_factory):  # noqa: F811
     workdir = tmp_path_factory.mktemp("one") / "run"

@@ -1,10 +1,11 @@
 """grain input pipeline: teacher dataset -> shuffle(seed) -> shard -> batch -> tokenize.
 
 Batches have a fixed shape (texts padded to ``max_length``, remainder dropped) so the train
-step compiles once::
+step compiles once, or with ``length_groups`` > 1 one of a few lengths (``L`` <= max_length, a
+multiple of ``pad_multiple``; see ``jasper_jax.data.length_groups``)::
 
-    input_ids       int32   [batch, max_length]
-    attention_mask  int32   [batch, max_length]
+    input_ids       int32   [batch, L]
+    attention_mask  int32   [batch, L]
     teacher         float32 [batch, dim]   renormalised to unit length
     index           int64   [batch]        row of the text in the corpus
 
@@ -22,6 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from jasper_jax.data.length_groups import GroupedBatches, SortByLength
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
 
@@ -49,12 +51,20 @@ class TokenizeBatch(grain.transforms.Map):
     def map(self, batch: dict) -> dict:
         return self.tokenize(batch)[0]
 
-    def tokenize(self, batch: dict) -> tuple[dict, list]:
-        """(the batch's arrays, the tokenizers.Encoding of each text)."""
-        texts = [text.decode("utf-8") for text in batch["text"]]
+    def encode(self, texts: np.ndarray) -> list:
+        """texts (utf-8 bytes) [n] -> the tokenizers.Encoding of each, prompt included."""
+        texts = [text.decode("utf-8") for text in texts]
         if self.prompt:
             texts = [self.prompt + text for text in texts]
-        encodings = self._tokenizer().encode_batch(texts)
+        return self._tokenizer().encode_batch(texts)
+
+    def token_counts(self, texts: np.ndarray) -> np.ndarray:
+        """texts (utf-8 bytes) [n] -> int32 [n] tokens each keeps after truncation."""
+        return np.array([sum(e.attention_mask) for e in self.encode(texts)], np.int32)
+
+    def tokenize(self, batch: dict) -> tuple[dict, list]:
+        """(the batch's arrays, the tokenizers.Encoding of each text)."""
+        encodings = self.encode(batch["text"])
         arrays = {
             "input_ids": np.array([e.ids for e in encodings], dtype=np.int32),
             "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int32),
@@ -63,6 +73,8 @@ class TokenizeBatch(grain.transforms.Map):
             # Popped by TextBatchIterator into a counter; never reaches the train step.
             "truncated": np.array([len(e.overflowing) > 0 for e in encodings], dtype=np.int32),
         }
+        if "pad_to" in batch:  # length-grouped batches (data.length_groups.SortByLength)
+            arrays["pad_to"] = batch["pad_to"]
         return arrays, encodings
 
 
@@ -144,11 +156,14 @@ class TakeProcessRows(grain.transforms.Map):
 
     process_index: int
     process_count: int
+    groups: int = 1  # the global batch is this many consecutive batches: take rows of each
 
     def map(self, batch: dict) -> dict:
-        rows = len(batch["index"]) // self.process_count
-        start = self.process_index * rows
-        return {key: value[start : start + rows] for key, value in batch.items()}
+        size = len(batch["index"]) // self.groups
+        rows = size // self.process_count
+        starts = np.arange(self.groups) * size + self.process_index * rows
+        take = (starts[:, None] + np.arange(rows)).reshape(-1)
+        return {key: value[take] for key, value in batch.items()}
 
 
 def global_batch_loader(
@@ -163,14 +178,18 @@ def global_batch_loader(
     per_record: list = (),
     per_batch: list = (),
     worker_count: int = 0,
+    groups: int = 1,
+    per_group: list = (),
 ) -> grain.DataLoader:
     """Seeded shuffle -> ``per_record`` maps -> global batches of ``batch_size`` -> this
     process's rows (:class:`TakeProcessRows`) -> ``per_batch`` maps. ``what`` names the data in
-    the error raised when it holds less than one batch."""
-    if len(source) < batch_size:
+    the error raised when it holds less than one batch. With ``groups`` > 1 each item is
+    ``groups`` global batches at once, passed through the ``per_group`` maps (on the whole
+    global group) before the process takes its rows of each batch."""
+    if len(source) < batch_size * groups:  # make_text_pipeline never asks for more
         raise UserError(
-            f"{what} has {len(source)} rows: fewer than one batch of {batch_size}; fix: lower "
-            "data.batch_size or add rows"
+            f"{what} has {len(source)} rows: fewer than one batch of {batch_size}; fix: "
+            "lower data.batch_size or add rows"
         )
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shuffle=True, seed=seed, num_epochs=num_epochs
@@ -180,8 +199,9 @@ def global_batch_loader(
         sampler=sampler,
         operations=[
             *per_record,
-            grain.transforms.Batch(batch_size, drop_remainder=True),
-            TakeProcessRows(process_index, process_count),
+            grain.transforms.Batch(batch_size * groups, drop_remainder=True),
+            *per_group,
+            TakeProcessRows(process_index, process_count, groups),
             *per_batch,
         ],
         worker_count=worker_count,
@@ -201,8 +221,10 @@ def make_text_pipeline(
     num_epochs: int | None = None,
     worker_count: int = 0,
     max_chunks: int = 0,
+    length_groups: int = 1,
+    pad_multiple: int = 16,
 ) -> TextBatchIterator:
-    """Iterator of fixed-shape training batches (see module docstring) for one process.
+    """Iterator of training batches (see module docstring) for one process.
 
     Args:
       data_dir: a teacher dataset (``build_teacher_dataset`` output).
@@ -219,17 +241,26 @@ def make_text_pipeline(
       max_chunks: > 0 reads a chunk-mode dataset and adds ``chunk_spans`` [batch, max_chunks, 2]
         (token ranges), ``chunk_mask`` [batch, max_chunks] and ``chunk_teacher``
         [batch, max_chunks, dim] (see ``jasper_jax.data.chunk_pipeline``).
+      length_groups: > 1 draws that many batches at a time and regroups their texts by token
+        count, each batch padded to its longest text rounded up to ``pad_multiple`` tokens
+        (``jasper_jax.data.length_groups``); 1 pads every batch to ``max_length``. Text
+        datasets only (not with ``max_chunks``).
     """
     if (
         batch_size < 1
         or max_length < 2
         or not 0 <= process_index < process_count
         or batch_size % process_count
+        or length_groups < 1
+        or pad_multiple < 1
+        or (length_groups > 1 and max_chunks)
     ):
         raise UserError(
             f"bad pipeline settings batch_size={batch_size}, max_length={max_length}, "
-            f"process {process_index} of {process_count}; expected batch_size >= 1 and a "
-            "multiple of the process count, max_length >= 2, 0 <= process_index < process_count"
+            f"process {process_index} of {process_count}, length_groups={length_groups}, "
+            f"pad_multiple={pad_multiple}, max_chunks={max_chunks}; expected batch_size >= 1 "
+            "and a multiple of the process count, max_length >= 2, 0 <= process_index < "
+            "process_count, length_groups and pad_multiple >= 1, length_groups 1 with chunks"
         )
     source, metadata = open_teacher_dataset(data_dir)
     per_record, tokenize = [], TokenizeBatch(str(tokenizer_dir), max_length, prompt)
@@ -239,6 +270,12 @@ def make_text_pipeline(
         chunk_pipeline.require_chunks(metadata, data_dir)
         per_record = [chunk_pipeline.PadChunks(max_chunks)]
         tokenize = chunk_pipeline.TokenizeDocuments(str(tokenizer_dir), max_length, prompt)
+    # A dataset smaller than one group is grouped whole (a group is drawn like one batch).
+    length_groups = max(1, min(length_groups, len(source) // batch_size))
+    per_group = []
+    if length_groups > 1:
+        sort = SortByLength(tokenize.token_counts, batch_size, pad_multiple, max_length, seed)
+        per_group = [sort]
     loader = global_batch_loader(
         source,
         f"teacher dataset {str(data_dir)!r}",
@@ -250,8 +287,13 @@ def make_text_pipeline(
         per_record=per_record,
         per_batch=[tokenize],
         worker_count=worker_count,
+        groups=length_groups,
+        per_group=per_group,
     )
-    return TextBatchIterator(iter(loader))
+    batches = iter(loader)
+    if length_groups > 1:
+        batches = GroupedBatches(batches, batch_size // process_count)
+    return TextBatchIterator(batches)
 
 
 def sorted_records(data_dir: str | pathlib.Path, limit: int | None = None) -> list[dict]:

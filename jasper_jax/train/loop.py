@@ -124,7 +124,11 @@ def _initial_params(c, task: Task, shardings, mesh) -> tuple[Any, bool]:
 def _fit_heads(c, task: Task, params: dict, names: list[str], mesh, flat_shardings) -> dict:
     """Closed-form fit of the heads `names` on `model.head_init_texts` train texts, read with
     the parameters as loaded (one forward pass; see `jasper_jax.train.head_init`)."""
-    data = task.pipeline(c)
+    # Fixed-length batches: their first epoch holds every text once (length groups drop up to
+    # a whole group per epoch, so an epoch's worth of grouped batches would repeat texts).
+    fit = c.copy_and_resolve_references()
+    fit.data.length_groups = 1
+    data = task.pipeline(fit)
     # Each text once: a small dataset is not cycled to reach head_init_texts.
     texts = min(c.model.head_init_texts, len(open_teacher_dataset(c.data.train_dir)[0]))
     batches = max(1, texts // c.data.batch_size)
@@ -310,16 +314,21 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> d
     writer = MetricWriter(workdir / "tb")
     preemption = _Preemption()
     label = f"{c.name} stage {c.stage}"
-    progress, status, step = None, "finished", start
+    progress, status, step = Progress(label, c.train.steps, start), "finished", start
+    # Compiled ahead of time once per batch shape: one for fixed-length batches, one per
+    # length with data.length_groups; any other shape change is an error.
+    compiled: dict[tuple, Any] = {}
     try:
         for step in range(start, c.train.steps):
             batch = _global_batch(next(data), mesh, keys)
-            if progress is None:  # compile once, ahead of time; a shape change is an error
-                step_fn = step_fn.lower(state, batch).compile()
-                progress = Progress(label, c.train.steps, start, step_flops(step_fn))
-            state, metrics = step_fn(state, batch)
+            shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else ()
+            if shape not in compiled:
+                fn = step_fn.lower(state, batch).compile()
+                compiled[shape] = (fn, step_flops(fn))
+            fn, flops = compiled[shape]
+            state, metrics = fn(state, batch)
             done = step + 1
-            progress.add_tokens(float(metrics["tokens"]))
+            progress.add_step(float(metrics["tokens"]), flops)
             if int(metrics["bad_in_row"]) >= c.train.max_nonfinite_in_row:
                 raise TrainingStopped(
                     f"{label}: {c.train.max_nonfinite_in_row} updates in a row had a non-finite "
@@ -346,7 +355,9 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> d
     finally:
         preemption.restore()
         writer.close()
-    return {"status": status, "step": step, "state": state}
+    # Token lengths the step was compiled for (one program each; data.length_groups).
+    lengths = sorted(shape[1] for shape in compiled if len(shape) == 2)
+    return {"status": status, "step": step, "state": state, "batch_lengths": lengths}
 
 
 def _data_counters(data) -> dict[str, float]:

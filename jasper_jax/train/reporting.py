@@ -83,22 +83,25 @@ class MetricWriter:
 class Progress:
     """Rates over the interval since the previous report; ETA from the latest rate."""
 
-    def __init__(self, label: str, total_steps: int, start_step: int, flops: float | None):
-        self.label, self.total, self.flops = label, total_steps, flops
-        self._last_step, self._last_time, self._tokens = start_step, time.perf_counter(), 0.0
+    def __init__(self, label: str, total_steps: int, start_step: int):
+        self.label, self.total = label, total_steps
+        self._last_step, self._last_time = start_step, time.perf_counter()
+        self._tokens, self._flops = 0.0, 0.0
         peak = peak_flops_per_device(jax.devices()[0].device_kind)
         self._peak = peak * jax.device_count() if peak else None
 
-    def add_tokens(self, tokens: float) -> None:
+    def add_step(self, tokens: float, flops: float | None) -> None:
+        """One step's tokens and FLOPs (None: the backend gave no cost analysis, so no MFU)."""
         self._tokens += tokens
+        self._flops = None if flops is None or self._flops is None else self._flops + flops
 
     def report(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
         steps_per_s = (step - self._last_step) / elapsed
         rates = {"steps_per_s": steps_per_s, "tokens_per_s": self._tokens / elapsed}
-        if self.flops and self._peak:
-            rates["mfu"] = self.flops * steps_per_s / self._peak
+        if self._flops and self._peak:
+            rates["mfu"] = self._flops / elapsed / self._peak
         eta = (self.total - step) / steps_per_s if steps_per_s > 0 else float("nan")
         losses = " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k.split("/")[0] in _SHOWN)
         mfu = f" | MFU {rates['mfu']:.1%}" if "mfu" in rates else ""
@@ -113,7 +116,7 @@ class Progress:
             datetime.timedelta(seconds=round(eta)) if eta == eta else "?",
             mfu,
         )
-        self._last_step, self._last_time, self._tokens = step, now, 0.0
+        self._last_step, self._last_time, self._tokens, self._flops = step, now, 0.0, 0.0
         return rates
 
 

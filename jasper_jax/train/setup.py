@@ -188,6 +188,8 @@ class TextTask:
             process_count=jax.process_count(),
             worker_count=c.data.worker_count,
             max_chunks=c.data.max_chunks,
+            length_groups=c.data.length_groups,
+            pad_multiple=c.data.pad_multiple,
         )
 
     def loaded_model(self, c: ml_collections.ConfigDict, params: Any) -> LoadedModel:
