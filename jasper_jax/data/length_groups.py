@@ -23,6 +23,13 @@ import grain
 import numpy as np
 
 
+def groups_for(rows: int, batch_size: int, length_groups: int) -> int:
+    """Batches per group for a dataset of `rows`: `length_groups`, fewer when the data holds
+    fewer batches (a small dataset is grouped whole), at least 1. An epoch then yields its
+    complete groups: rows // (groups * batch_size) * groups batches."""
+    return max(1, min(length_groups, rows // batch_size))
+
+
 def padded_length(longest: int, multiple: int, max_length: int) -> int:
     """`longest` tokens rounded up to a multiple of `multiple`, at most `max_length`."""
     return min(max_length, -(-max(longest, 1) // multiple) * multiple)

@@ -23,7 +23,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from jasper_jax.data.length_groups import GroupedBatches, SortByLength
+from jasper_jax.data.length_groups import GroupedBatches, SortByLength, groups_for
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
 
@@ -270,8 +270,7 @@ def make_text_pipeline(
         chunk_pipeline.require_chunks(metadata, data_dir)
         per_record = [chunk_pipeline.PadChunks(max_chunks)]
         tokenize = chunk_pipeline.TokenizeDocuments(str(tokenizer_dir), max_length, prompt)
-    # A dataset smaller than one group is grouped whole (a group is drawn like one batch).
-    length_groups = max(1, min(length_groups, len(source) // batch_size))
+    length_groups = groups_for(len(source), batch_size, length_groups)
     per_group = []
     if length_groups > 1:
         sort = SortByLength(tokenize.token_counts, batch_size, pad_multiple, max_length, seed)
