@@ -23,7 +23,6 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from jasper_jax import sharding
-from jasper_jax.data.length_groups import groups_for
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
 from jasper_jax.losses import LossConfig
@@ -125,13 +124,14 @@ def _initial_params(c, task: Task, shardings, mesh) -> tuple[Any, bool]:
 def _fit_heads(c, task: Task, params: dict, names: list[str], mesh, flat_shardings) -> dict:
     """Closed-form fit of the heads `names` on `model.head_init_texts` train texts, read with
     the parameters as loaded (one forward pass; see `jasper_jax.train.head_init`)."""
-    data = task.pipeline(c)
-    # Each text once: batches of the first epoch only (its complete length groups), so a small
-    # dataset is not cycled to reach head_init_texts.
-    rows, size = len(open_teacher_dataset(c.data.train_dir)[0]), c.data.batch_size
-    group = size * groups_for(rows, size, c.data.length_groups)
-    texts = min(c.model.head_init_texts, rows // group * group)
-    batches = max(1, texts // size)
+    # Fixed-length batches: their first epoch holds every text once (length groups leave out a
+    # partial group per epoch, so the same number of grouped batches would repeat texts).
+    fit = c.copy_and_resolve_references()
+    fit.data.length_groups = 1
+    data = task.pipeline(fit)
+    # Each text once: a small dataset is not cycled to reach head_init_texts.
+    texts = min(c.model.head_init_texts, len(open_teacher_dataset(c.data.train_dir)[0]))
+    batches = max(1, texts // c.data.batch_size)
     keys = ("input_ids", "attention_mask", "teacher")
     moments = head_init.accumulate_moments(
         task.head_features,
