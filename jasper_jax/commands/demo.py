@@ -43,7 +43,8 @@ QUICK = {
 
 
 # `--large`: 3x the train texts and 4x the steps of the default, for a student that learns more
-# than a few minutes allow; about 50 minutes on a 2-core CPU (README, "The larger run").
+# than a few minutes allow; 50 minutes on a loaded 2-core CPU before length-grouped batches
+# halved the step time (README, "The larger run").
 LARGE = {
     "data.train_texts": 36000,
     "train.checkpoint_every": 200,
@@ -61,7 +62,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     size.add_argument(
         "--large",
         action="store_true",
-        help="36k train texts, 1300 steps over stages 2-3 (about 50 min on 2 CPU cores)",
+        help="36k train texts, 1300 steps over stages 2-3 (under an hour on 2 CPU cores)",
     )
     p.add_argument("--skip-vision", action="store_true", help="leave out stage 4 (images)")
     p.add_argument(
