@@ -127,11 +127,6 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.data.length_groups >= 1, "data.length_groups", "must be >= 1 (1: fixed length)")
     _check(c.data.pad_multiple >= 1, "data.pad_multiple", "must be >= 1 token")
     _check(
-        c.data.length_groups == 1 or c.data.max_chunks == 0,
-        "data.length_groups",
-        "length grouping is for plain text batches; set it to 1 with data.max_chunks > 0",
-    )
-    _check(
         c.data.max_chunks == 0 or c.stage in (1, 2, 3),
         "data.max_chunks",
         "chunk alignment is a text stage (1-3) option; set it to 0 for stage 4",

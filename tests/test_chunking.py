@@ -202,9 +202,13 @@ def test_chunk_vectors_are_each_chunk_encoded_alone(chunk_dataset):
 
 def test_chunk_pipeline_batches(chunk_dataset, tokenizer):
     out, _, folder = chunk_dataset
-    it = make_text_pipeline(out, folder, batch_size=4, max_length=24, seed=0, max_chunks=3)
+    # Chunk mode keeps fixed-length batches even where length groups are asked for.
+    it = make_text_pipeline(
+        out, folder, batch_size=4, max_length=24, seed=0, max_chunks=3, length_groups=4
+    )
     for _ in range(3):
         batch = next(it)
+        assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 24)
         assert batch["chunk_spans"].shape == (4, 3, 2)
         assert batch["chunk_teacher"].shape == (4, 3, 6)
         mask = batch["chunk_mask"].astype(bool)

@@ -216,6 +216,6 @@ def test_length_groups_bad_settings_and_small_data(dataset, tokenizer_dir):
     whole = list(pipeline(dataset, tokenizer_dir, length_groups=50, pad_multiple=1))
     assert len(whole) == ROWS // 8
     assert len({b["input_ids"].shape[1] for b in whole}) > 1
-    for bad in (dict(length_groups=0), dict(pad_multiple=0), dict(length_groups=2, max_chunks=2)):
+    for bad in (dict(length_groups=0), dict(pad_multiple=0)):
         with pytest.raises(UserError, match="length_groups"):
             pipeline(dataset, tokenizer_dir, **bad)

@@ -243,8 +243,8 @@ def make_text_pipeline(
         [batch, max_chunks, dim] (see ``jasper_jax.data.chunk_pipeline``).
       length_groups: > 1 draws that many batches at a time and regroups their texts by token
         count, each batch padded to its longest text rounded up to ``pad_multiple`` tokens
-        (``jasper_jax.data.length_groups``); 1 pads every batch to ``max_length``. Text
-        datasets only (not with ``max_chunks``).
+        (``jasper_jax.data.length_groups``); 1 pads every batch to ``max_length``, as does
+        chunk mode (``max_chunks`` > 0) whatever this says.
     """
     if (
         batch_size < 1
@@ -253,14 +253,13 @@ def make_text_pipeline(
         or batch_size % process_count
         or length_groups < 1
         or pad_multiple < 1
-        or (length_groups > 1 and max_chunks)
     ):
         raise UserError(
             f"bad pipeline settings batch_size={batch_size}, max_length={max_length}, "
             f"process {process_index} of {process_count}, length_groups={length_groups}, "
-            f"pad_multiple={pad_multiple}, max_chunks={max_chunks}; expected batch_size >= 1 "
-            "and a multiple of the process count, max_length >= 2, 0 <= process_index < "
-            "process_count, length_groups and pad_multiple >= 1, length_groups 1 with chunks"
+            f"pad_multiple={pad_multiple}; expected batch_size >= 1 and a multiple of the "
+            "process count, max_length >= 2, 0 <= process_index < process_count, "
+            "length_groups and pad_multiple >= 1"
         )
     source, metadata = open_teacher_dataset(data_dir)
     per_record, tokenize = [], TokenizeBatch(str(tokenizer_dir), max_length, prompt)
@@ -270,7 +269,8 @@ def make_text_pipeline(
         chunk_pipeline.require_chunks(metadata, data_dir)
         per_record = [chunk_pipeline.PadChunks(max_chunks)]
         tokenize = chunk_pipeline.TokenizeDocuments(str(tokenizer_dir), max_length, prompt)
-    length_groups = groups_for(len(source), batch_size, length_groups)
+    # Documents with chunk spans keep fixed-length batches (their spans index max_length).
+    length_groups = 1 if max_chunks else groups_for(len(source), batch_size, length_groups)
     per_group = []
     if length_groups > 1:
         sort = SortByLength(tokenize.token_counts, batch_size, pad_multiple, max_length, seed)
