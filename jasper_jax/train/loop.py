@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 import signal
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -323,8 +324,10 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> d
             batch = _global_batch(next(data), mesh, keys)
             shape = tuple(batch["input_ids"].shape) if "input_ids" in batch else ()
             if shape not in compiled:
+                began = time.perf_counter()
                 fn = step_fn.lower(state, batch).compile()
                 compiled[shape] = (fn, step_flops(fn))
+                progress.exclude(time.perf_counter() - began)  # rates count steps only
             fn, flops = compiled[shape]
             state, metrics = fn(state, batch)
             done = step + 1

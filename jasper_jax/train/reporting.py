@@ -95,6 +95,10 @@ class Progress:
         self._tokens += tokens
         self._flops = None if flops is None or self._flops is None else self._flops + flops
 
+    def exclude(self, seconds: float) -> None:
+        """Leaves `seconds` (e.g. compiling a new batch shape) out of the current interval."""
+        self._last_time += seconds
+
     def report(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self._last_time, 1e-9)
