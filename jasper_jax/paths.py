@@ -15,6 +15,9 @@ from typing import Any
 from etils import epath
 
 PathLike = str | os.PathLike
+# Temporary files of the atomic writes below start with this; a later run of the same command
+# (holding the folder's lock) removes those an interrupted one left (`locks.remove_leftovers`).
+TMP_PREFIX = ".jasper-tmp-"
 
 
 def is_remote(path: PathLike) -> bool:
@@ -31,6 +34,27 @@ def canonical(path: PathLike) -> str:
     return str(path) if is_remote(path) else str(Path(path).resolve())
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it (Linux /proc), else by setting it back."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def honour_umask(path: PathLike, directory: bool = False) -> None:
+    """Gives a file (0666) or folder (0777) made by `tempfile` (0600 / 0700) the mode a plain
+    `open` / `mkdir` would have had under the umask; local paths only."""
+    if not is_remote(path):
+        os.chmod(path, (0o777 if directory else 0o666) & ~current_umask())
+
+
 def write_json_atomic(path: PathLike, payload: dict[str, Any]) -> None:
     """Readers see the old file or the new one, never half of it (a cloud object write is
     atomic already; a local one goes through a temp file and a rename)."""
@@ -42,10 +66,15 @@ def write_text_atomic(path: PathLike, text: str) -> None:
     if is_remote(path):
         epath.Path(path).write_text(text)
         return
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=TMP_PREFIX, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        honour_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_npy_atomic(path: str | Path, array: Any) -> None:
@@ -55,10 +84,11 @@ def save_npy_atomic(path: str | Path, array: Any) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npy.tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=".npy.tmp")
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)
+        honour_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
