@@ -1,13 +1,19 @@
 """`jasper-jax` command line: a thin layer that parses flags and calls library code.
 
-Every sub-command reports bad input as one line on stderr and exit code 2 (no traceback).
+One error path for every sub-command: an expected failure (bad input or config, a missing,
+damaged or unreadable file, a full disk, no permission, a refused pickle, no network) is one
+line on stderr naming the problem and the fix, exit code 2, no traceback. Anything else is a
+bug: its traceback is printed and the last line says so (exit code 1).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import pickle
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 
 from jasper_jax.errors import UserError
@@ -131,12 +137,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return runners[args.command](args)
-    except UserError as e:
-        print(f"jasper-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"jasper-jax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        message = expected_failure(e)
+        if message is None:
+            traceback.print_exc()
+            print(
+                f"jasper-jax {args.command}: unexpected error (a bug in jasper-jax, not in your "
+                "input): please report it with the traceback above",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"jasper-jax {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
+
+# errno -> what to do about it; the OSError itself names the file.
+_OS_FIXES = {
+    errno.ENOSPC: "the disk is full: free space (or pick a folder on a bigger disk) and re-run; "
+    "finished work is kept and resumed",
+    errno.EDQUOT: "the disk quota is exhausted: free space and re-run",
+    errno.EROFS: "the filesystem is read-only: choose a writable folder",
+    errno.EACCES: "no permission: choose a folder you may write, or fix its permissions",
+    errno.EPERM: "operation not permitted: choose a folder you own",
+    errno.ENOENT: "no such file or folder: check the path",
+    errno.EEXIST: "the path exists already: choose another one",
+    errno.ENOTDIR: "a path component is a file, not a folder: choose another path",
+    errno.EISDIR: "a folder was given where a file is expected: check the path",
+    errno.ENAMETOOLONG: "the path is too long: choose a shorter one",
+    errno.EIO: "the storage reported an I/O error: check the disk, then re-run",
+}
+
+
+def expected_failure(error: BaseException) -> str | None:
+    """The one-line message of an expected failure, or None for a bug (keep the traceback)."""
+    if isinstance(error, UserError):
+        return str(error)
+    if isinstance(error, pickle.UnpicklingError):
+        return (
+            f"refused to unpickle a file ({error}): it holds objects other than tensors; load "
+            "only trusted files, or convert the model to safetensors"
+        )
+    if isinstance(error, MemoryError):
+        return "out of memory: lower --batch-size (or data.batch_size) or the text length"
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return f"network failure ({error}): check the connection or use local folders"
+    if isinstance(error, OSError) and error.errno in _OS_FIXES:
+        where = f" {error.filename}" if error.filename else ""
+        return f"{error.strerror or error}{where}; {_OS_FIXES[error.errno]}"
+    text = str(error)
+    if "No space left on device" in text:  # libraries that wrap ENOSPC in their own errors
+        return f"{text.splitlines()[0][:300]}; {_OS_FIXES[errno.ENOSPC]}"
+    return None
 
 
 if __name__ == "__main__":

@@ -98,6 +98,7 @@ def _check(ok: bool, field: str, message: str) -> None:
 
 def validate_config(c: ml_collections.ConfigDict) -> None:
     """Checks every field the engine reads; raises UserError naming the first wrong one."""
+    _check_finite(c)
     _check(c.stage in (1, 2, 3, 4), "stage", f"{c.stage!r} must be 1, 2, 3 or 4")
     _check(c.trainable in TRAINABLE, "trainable", f"{c.trainable!r} must be one of {TRAINABLE}")
     _check(c.dtype in DTYPES, "dtype", f"{c.dtype!r} must be one of {DTYPES}")
@@ -131,8 +132,12 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         "data.max_chunks",
         "chunk alignment is a text stage (1-3) option; set it to 0 for stage 4",
     )
+    for f in ("eval_texts", "train_texts", "worker_count", "eval_images", "train_images"):
+        _check(c.data[f] >= 0, f"data.{f}", f"{c.data[f]} must be >= 0")
     o = c.optim
     _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
+    for f in ("b1", "b2"):
+        _check(0 <= o[f] < 1, f"optim.{f}", f"{o[f]} must be in [0, 1) (Adam's decay rate)")
     _check(0 <= o.warmup_fraction < 1, "optim.warmup_fraction", "must be in [0, 1)")
     _check(o.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
     _check(o.clip_norm > 0, "optim.clip_norm", "must be > 0")
@@ -164,6 +169,10 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
         "only stage 4 has contrastive pairs (image, caption); set it to 0",
     )
     _check(w.infonce_temperature > 0, "loss.infonce_temperature", "must be > 0")
+    _check(w.resim_block_size >= 0, "loss.resim_block_size", "must be >= 0 (0: automatic)")
+    _check(
+        all(int(d) > 0 for d in w.mrl_dims), "loss.mrl_dims", f"{w.mrl_dims}: dims must be > 0"
+    )
     _check(w.in_batch in ("global", "per_device"), "loss.in_batch", "global or per_device")
     chunk = t.gradcache_chunk
     _check(
@@ -173,9 +182,28 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     if w.mrl_dims:
         _check(max(w.mrl_dims) <= max(heads), "loss.mrl_dims", "dims must fit the widest head")
-    _check(len(tuple(c.mesh_shape)) == 3, "mesh_shape", "give (data, fsdp, tensor)")
+    mesh = tuple(c.mesh_shape)
+    _check(len(mesh) == 3, "mesh_shape", "give (data, fsdp, tensor)")
+    _check(
+        all(n == -1 or n >= 1 for n in mesh) and mesh.count(-1) <= 1,
+        "mesh_shape",
+        f"{mesh}: sizes >= 1, at most one -1 (the remaining devices)",
+    )
     if c.stage == 4 or c.trainable == "vision":
         _validate_vision(c)
+
+
+def _check_finite(c: ml_collections.ConfigDict, prefix: str = "") -> None:
+    """Every float field finite: inf or nan (`--config.optim.lr=inf`) is never meant."""
+    for key, value in c.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            _check_finite(value, f"{name}.")
+        elif isinstance(value, float):
+            _check(math.isfinite(value), name, f"{value} must be a finite number")
+        elif isinstance(value, (tuple, list)):
+            bad = [v for v in value if isinstance(v, float) and not math.isfinite(v)]
+            _check(not bad, name, f"{value} must hold finite numbers")
 
 
 def _validate_memory_fields(m: ml_collections.ConfigDict) -> None:

@@ -3,12 +3,20 @@
 `WORKDIR/run.json` records what run the checkpoints belong to; a workdir holding another run's
 checkpoints is refused rather than mixed or overwritten. A stage hand-off reads only the params
 of another workdir's latest checkpoint.
+
+Integrity: each checkpoint holds, besides "state" and "data", an "integrity" item with the
+fingerprint of every state array (`fingerprint.py`), computed on device at save. Every restore
+recomputes and compares them. A checkpoint that fails (damaged bytes, unreadable files) is
+moved aside to `checkpoints/damaged-STEP-TIME` with a warning, and the previous one is used;
+with none left the run stops with one line. Checkpoints written before integrity items existed
+restore unverified, with a warning.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import grain
@@ -17,11 +25,28 @@ import orbax.checkpoint as ocp
 
 from jasper_jax.errors import UserError
 from jasper_jax.paths import PathLike, as_path, write_json_atomic
+from jasper_jax.train import fingerprint
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 MODEL_FILE = "model.json"  # the student's architecture, tokenizer folder, teachers
 CHECKPOINT_DIR = "checkpoints"
+INTEGRITY = "integrity"  # checkpoint item: {"algorithm", "arrays": {key path: fingerprint}}
+DAMAGED_PREFIX = "damaged-"
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint whose files cannot be read or whose arrays fail their fingerprints."""
+
+
+def read_json_file(path: Any, what: str, fix: str) -> Any:
+    """Parsed JSON of `path`; a missing or malformed file is a UserError naming it and `fix`."""
+    try:
+        return json.loads(as_path(path).read_text())
+    except FileNotFoundError as e:
+        raise UserError(f"{what} {path} is missing; {fix}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{what} {path} is not valid JSON ({e}); {fix}") from e
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -55,11 +80,16 @@ class Checkpointer:
         self.manager = ocp.CheckpointManager(
             self.workdir / CHECKPOINT_DIR,
             options=ocp.CheckpointManagerOptions(
-                max_to_keep=keep, create=True, enable_async_checkpointing=False
+                max_to_keep=keep,
+                create=True,
+                enable_async_checkpointing=False,
+                # Safe: the caller holds the workdir lock, so no live save owns them.
+                cleanup_tmp_directories=True,
             ),
             item_handlers={
                 "state": ocp.StandardCheckpointHandler(),
                 "data": grain.checkpoint.CheckpointHandler(),
+                INTEGRITY: ocp.JsonCheckpointHandler(),
             },
         )
 
@@ -67,7 +97,11 @@ class Checkpointer:
         run_file = self.workdir / RUN_FILE
         has_checkpoints = any((self.workdir / CHECKPOINT_DIR).glob("[0-9]*"))
         if run_file.exists():
-            old = json.loads(run_file.read_text(encoding="utf-8"))
+            old = read_json_file(
+                run_file,
+                "run record",
+                "it was damaged; restore it, or use a new --workdir (nothing was changed)",
+            )
             diff = _differences(old, identity)
             if diff and has_checkpoints:
                 raise UserError(
@@ -93,13 +127,35 @@ class Checkpointer:
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=grain.checkpoint.CheckpointSave(_GrainIteratorArg(data_iterator)),
+                **{INTEGRITY: ocp.args.JsonSave(integrity_record(state))},
             ),
             force=True,
         )
         self.manager.wait_until_finished()
 
-    def restore(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
-        """Restores the state (into the shardings of `abstract_state`) and the iterator."""
+    def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int] | None:
+        """(state, step) of the newest checkpoint that restores and verifies, or None when
+        there is none. Damaged ones on the way are moved aside with a warning.
+
+        Raises:
+          UserError: checkpoints exist but every one is damaged (or from another model).
+        """
+        damaged = []
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                return self._restore_verified(step, abstract_state, data_iterator), step
+            except DamagedCheckpoint as e:
+                damaged.append(f"step {step}: {e}")
+                self._set_aside(step, str(e))
+        if damaged:
+            raise UserError(
+                f"no good checkpoint in {self.workdir / CHECKPOINT_DIR} ({'; '.join(damaged)}); "
+                "they were moved to damaged-* folders there; restore them from a backup, or "
+                "use a new --workdir to start over"
+            )
+        return None
+
+    def _restore_verified(self, step: int, abstract_state: Any, data_iterator: Any) -> Any:
         try:
             restored = self.manager.restore(
                 step,
@@ -109,12 +165,22 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # orbax raises many types for truncated or mismatched files
-            raise UserError(
-                f"checkpoint {self.workdir / CHECKPOINT_DIR / str(step)} cannot be restored ({e}); "
-                "it is corrupt or from a different model: move it away to resume from the "
-                "previous one, or use a new --workdir"
-            ) from e
+            raise DamagedCheckpoint(f"cannot be restored: {_short(e)}") from e
+        verify(self.manager, step, restored["state"])
         return restored["state"]
+
+    def _set_aside(self, step: int, reason: str) -> None:
+        """Moves a damaged checkpoint out of orbax's sight (a later save may reuse its step)."""
+        from jax.experimental import multihost_utils
+
+        source = self.workdir / CHECKPOINT_DIR / str(step)
+        target = source.parent / f"{DAMAGED_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        if jax.process_index() == 0:
+            source.rename(target)
+        log.warning("checkpoint %s is damaged (%s); moved to %s", source, reason, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside checkpoint {step}")
+        self.manager.reload()
 
     def reached_preemption(self, step: int) -> bool:
         return self.manager.reached_preemption(step)
@@ -134,18 +200,88 @@ def load_params(workdir: PathLike, step: int | None = None) -> tuple[Any, int]:
             f"{workdir} has no {CHECKPOINT_DIR}/ folder: run the previous stage first, or "
             "point init_from / --workdir at a finished stage's workdir"
         )
-    manager = ocp.CheckpointManager(directory, item_names=("state",))
-    steps = manager.all_steps()
-    if not steps or (step is not None and step not in steps):
-        raise UserError(
-            f"{directory} has no checkpoint {step if step is not None else ''} "
-            f"(available steps: {sorted(steps)})"
-        )
-    step = max(steps) if step is None else step
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            INTEGRITY: ocp.JsonCheckpointHandler(),
+        },
+        options=ocp.CheckpointManagerOptions(create=False),
+    )
     try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    except Exception as e:
-        raise UserError(f"checkpoint {directory / str(step)} cannot be read ({e})") from e
+        steps = manager.all_steps()
+        if not steps or (step is not None and step not in steps):
+            raise UserError(
+                f"{directory} has no checkpoint {step if step is not None else ''} "
+                f"(available steps: {sorted(steps)})"
+            )
+        # The latest that verifies (falling back past damaged ones), or exactly `step`.
+        candidates = sorted(steps, reverse=True) if step is None else [step]
+        damaged = []
+        for candidate in candidates:
+            try:
+                state = _read_verified(manager, candidate)
+            except DamagedCheckpoint as e:
+                damaged.append(f"step {candidate}: {e}")
+                log.warning("checkpoint %s is damaged (%s)", directory / str(candidate), e)
+                continue
+            if damaged:
+                log.warning("using checkpoint %s instead", directory / str(candidate))
+            return jax.device_get(state["params"]), candidate
     finally:
         manager.close()
-    return jax.device_get(restored["state"]["params"]), step
+    raise UserError(
+        f"no good checkpoint in {directory} ({'; '.join(damaged)}); restore it from a backup, "
+        "pass --step of an intact one, or re-run the stage"
+    )
+
+
+def _read_verified(manager: ocp.CheckpointManager, step: int) -> Any:
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    except Exception as e:  # orbax raises many types for truncated or damaged files
+        raise DamagedCheckpoint(f"cannot be read: {_short(e)}") from e
+    verify(manager, step, restored["state"])
+    return restored["state"]
+
+
+def integrity_record(state: Any) -> dict:
+    """What a checkpoint records about its state: every array's fingerprint."""
+    return {"algorithm": fingerprint.ALGORITHM, "arrays": fingerprint.tree_fingerprints(state)}
+
+
+def verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
+    """Compares a restored state with the fingerprints its checkpoint recorded.
+
+    Raises:
+      DamagedCheckpoint: a fingerprint differs (or the record is unreadable).
+    """
+    if not (as_path(manager.directory) / str(step) / INTEGRITY).exists():
+        log.warning(
+            "checkpoint %s has no integrity record (written by an older jasper-jax): restored "
+            "unverified",
+            as_path(manager.directory) / str(step),
+        )
+        return
+    try:
+        record = manager.restore(
+            step, args=ocp.args.Composite(**{INTEGRITY: ocp.args.JsonRestore()})
+        )[INTEGRITY]
+        recorded = dict(record["arrays"])
+    except Exception as e:
+        raise DamagedCheckpoint(f"its integrity record cannot be read: {_short(e)}") from e
+    if record.get("algorithm") != fingerprint.ALGORITHM:
+        raise DamagedCheckpoint(f"unknown fingerprint algorithm {record.get('algorithm')!r}")
+    actual = fingerprint.tree_fingerprints(state)
+    bad = fingerprint.mismatches(recorded, actual)
+    if bad:
+        raise DamagedCheckpoint(
+            f"{len(bad)} of {len(recorded)} arrays differ from their recorded fingerprints "
+            f"(e.g. {bad[0]})"
+        )
+
+
+def _short(error: Exception) -> str:
+    """First line of an exception, cut to 200 characters (orbax messages run long)."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return text[:200]

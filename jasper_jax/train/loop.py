@@ -9,6 +9,7 @@ Start-up order:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import signal
@@ -26,10 +27,11 @@ from jax.experimental import multihost_utils
 from jasper_jax import sharding
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
+from jasper_jax.locks import FolderLock, remove_leftovers
 from jasper_jax.losses import LossConfig
 from jasper_jax.models.embedder import head_name
 from jasper_jax.models.loading import LoadedModel
-from jasper_jax.paths import PathLike, as_path, canonical, write_json_atomic
+from jasper_jax.paths import TMP_PREFIX, PathLike, as_path, canonical, write_json_atomic
 from jasper_jax.train import checkpoint as ckpt
 from jasper_jax.train import head_init
 from jasper_jax.train import state as st
@@ -207,8 +209,23 @@ def train_and_evaluate(
     evaluator: an extra held-out evaluation `(model, mesh) -> scores` of a text stage (the
     demo's fidelity + retrieval table), run on the final parameters ("scores") and, when a
     fresh run fitted heads in closed form, on the starting ones ("start_scores").
+
+    Raises:
+      UserError: a bad config for this mesh, another live process training in `workdir`, a
+        workdir of another run, no good checkpoint to resume from, a non-finite streak.
     """
     workdir = as_path(workdir)
+    # One writer per workdir: process 0 holds the lock for the run (the others share it).
+    lock = FolderLock(workdir, "train") if jax.process_index() == 0 else contextlib.nullcontext()
+    with lock:
+        if jax.process_index() == 0:
+            remove_leftovers(workdir, [TMP_PREFIX + "*"])
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices("workdir locked")
+        return _train_and_evaluate(c, workdir, evaluator)
+
+
+def _train_and_evaluate(c, workdir, evaluator) -> dict[str, Any]:
     mesh = sharding.make_mesh(tuple(c.mesh_shape))
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if c.data.batch_size % shards or c.data.batch_size % jax.process_count():
@@ -238,15 +255,15 @@ def train_and_evaluate(
     )
     state_shardings = _state_shardings(abstract_state, param_shardings, tx, paths, mesh)
 
-    start, start_scores = checkpointer.latest_step(), None
-    if start is not None:
-        target = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-            abstract_state,
-            state_shardings,
-        )
-        state = checkpointer.restore(start, target, data)
-        log.info("resumed from %s at step %d", workdir / ckpt.CHECKPOINT_DIR, start)
+    target = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+        abstract_state,
+        state_shardings,
+    )
+    restored, start_scores = checkpointer.restore_latest(target, data), None
+    if restored is not None:
+        state, start = restored
+        log.info("resumed from %s at step %d (verified)", workdir / ckpt.CHECKPOINT_DIR, start)
     else:
         params, fitted = _initial_params(c, task, param_shardings, mesh)
         state = jax.jit(
@@ -335,9 +352,9 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> d
             if int(metrics["bad_in_row"]) >= c.train.max_nonfinite_in_row:
                 raise TrainingStopped(
                     f"{label}: {c.train.max_nonfinite_in_row} updates in a row had a non-finite "
-                    f"loss or gradient (last at step {done}); stopped without saving, the last "
-                    f"good checkpoint in {workdir / ckpt.CHECKPOINT_DIR} is intact. Check the "
-                    "teacher vectors for NaN, lower optim.lr, or use dtype=float32"
+                    f"loss or gradient (last at step {done}); stopped without saving. "
+                    + _saved_note(checkpointer, workdir)
+                    + " Check the teacher vectors for NaN, lower optim.lr, or use dtype=float32"
                 )
             if done % c.train.log_every == 0 or done == c.train.steps:
                 values = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -361,6 +378,18 @@ def _run(c, workdir, step_fn, state, data, checkpointer, mesh, start, keys) -> d
     # Token lengths the step was compiled for (one program each; data.length_groups).
     lengths = sorted(shape[1] for shape in compiled if len(shape) == 2)
     return {"status": status, "step": step, "state": state, "batch_lengths": lengths}
+
+
+def _saved_note(checkpointer: ckpt.Checkpointer, workdir) -> str:
+    """What a stopped run leaves: its newest checkpoint (each one was verified when it was
+    written or restored), or nothing."""
+    latest = checkpointer.latest_step()
+    if latest is None:
+        return "No checkpoint of this stage exists yet."
+    return (
+        f"The newest checkpoint, step {latest} in {workdir / ckpt.CHECKPOINT_DIR}, is kept "
+        "(fingerprints recorded at save; a resume verifies them)."
+    )
 
 
 def _data_counters(data) -> dict[str, float]:
