@@ -143,6 +143,10 @@ class FolderLock:
             os.close(held[0])
 
     def _acquire(self) -> int:
+        if self.path.parent.exists() and not self.path.parent.is_dir():
+            raise UserError(
+                f"{self.what} {self.folder} is a file, not a folder; pass another {self.flag}"
+            )
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)

@@ -277,3 +277,23 @@ def test_a_bug_keeps_its_traceback_and_says_so(monkeypatch, capsys):
     assert cli.main(["export", "--workdir", "w", "--output", "o"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError" in err and "a bug in jasper-jax" in err
+
+
+def test_workdir_naming_a_file_or_on_a_read_only_filesystem_is_one_line(
+    tmp_path, capsys, monkeypatch
+):
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    argv = ["train", "--config", "configs/embedded_default.py:2", "--workdir"]
+    assert cli.main(argv + [str(a_file)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a file, not a folder" in err[0]
+    assert a_file.read_text() == "mine"
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert cli.main(argv + [str(tmp_path / "ro" / "w")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "read-only" in err[0] and "ro/w" in err[0], err

@@ -206,6 +206,14 @@ def _head_order(name: str) -> int:
 
 
 def demo_main(args: argparse.Namespace) -> int:
+    from jasper_jax.locks import FolderLock
+
+    # One demo per workdir; its stages and teacher builds lock their own sub-folders too.
+    with FolderLock(args.workdir, "demo"):
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
     workdir = Path(args.workdir)
     overrides: dict[str, Any] = dict(QUICK) if args.quick else {}
     if args.large:
