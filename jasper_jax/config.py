@@ -170,9 +170,7 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     _check(w.infonce_temperature > 0, "loss.infonce_temperature", "must be > 0")
     _check(w.resim_block_size >= 0, "loss.resim_block_size", "must be >= 0 (0: automatic)")
-    _check(
-        all(int(d) > 0 for d in w.mrl_dims), "loss.mrl_dims", f"{w.mrl_dims}: dims must be > 0"
-    )
+    _check(all(int(d) > 0 for d in w.mrl_dims), "loss.mrl_dims", f"{w.mrl_dims}: dims must be > 0")
     _check(w.in_batch in ("global", "per_device"), "loss.in_batch", "global or per_device")
     chunk = t.gradcache_chunk
     _check(

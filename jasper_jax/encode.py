@@ -25,6 +25,40 @@ from jasper_jax.models.loading import LoadedModel
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
+def check_finite(vectors: np.ndarray, what: str, line_of: str | None = None) -> None:
+    """Refuses output rows holding NaN/inf, before anything is written.
+
+    Args:
+      vectors: [N, dim] rows.
+      what: names them in the message ("vectors", "chunk vectors").
+      line_of: the input file whose line i+1 gave row i, to name the first bad line.
+    Raises:
+      UserError: how many rows, the first one, and the likely cause with its fix.
+    """
+    bad = ~np.isfinite(vectors).reshape(len(vectors), -1).all(axis=1)
+    if not bad.any():
+        return
+    first = int(np.argmax(bad))
+    where = f"row {first}" + (f", line {first + 1} of {line_of}" if line_of else "")
+    raise UserError(
+        f"{int(bad.sum())} of {len(vectors)} {what} are not finite (NaN/inf; first: {where}); "
+        "likely a corrupt checkpoint, or an overflow in bfloat16 (try --dtype float32); "
+        "nothing was written"
+    )
+
+
+def check_finite_model(params: Any, model: str) -> None:
+    """Refuses weights holding NaN/inf, which give NaN for every input (fails before compute)."""
+    from jasper_jax.models.loading import first_non_finite
+
+    bad = first_non_finite(params)
+    if bad is not None:
+        raise UserError(
+            f"model {model} holds NaN/inf in parameter {bad} (a corrupt checkpoint or a "
+            "diverged run); use another checkpoint or model (nothing was written)"
+        )
+
+
 def bucket_length(n: int, max_length: int, smallest: int = 16) -> int:
     """Smallest power of two >= n (at least `smallest`), capped at `max_length`."""
     length = smallest

@@ -37,11 +37,10 @@ class ImageModel:
 
 def has_vision(path: str | Path) -> bool:
     """Whether `path` is a training workdir whose model has a vision tower."""
-    from jasper_jax.models.hf_io import read_json
     from jasper_jax.train.checkpoint import MODEL_FILE
+    from jasper_jax.workdir import read_model_json
 
-    model_file = Path(path) / MODEL_FILE
-    return model_file.is_file() and "vision" in read_json(model_file)
+    return (Path(path) / MODEL_FILE).is_file() and "vision" in read_model_json(path)
 
 
 def load_image_model(workdir: str | Path, step: int | None = None) -> ImageModel:

@@ -7,3 +7,8 @@ class UserError(Exception):
     The CLI prints the message without a traceback and exits with code 2. The message names the
     offending value, what was expected, and how to fix it.
     """
+
+
+class UnsupportedModel(UserError):
+    """A well-formed model folder whose architecture or modules our Flax port does not
+    implement (callers with another backend fall back to it; damaged folders stay UserError)."""

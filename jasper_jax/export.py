@@ -11,28 +11,38 @@ and `jasper_jax.models.loading.load_model` all read):
     2_Dense_<dim>/                      one folder per head (config.json + model.safetensors)
     config_sentence_transformers.json   query / document prompts
     README.md                           model card
+    jasper_export.json                  marks the folder as an export: source workdir, step
     vision/                             stage 4 only: the SigLIP tower as `SiglipVisionModel`
 
 The folder is written next to `OUT` under a temporary name and renamed into place, so `OUT` is
-either the old folder or the complete new one, never half-written.
+either the old folder or the complete new one, never half-written. `--overwrite` replaces only
+a previous export (a folder holding `jasper_export.json`), never the source workdir, the current
+folder, home or a parent of those. One export at a time writes an `OUT` (a lock beside it);
+temporary folders carry the writer's process tag, so the next export removes those of a killed
+one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import logging
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jasper_jax import __version__
 from jasper_jax.errors import UserError
+from jasper_jax.locks import FolderLock, process_tag, remove_leftovers, tag_alive
 from jasper_jax.models.embedder import POOLED, head_name
 from jasper_jax.models.hf_io import params_to_state_dict, read_json
-from jasper_jax.models.loading import LoadedModel, normalizes_pooled
+from jasper_jax.models.loading import LoadedModel, first_non_finite, normalizes_pooled
+from jasper_jax.paths import honour_umask, write_text_atomic
 from jasper_jax.train.checkpoint import MODEL_FILE, load_params
 
 log = logging.getLogger(__name__)
@@ -50,6 +60,8 @@ TOKENIZER_FILES = (
     "tokenizer.model",
 )
 VISION_DIR = "vision"
+MARKER = "jasper_export.json"  # what `--overwrite` may replace: a folder an export wrote
+MARKER_FORMAT = 1
 EVAL_JSON = Path("eval") / "eval.json"  # where `jasper-jax eval --model WORKDIR` writes
 _ST_POOLING = {
     "mean": "pooling_mode_mean_tokens",
@@ -78,7 +90,7 @@ class ExportSource:
 
 def load_export_source(workdir: str | Path, step: int | None = None) -> ExportSource:
     """Reads model.json and one checkpoint (the latest, or `step`) of a training workdir."""
-    from jasper_jax.workdir import embedder_config_from_dict
+    from jasper_jax.workdir import embedder_config_from_dict, read_model_json
 
     workdir = Path(workdir)
     if not (workdir / MODEL_FILE).is_file():
@@ -86,9 +98,10 @@ def load_export_source(workdir: str | Path, step: int | None = None) -> ExportSo
             f"{workdir} is not a jasper-jax workdir (no {MODEL_FILE}); pass the --workdir of a "
             "finished `jasper-jax train` run"
         )
-    meta = read_json(workdir / MODEL_FILE)
+    meta = read_model_json(workdir)
     config = embedder_config_from_dict(meta["embedder"])
     params, meta["step"] = load_params(workdir, step)
+    check_finite_params(params, workdir, meta["step"])
     prompts = {"query": meta["prompt"], "document": ""} if meta.get("prompt") else {}
     text_params = {k: v for k, v in params.items() if k in ("encoder", "heads")}
     model = LoadedModel(
@@ -98,6 +111,17 @@ def load_export_source(workdir: str | Path, step: int | None = None) -> ExportSo
     if "vision" in params:
         vision = (vision_config_from_meta(meta, workdir), params["vision"])
     return ExportSource(model, meta, vision, image_tokens_from_meta(meta))
+
+
+def check_finite_params(params: Any, workdir: Path, step: int) -> None:
+    """Refuses a checkpoint holding NaN/inf: its export would give NaN for every text."""
+    bad = first_non_finite(params)
+    if bad is not None:
+        raise UserError(
+            f"checkpoint step {step} of {workdir} holds NaN/inf in parameter {bad} (training "
+            "diverged or the checkpoint is corrupt); export an earlier --step (nothing was "
+            "written)"
+        )
 
 
 def image_tokens_from_meta(meta: dict) -> int | None:
@@ -138,6 +162,7 @@ def _save_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     contiguous = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
     save_file(contiguous, str(path), metadata={"format": "pt"})  # "pt": what HF loaders expect
+    honour_umask(path)  # safetensors creates its files 0600
 
 
 def dense_folder_name(dim: int) -> str:
@@ -197,7 +222,7 @@ def copy_tokenizer(source: Path, folder: Path) -> list[str]:
             "it or edit tokenizer_folder in the workdir's model.json"
         )
     for name in copied:
-        shutil.copy2(source / name, folder / name)
+        shutil.copyfile(source / name, folder / name)  # contents only: the mode follows the umask
     return copied
 
 
@@ -269,25 +294,148 @@ def write_vision_model(
 # ---- atomic folder replacement ---------------------------------------------------------------
 
 
-def check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and not overwrite:
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` is `folder` or lies below it (both resolved)."""
+    return path == folder or folder in path.parents
+
+
+def _unsafe_reason(output: Path, workdir: Path | None) -> str | None:
+    """Why replacing the (resolved) `output` would delete what export did not write, if so."""
+    if output.parent == output:
+        return "is a filesystem root"
+    if _inside(Path.home().resolve(), output):
+        return "is your home folder or one of its parents"
+    if _inside(Path.cwd().resolve(), output):
+        return "is the current folder or one of its parents"
+    if workdir is None:
+        return None
+    if output == workdir:
+        return "is the source --workdir"
+    if _inside(workdir, output):
+        return f"holds the source --workdir {workdir}"
+    return None
+
+
+def check_output(output: Path, overwrite: bool, workdir: str | Path | None = None) -> None:
+    """Refuses an `output` (resolved) that exists, unless `overwrite` and it is a previous export
+    that is none of: the source workdir or a parent of it, the current folder or a parent of it,
+    home or a parent of it, a filesystem root.
+
+    Raises:
+      UserError: naming the reason and the fix; nothing has been touched.
+    """
+    if not output.exists():
+        return
+    reason = _unsafe_reason(output, None if workdir is None else Path(workdir).resolve())
+    if reason:
+        raise UserError(
+            f"--output {output} {reason}; export writes a new folder (--overwrite replaces only a "
+            "previous export): choose a new --output (nothing was touched)"
+        )
+    if not output.is_dir():
+        raise UserError(f"--output {output} is a file, not a folder; choose another path")
+    if not overwrite:
         raise UserError(
             f"output folder {output} already exists; pass --overwrite to replace it, or choose "
             "another --output (nothing was written)"
         )
-    if output.exists() and not output.is_dir():
-        raise UserError(f"--output {output} is a file, not a folder; choose another path")
+    if not (output / MARKER).is_file():
+        raise UserError(
+            f"{output} exists and is not a jasper-jax export (no {MARKER}); choose a new "
+            "--output or remove it yourself"
+        )
+
+
+def _temp_prefix(output: Path, kind: str) -> str:
+    """`.NAME.tmp-PID@HOST~` / `.NAME.old-PID@HOST~`: a later export can tell a dead writer's."""
+    return f".{output.name}.{kind}-{process_tag()}"
+
+
+def leftover_patterns(output: Path) -> list[str]:
+    """Globs of the temporary folders an export of `output` makes (any process, old or new)."""
+    name = glob.escape(output.name)
+    return [f".{name}.tmp-*", f".{name}.old-*"]
+
+
+def restore_interrupted(output: Path) -> None:
+    """A killed export may have moved the previous export aside (`.NAME.old-*/NAME`) without
+    putting the new one in place: moves it back, before the leftovers are removed."""
+    if output.exists():
+        return
+    prefix = f".{output.name}.old-"
+    for old in sorted(output.parent.glob(leftover_patterns(output)[1]), reverse=True):
+        kept = old / output.name
+        if kept.is_dir() and not tag_alive(old.name[len(prefix) :]):
+            kept.rename(output)
+            log.warning("restored %s, moved aside by an interrupted export", output)
+            return
 
 
 def install_folder(built: Path, output: Path) -> None:
-    """Moves a finished folder into place; an old `output` is removed only after the move."""
+    """Moves a finished folder into place; an old `output` is removed only after the move, and
+    put back if the move fails."""
     old = None
     if output.exists():
-        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.old-"))
-        output.rename(old / output.name)
-    built.rename(output)
+        old = Path(tempfile.mkdtemp(dir=output.parent, prefix=_temp_prefix(output, "old")))
+        try:
+            output.rename(old / output.name)
+        except BaseException:
+            old.rmdir()
+            raise
+    try:
+        built.rename(output)
+    except BaseException:
+        if old is not None:
+            (old / output.name).rename(output)
+            old.rmdir()
+        raise
     if old is not None:
-        shutil.rmtree(old)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_marker(folder: Path, workdir: str | Path, step: int, default_head: str) -> None:
+    """`jasper_export.json`: what this folder was exported from; `--overwrite` requires it."""
+    _write_json(
+        folder / MARKER,
+        {
+            "format": MARKER_FORMAT,
+            "jasper_jax_version": __version__,
+            "workdir": str(Path(workdir).resolve()),
+            "step": int(step),
+            "default_head": default_head,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        },
+    )
+
+
+def _evaluation(workdir: str | Path) -> dict | None:
+    """The workdir's eval.json for the model card; a damaged one is left out, not fatal."""
+    path = Path(workdir) / EVAL_JSON
+    if not path.is_file():
+        return None
+    try:
+        evaluation = read_json(path)
+    except UserError as e:
+        log.warning("model card without evaluation: %s", e)
+        return None
+    return evaluation if isinstance(evaluation, dict) else None
+
+
+def build_folder(
+    source: ExportSource, workdir: str | Path, folder: Path, head: str, max_len: int
+) -> dict[str, Any]:
+    """Writes the whole export into the (empty, temporary) `folder`; returns its summary."""
+    from jasper_jax.model_card import model_card
+
+    summary = write_text_model(source.model, folder, head, max_len)
+    if source.vision is not None:
+        write_vision_model(*source.vision, folder / VISION_DIR, source.image_tokens)
+    summary["vision"] = source.vision is not None
+    card = model_card(source.meta, summary, _evaluation(workdir))
+    (folder / "README.md").write_text(card, encoding="utf-8")
+    write_marker(folder, workdir, source.meta["step"], head)
+    honour_umask(folder, directory=True)  # mkdtemp made it 0700
+    return summary
 
 
 def export_workdir(
@@ -302,33 +450,32 @@ def export_workdir(
     """Exports a workdir's checkpoint (latest or `step`) to `output`; returns a summary dict.
 
     Raises:
-      UserError: not a workdir, no checkpoint, unknown head, existing output without
-        `overwrite` (checked before anything is read or written).
+      UserError: not a workdir, no checkpoint, NaN/inf parameters, unknown head, an existing
+        output without `overwrite`, or one `overwrite` may not replace (checked before anything
+        is written); another export writing `output`.
+      OSError: writing failed (e.g. disk full); the temporary folder is removed and an existing
+        output is left as it was.
     """
-    from jasper_jax.model_card import model_card
-
-    output = Path(output).absolute()
-    check_output(output, overwrite)
-    source = load_export_source(workdir, step)
-    head = resolve_default_head(source.model, default_head)
-    max_len = int(max_seq_length or source.model.max_seq_length)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}.tmp-"))
-    try:
-        summary = write_text_model(source.model, tmp, head, max_len)
-        if source.vision is not None:
-            write_vision_model(*source.vision, tmp / VISION_DIR, source.image_tokens)
-        summary["vision"] = source.vision is not None
-        eval_path = Path(workdir) / EVAL_JSON
-        evaluation = read_json(eval_path) if eval_path.is_file() else None
-        (tmp / "README.md").write_text(
-            model_card(source.meta, summary, evaluation), encoding="utf-8"
-        )
-        check_output(output, overwrite)  # another process may have created it meanwhile
-        install_folder(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    output = Path(output).resolve()  # symlinks and `.` resolved before any comparison
+    check_output(output, overwrite, workdir)
+    lock = FolderLock(
+        output.parent, "export", name=f".{output.name}.lock", what="output folder", flag="--output"
+    )
+    with lock:
+        restore_interrupted(output)
+        remove_leftovers(output.parent, leftover_patterns(output))
+        check_output(output, overwrite, workdir)  # again: it may have appeared meanwhile
+        source = load_export_source(workdir, step)
+        head = resolve_default_head(source.model, default_head)
+        max_len = int(max_seq_length or source.model.max_seq_length)
+        tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=_temp_prefix(output, "tmp")))
+        try:
+            summary = build_folder(source, workdir, tmp, head, max_len)
+            check_output(output, overwrite, workdir)  # made meanwhile by something unlocked
+            install_folder(tmp, output)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("exported %s step %d to %s", workdir, source.meta["step"], output)
     return {**summary, "output": str(output), "step": source.meta["step"]}
 
@@ -343,6 +490,4 @@ def set_default_head(folder: str | Path, head: str) -> None:
             raise UserError(f"{folder} has no head {head!r} ({dense_folder_name(dim)}/ missing)")
     path = folder / "modules.json"
     modules = modules_json(head, normalizes_pooled(read_json(path)))
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(modules, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps(modules, indent=2) + "\n")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 _HUB_NAMES = {
     "all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
@@ -74,6 +77,8 @@ def _usage(summary: dict, query_prompt: str) -> list[str]:
         "",
         "The encoder alone (no heads) loads with `transformers.AutoModel.from_pretrained(folder)`;",
         "jasper-jax reads the folder with `jasper-jax encode --model FOLDER --head dense_<dim>`.",
+        "`jasper_export.json` records the workdir and step this folder was exported from; "
+        "`jasper-jax export --overwrite` replaces only folders that hold it.",
         "",
     ]
     if summary.get("vision"):
@@ -105,7 +110,7 @@ def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
       evaluation: the eval.json of `jasper-jax eval` for this workdir, or None.
     """
     base = hub_name(meta.get("tokenizer_folder", ""))
-    stage = int(meta.get("stage", 0))
+    stage = int(meta.get("stage") or 0)
     teachers = teacher_names(meta) or ["(not recorded)"]
     query_prompt = meta.get("prompt") or ""
     lines = [
@@ -131,7 +136,17 @@ def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
         *_usage(summary, query_prompt),
     ]
     if evaluation:
-        from jasper_jax.evaluation.report import markdown_report
-
-        lines += ["## Evaluation (jasper-jax eval)", "", markdown_report(evaluation), ""]
+        lines += _evaluation_section(evaluation)
     return "\n".join(lines)
+
+
+def _evaluation_section(evaluation: dict) -> list[str]:
+    """The eval.json tables; an eval.json of another layout is left out (it is optional)."""
+    from jasper_jax.evaluation.report import markdown_report
+
+    try:
+        report = markdown_report(evaluation)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        log.warning("model card without evaluation: eval.json is not as expected (%r)", e)
+        return []
+    return ["## Evaluation (jasper-jax eval)", "", report, ""]

@@ -5,11 +5,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Any
 
 from jasper_jax.errors import UserError
 from jasper_jax.models.embedder import EmbedderConfig
+from jasper_jax.models.hf_io import read_json
 from jasper_jax.models.loading import ENCODER_CONFIGS, LoadedModel
 from jasper_jax.paths import PathLike, as_path
 from jasper_jax.train.checkpoint import CHECKPOINT_DIR, MODEL_FILE, load_params
@@ -20,21 +21,46 @@ def is_workdir(path: PathLike) -> bool:
     return (path / MODEL_FILE).is_file() and (path / CHECKPOINT_DIR).is_dir()
 
 
+MODEL_JSON_FIX = (
+    "restore it from a copy, or re-run the `jasper-jax train` of this workdir (it writes "
+    f"{MODEL_FILE} at the start)"
+)
+_REQUIRED = ("embedder", "tokenizer_folder", "max_seq_length")
+
+
+def read_model_json(workdir: PathLike) -> dict[str, Any]:
+    """A workdir's model.json, checked for what loading the model needs.
+
+    Raises:
+      UserError: missing, truncated or not JSON, or without the entries a model needs.
+    """
+    path = as_path(workdir) / MODEL_FILE
+    meta = read_json(path, MODEL_JSON_FIX)
+    missing = [k for k in _REQUIRED if not isinstance(meta, dict) or k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {missing}: {MODEL_JSON_FIX}")
+    return meta
+
+
 def embedder_config_from_dict(d: dict) -> EmbedderConfig:
-    enc = dict(d["encoder"])
-    kind = enc.get("model_type")
+    enc = d.get("encoder") if isinstance(d, dict) else None
+    kind = enc.get("model_type") if isinstance(enc, dict) else None
     if kind not in ENCODER_CONFIGS:
         raise UserError(
             f"{MODEL_FILE} names encoder {kind!r}; supported: {sorted(ENCODER_CONFIGS)}"
         )
-    encoder = ENCODER_CONFIGS[kind].from_hf_dict(enc)
-    return EmbedderConfig(
-        encoder=encoder,
-        pooling=d["pooling"],
-        heads=tuple(d["heads"]),
-        default_head=d.get("default_head"),
-        normalize_pooled=bool(d.get("normalize_pooled", False)),
-    )
+    try:
+        return EmbedderConfig(
+            encoder=ENCODER_CONFIGS[kind].from_hf_dict(dict(enc)),
+            pooling=d["pooling"],
+            heads=tuple(d["heads"]),
+            default_head=d.get("default_head"),
+            normalize_pooled=bool(d.get("normalize_pooled", False)),
+        )
+    except (KeyError, TypeError, ValueError) as e:  # a hand-edited or damaged entry
+        raise UserError(
+            f"{MODEL_FILE} 'embedder' entry is invalid ({e!r}): {MODEL_JSON_FIX}"
+        ) from e
 
 
 def load_workdir_model(workdir: PathLike, step: int | None = None) -> tuple[LoadedModel, dict]:
@@ -46,7 +72,7 @@ def load_workdir_model(workdir: PathLike, step: int | None = None) -> tuple[Load
             f"{workdir} is not a jasper-jax workdir (no {MODEL_FILE}); pass the --workdir of a "
             "`jasper-jax train` run"
         )
-    meta = json.loads((workdir / MODEL_FILE).read_text())
+    meta = read_model_json(workdir)
     config = embedder_config_from_dict(meta["embedder"])
     params, step = load_params(workdir, step)
     meta["step"] = step

@@ -13,6 +13,7 @@ from flax import traverse_util
 
 from jasper_jax.cli import main
 from jasper_jax.encode import TextEncoder
+from jasper_jax.errors import UserError
 from jasper_jax.export import export_workdir, set_default_head
 from jasper_jax.models.loading import load_model
 from jasper_jax.workdir import load_workdir_model
@@ -180,18 +181,26 @@ def test_bad_inputs_are_refused_and_nothing_is_half_written(workdir, tmp_path, c
     )
     assert code == 2 and _tree_digest(out) == {"keep.txt": b"mine"}
 
+    # --overwrite never replaces a folder jasper-jax did not write.
+    with pytest.raises(UserError, match="not a jasper-jax export"):
+        export_workdir(workdir, out, overwrite=True)
+    assert _tree_digest(out) == {"keep.txt": b"mine"}
+    shutil.rmtree(out)
+    assert main(["export", "--workdir", str(workdir), "--output", str(out)]) == 0
+    first = _tree_digest(out)
+
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr("jasper_jax.export.write_heads", broken)
     with pytest.raises(OSError, match="disk full"):
         export_workdir(workdir, out, overwrite=True)
-    assert _tree_digest(out) == {"keep.txt": b"mine"}
+    assert _tree_digest(out) == first  # the previous export untouched
     assert sorted(os.listdir(tmp_path)) == ["empty", "no_ckpt", "out"]  # no temp folders left
     monkeypatch.undo()
 
     assert main(["export", "--workdir", str(workdir), "--output", str(out), "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "model.safetensors").is_file()
     assert sorted(os.listdir(tmp_path)) == ["empty", "no_ckpt", "out"]
 
 

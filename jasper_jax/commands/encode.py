@@ -2,18 +2,29 @@
 
 With `--images` (a stage-4 model): image files and folders in, row i = the i-th image, folders
 expanded in sorted order; the order is also written to `OUTPUT.paths.txt`.
+
+Outputs are refused when any vector is NaN/inf, and are written beside their targets under
+temporary names, then renamed: a failure (disk full) leaves existing outputs as they were.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
 
 from jasper_jax.errors import UserError
-from jasper_jax.paths import save_npy_atomic
+from jasper_jax.locks import process_tag
+from jasper_jax.paths import TMP_PREFIX, honour_umask
 
 log = logging.getLogger(__name__)
+Writer = Callable[[BinaryIO], None]
 
 
 def read_lines(path: str | Path) -> list[str]:
@@ -37,6 +48,73 @@ def read_lines(path: str | Path) -> list[str]:
     return [line.rstrip("\r") for line in lines]
 
 
+def read_texts(path: str | Path) -> list[str]:
+    """The texts of a one-text-per-line file (row i of the output is line i + 1).
+
+    A blank line is kept as an empty text, as sentence-transformers encodes it, so rows stay
+    aligned with lines (skipping it would shift every later row); a warning names it.
+
+    Raises:
+      UserError: the file is missing, not UTF-8, empty or only blank lines.
+    """
+    lines = read_lines(path)
+    blank = [number for number, line in enumerate(lines, start=1) if not line.strip()]
+    if len(blank) == len(lines):
+        raise UserError(
+            f"input file {path} holds no text{' (only blank lines)' if lines else ''}; put one "
+            "text per line"
+        )
+    if blank:
+        log.warning(
+            "%s: %d blank line(s) (first: line %d) are encoded as empty texts, so that row i "
+            "stays line i; remove them if they are not meant as texts",
+            path,
+            len(blank),
+            blank[0],
+        )
+    return lines
+
+
+def npy_writer(array: np.ndarray) -> Writer:
+    return lambda f: np.save(f, array)
+
+
+def text_writer(text: str) -> Writer:
+    return lambda f: f.write(text.encode("utf-8"))
+
+
+def write_outputs(outputs: dict[str | Path, Writer]) -> None:
+    """Writes every output to a temporary file beside it, then renames them all into place.
+
+    A failure while writing (disk full, no permission) removes the temporary files and leaves
+    every existing output as it was; the OSError propagates. Files get the umask's mode.
+    """
+    temps: list[tuple[str, Path]] = []
+    try:
+        for target, write in outputs.items():
+            target = Path(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(
+                dir=target.parent, prefix=TMP_PREFIX + process_tag(), suffix=".tmp"
+            )
+            temps.append((tmp, target))
+            with os.fdopen(fd, "wb") as f:
+                write(f)
+            honour_umask(tmp)  # mkstemp made it 0600
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def check_output_path(output: str | Path) -> None:
+    """Refuses an --output that is a folder, before any compute."""
+    if Path(output).is_dir():
+        raise UserError(f"--output {output} is a folder; pass the path of the .npy file to write")
+
+
 def parse_mesh(text: str) -> tuple[int, int, int]:
     try:
         shape = tuple(int(x) for x in text.split(","))
@@ -49,9 +127,10 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
 
 def encode_main(args: argparse.Namespace) -> int:
     from jasper_jax import sharding
-    from jasper_jax.encode import TextEncoder, resolve_head
+    from jasper_jax.encode import TextEncoder, check_finite, check_finite_model, resolve_head
     from jasper_jax.workdir import load_any_model
 
+    check_output_path(args.output)
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.max_length is not None and args.max_length < 2:
@@ -64,8 +143,9 @@ def encode_main(args: argparse.Namespace) -> int:
         from jasper_jax.commands.encode_chunks import encode_chunks_main
 
         return encode_chunks_main(args)
-    texts = read_lines(args.input)
+    texts = read_texts(args.input)
     model = load_any_model(args.model)
+    check_finite_model(model.params, args.model)
     resolve_head(model.config, args.head)  # fail before any compile
     encoder = TextEncoder(
         model,
@@ -76,7 +156,8 @@ def encode_main(args: argparse.Namespace) -> int:
     vectors = encoder.encode(
         texts, head=args.head, prompt=args.prompt, max_length=args.max_length, progress=True
     )
-    save_npy_atomic(args.output, vectors)
+    check_finite(vectors, "vectors", line_of=args.input)
+    write_outputs({args.output: npy_writer(vectors)})
     log.info(
         "wrote %s: %d x %d float32 (%d texts reached max length and were truncated)",
         args.output,
@@ -90,13 +171,14 @@ def encode_images_main(args: argparse.Namespace) -> int:
     """`--images`: every image is decoded before any compute, so a bad file fails the run early."""
     from jasper_jax import sharding
     from jasper_jax.data.images import list_images
-    from jasper_jax.encode import resolve_head
+    from jasper_jax.encode import check_finite, check_finite_model, resolve_head
     from jasper_jax.encode_images import ImageEncoder, load_image_model
 
     if args.prompt or args.max_length is not None:
         raise UserError("--prompt and --max-length apply to texts; drop them with --images")
     paths = list_images(args.images)
     model = load_image_model(args.model)
+    check_finite_model(model.params, args.model)
     resolve_head(model.config.text, args.head)  # fail before any compile
     encoder = ImageEncoder(
         model.config,
@@ -107,8 +189,13 @@ def encode_images_main(args: argparse.Namespace) -> int:
     )
     encoder.check(paths)
     vectors = encoder.encode(paths, head=args.head)
-    save_npy_atomic(args.output, vectors)
+    check_finite(vectors, "image vectors")
     listing = Path(f"{args.output}.paths.txt")
-    listing.write_text("".join(f"{p}\n" for p in paths), encoding="utf-8")
+    write_outputs(
+        {
+            args.output: npy_writer(vectors),
+            listing: text_writer("".join(f"{p}\n" for p in paths)),
+        }
+    )
     log.info("wrote %s: %d x %d float32 (row order in %s)", args.output, *vectors.shape, listing)
     return 0

@@ -7,6 +7,11 @@ Outputs, each written atomically::
     OUTPUT                 [N, dim] float32 document vectors (row i = document i)
     OUTPUT.chunks.npy      [M, dim] float32 chunk vectors, grouped by document
     OUTPUT.chunks.jsonl    one line per chunk: {"document", "start", "end", "text"}
+
+A .txt input keeps blank lines as empty documents (row i is line i); a .jsonl input skips
+them (row i is the i-th object). NaN/inf vectors are refused; the three files are renamed into
+place together after all are written, so a failure (disk full) leaves existing outputs as they
+were.
 """
 
 from __future__ import annotations
@@ -16,21 +21,27 @@ import json
 import logging
 from pathlib import Path
 
-from jasper_jax.commands.encode import parse_mesh, read_lines
+from jasper_jax.commands.encode import (
+    npy_writer,
+    parse_mesh,
+    read_lines,
+    read_texts,
+    text_writer,
+    write_outputs,
+)
 from jasper_jax.errors import UserError
-from jasper_jax.paths import save_npy_atomic, write_text_atomic
 
 log = logging.getLogger(__name__)
 
 
 def read_documents(path: str | Path, with_spans: bool) -> tuple[list[str], list | None]:
     """(documents, spans or None) from a .txt (one per line) or .jsonl file."""
-    lines = read_lines(path)
     if not str(path).endswith(".jsonl"):
         if with_spans:
             raise UserError(f"--chunks given reads spans from a .jsonl input; {path} is not one")
-        return lines, None
+        return read_texts(path), None
     documents, spans = [], []
+    lines = read_lines(path)
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -50,7 +61,7 @@ def read_documents(path: str | Path, with_spans: bool) -> tuple[list[str], list 
 
 def encode_chunks_main(args: argparse.Namespace) -> int:
     from jasper_jax import sharding
-    from jasper_jax.encode import TextEncoder, resolve_head
+    from jasper_jax.encode import TextEncoder, check_finite, check_finite_model, resolve_head
     from jasper_jax.encode_chunks import ChunkEncoder
     from jasper_jax.workdir import load_any_model
 
@@ -59,6 +70,7 @@ def encode_chunks_main(args: argparse.Namespace) -> int:
     if not documents:
         raise UserError(f"{args.input} holds no documents")
     model = load_any_model(args.model)
+    check_finite_model(model.params, args.model)
     head = resolve_head(model.config, args.head)  # fail before any compile
     encoder = TextEncoder(
         model,
@@ -75,8 +87,8 @@ def encode_chunks_main(args: argparse.Namespace) -> int:
         max_length=args.max_length,
         progress=True,
     )
-    save_npy_atomic(args.output, result.documents[head])
-    save_npy_atomic(f"{args.output}.chunks.npy", result.chunks[head])
+    check_finite(result.documents[head], "document vectors")
+    check_finite(result.chunks[head], "chunk vectors")
     listing = "".join(
         json.dumps(
             {"document": int(i), "start": int(a), "end": int(b), "text": documents[i][a:b]},
@@ -85,7 +97,13 @@ def encode_chunks_main(args: argparse.Namespace) -> int:
         + "\n"
         for i, (a, b) in zip(result.owner, result.spans, strict=True)
     )
-    write_text_atomic(Path(f"{args.output}.chunks.jsonl"), listing)
+    write_outputs(
+        {
+            args.output: npy_writer(result.documents[head]),
+            f"{args.output}.chunks.npy": npy_writer(result.chunks[head]),
+            f"{args.output}.chunks.jsonl": text_writer(listing),
+        }
+    )
     log.info(
         "wrote %s (%d documents) and %s.chunks.npy (%d chunks; %d cut by the max length and "
         "left out)",

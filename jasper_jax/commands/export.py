@@ -19,7 +19,12 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
         "full teacher-dim head)",
     )
     p.add_argument("--max-seq-length", type=int, default=None, help="default: the training one")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a previous export at --output (a folder holding jasper_export.json; "
+        "never the workdir, the current folder or a parent of them)",
+    )
 
 
 def export_main(args: argparse.Namespace) -> int:

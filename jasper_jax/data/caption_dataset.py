@@ -8,7 +8,9 @@ output folder (as the teacher dataset, `teacher_dataset.py`)::
     OUTPUT/_parts/plan.json   what is being built (student, heads, examples fingerprint)
     OUTPUT/_parts/rows-*.npy  finished chunks of caption vectors, each written atomically
 
-A re-run keeps finished chunks; the dataset is built in a temp folder and renamed into place.
+A re-run keeps finished chunks; the dataset is built in a temp folder and renamed into place,
+with `dataset/checksums.json` (size and SHA-256 of every file) checked on open. One build per
+output folder at a time (its lock); the next build removes what a killed one left.
 Features: `image` (encoded file bytes, PNG for generated images; decoded in the grain pipeline,
 so TensorFlow is not needed), `caption`, `tag` (free text, e.g. "unseen" for held-out
 combinations), `index`, and `targets/<head>` [dim] float32 unit vectors.
@@ -23,7 +25,6 @@ import logging
 import os
 import pathlib
 import shutil
-import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,8 +34,18 @@ import tqdm
 
 from jasper_jax.data import images as images_lib
 from jasper_jax.data import shapes
-from jasper_jax.data.teacher_dataset import _install, _write_atomically
+from jasper_jax.data.teacher_dataset import (
+    OUTPUT_LEFTOVERS,
+    PARTS_LEFTOVERS,
+    atomic_file,
+    build_folder,
+    install,
+    open_tfds_folder,
+    refuse_foreign_dataset,
+    verify_dataset_files,
+)
 from jasper_jax.errors import UserError
+from jasper_jax.locks import FolderLock, remove_leftovers
 
 DATASET_DIR = "dataset"
 PARTS_DIR = "_parts"
@@ -199,50 +210,78 @@ def build_caption_dataset(
     }
     output = pathlib.Path(output_dir).expanduser()
     target = output / DATASET_DIR
-    old = _finished_identity(output)
-    if old == identity:
-        log.info("%s already holds this caption dataset; nothing to do", output)
-        return target
-    if old is not None and not overwrite:
-        raise UserError(
-            f"output folder {str(output)!r} already holds a different caption dataset "
-            "(other examples or student); fix: choose another --output or pass --overwrite"
-        )
-    parts = _prepare_parts(output, identity, overwrite)
-    chunks = [(a, min(a + chunk_size, len(examples))) for a in range(0, len(examples), chunk_size)]
-    _encode_chunks(parts, chunks, examples, model, tuple(heads), batch_size, progress)
-    metadata = {"identity": identity, "heads": heads, "rows": len(examples)}
-    with tempfile.TemporaryDirectory(dir=output, prefix=".build-") as tmp:
-        builder = CaptionDataset(
-            examples=examples,
-            chunks=[(a, _chunk_path(parts, a, b)) for a, b in chunks],
-            metadata=metadata,
-            data_dir=os.path.join(tmp, "tfds"),
-            file_format="array_record",
-        )
-        builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
-        _install(pathlib.Path(builder.data_dir), target, identity)
-    shutil.rmtree(parts, ignore_errors=True)
+    with FolderLock(output, "captions", what="output folder", flag="--output"):
+        refuse_foreign_dataset(target)
+        old = _finished_identity(output)
+        if old == identity and not overwrite:
+            log.info("%s already holds this caption dataset; nothing to do", output)
+            verify_dataset_files(target, _rebuild_fix(output))
+            return target
+        if old is not None and not overwrite:
+            raise UserError(
+                f"output folder {str(output)!r} already holds a different caption dataset "
+                "(other examples or student); fix: choose another --output or pass --overwrite"
+            )
+        remove_leftovers(output, OUTPUT_LEFTOVERS)
+        parts = _prepare_parts(output, identity, overwrite)
+        remove_leftovers(parts, PARTS_LEFTOVERS)
+        chunks = [
+            (a, min(a + chunk_size, len(examples))) for a in range(0, len(examples), chunk_size)
+        ]
+        _encode_chunks(parts, chunks, examples, model, tuple(heads), batch_size, progress)
+        metadata = {"identity": identity, "heads": heads, "rows": len(examples)}
+        with build_folder(output) as tmp:
+            builder = CaptionDataset(
+                examples=examples,
+                chunks=[(a, _chunk_path(parts, a, b)) for a, b in chunks],
+                metadata=metadata,
+                data_dir=os.path.join(tmp, "tfds"),
+                file_format="array_record",
+            )
+            builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
+            install(pathlib.Path(builder.data_dir), target)
+        shutil.rmtree(parts, ignore_errors=True)
     return target
 
 
+def _rebuild_fix(output: pathlib.Path) -> str:
+    return (
+        f"rebuild it with `jasper-jax captions --output {output} ... --overwrite` (same "
+        "student and images), or restore the folder from a backup"
+    )
+
+
 def _finished_identity(output: pathlib.Path) -> dict | None:
+    """The identity of the finished dataset in ``output``; None if there is none."""
     info = output / DATASET_DIR / "metadata.json"
-    return json.loads(info.read_text()).get("identity", {}) if info.is_file() else None
+    if not info.is_file():
+        return None
+    try:
+        return json.loads(info.read_text(encoding="utf-8")).get("identity", {})
+    except (ValueError, AttributeError):  # damaged: replaced only with --overwrite
+        return {"unreadable": str(info)}
 
 
 def _prepare_parts(output: pathlib.Path, identity: dict, overwrite: bool) -> pathlib.Path:
     """`_parts` for this identity; chunks of another build are discarded, never mixed."""
     parts = output / PARTS_DIR
     plan = parts / "plan.json"
-    if plan.is_file() and json.loads(plan.read_text()) != identity:
+    if plan.is_file() and _read_plan(plan) != identity:
         log.info("discarding the unfinished build in %s (other examples or student)", output)
         shutil.rmtree(parts)
     elif overwrite and parts.exists():
         shutil.rmtree(parts)
     parts.mkdir(parents=True, exist_ok=True)
-    _write_atomically(plan, json.dumps(identity, indent=2).encode())
+    with atomic_file(plan) as f:
+        f.write(json.dumps(identity, indent=2).encode())
     return parts
+
+
+def _read_plan(plan: pathlib.Path) -> dict | None:
+    try:
+        return json.loads(plan.read_text(encoding="utf-8"))
+    except ValueError:  # damaged: its chunks are discarded like another build's
+        return None
 
 
 def _chunk_path(parts: pathlib.Path, start: int, stop: int) -> pathlib.Path:
@@ -262,9 +301,8 @@ def _encode_chunks(parts, chunks, examples, model, heads, batch_size, progress) 
             captions = [e.caption for e in examples[start:stop]]
             vectors = encoder.encode_heads(captions, heads=heads)
             rows = np.concatenate([vectors[h] for h in heads], axis=1).astype(np.float32)
-            with tempfile.NamedTemporaryFile(dir=parts, suffix=".npy", delete=False) as f:
+            with atomic_file(_chunk_path(parts, start, stop)) as f:  # exists only when complete
                 np.save(f, rows)
-            os.replace(f.name, _chunk_path(parts, start, stop))  # exists only when complete
             bar.update(stop - start)
 
 
@@ -280,10 +318,10 @@ def open_caption_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
             f"no caption dataset at {str(path)!r} (no dataset_info.json); fix: build one with "
             "`jasper-jax captions --student STAGE3_WORKDIR --output DIR ...`"
         )
-    builder = tfds.builder_from_directory(str(folder))
+    builder, source, metadata = open_tfds_folder(folder, _rebuild_fix(path))
     if "targets" not in builder.info.features:
         raise UserError(f"{folder} is not a caption dataset (no 'targets' feature)")
-    return builder.as_data_source(split="train"), dict(builder.info.metadata)
+    return source, metadata
 
 
 def load_caption_eval(data_dir: str | pathlib.Path, limit: int | None = None) -> dict[str, Any]:

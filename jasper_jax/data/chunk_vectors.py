@@ -14,10 +14,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import pathlib
-import tempfile
 from collections.abc import Callable, Sequence
+from typing import BinaryIO
 
 import numpy as np
 
@@ -66,13 +65,12 @@ def encode_chunks(
     return ChunkPayload(flat, np.array([len(doc) for doc in spans], np.int32), vectors)
 
 
-def save_payload(path: pathlib.Path, payload: ChunkPayload, dtype: type) -> None:
-    """Written beside ``path`` and renamed: a payload file exists only when complete."""
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
-        np.savez(
-            f, spans=payload.spans, counts=payload.counts, vectors=payload.vectors.astype(dtype)
-        )
-    os.replace(f.name, path)
+def save_payload(file: BinaryIO, payload: ChunkPayload, dtype: type) -> None:
+    """Writes the payload as .npz to an open binary file (the caller's ``atomic_file``, so
+    that a payload file exists only when complete and no temporary outlives a failure)."""
+    np.savez(
+        file, spans=payload.spans, counts=payload.counts, vectors=payload.vectors.astype(dtype)
+    )
 
 
 def load_payload(path: pathlib.Path) -> ChunkPayload:
@@ -114,18 +112,36 @@ def make_chunker(
         digest = hashlib.sha256(json.dumps([list(map(list, s)) for s in given]).encode())
         identity = {"chunking": "given", "spans_fingerprint": digest.hexdigest()}
         return (lambda start, stop: [list(map(tuple, s)) for s in given[start:stop]]), identity
-    from transformers import AutoTokenizer
-
     from jasper_jax.data.chunking import plain_tokenizer
 
     folder = pathlib.Path(tokenizer_folder)
-    try:
-        backend = plain_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
-    except (OSError, ValueError) as err:
-        raise UserError(f"cannot load the chunking tokenizer from {str(folder)!r}: {err}") from err
+    backend = plain_tokenizer(load_tokenizer(folder, "--chunk-tokenizer"))
     identity = {
         "chunking": chunking.spec(),
         "tokenizer": folder.name,
         "tokenizer_fingerprint": folder_fingerprints(folder)[1],
     }
     return (lambda start, stop: chunk_texts(texts[start:stop], backend, chunking)), identity
+
+
+def load_tokenizer(folder: str | pathlib.Path, flag: str):
+    """``AutoTokenizer`` of a local model folder; a missing or broken folder is one UserError
+    line naming it (transformers would try the hub, then raise a multi-line OSError)."""
+    from transformers import AutoTokenizer
+
+    folder = pathlib.Path(folder).expanduser()
+    if not folder.is_dir():
+        raise UserError(
+            f"tokenizer folder {str(folder)!r} does not exist; fix: pass {flag} a local model "
+            "folder (one holding tokenizer.json or vocab.txt)"
+        )
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ...
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # a disk error: the CLI names the file and the fix
+        first = next((line for line in str(err).splitlines() if line.strip()), "")
+        raise UserError(
+            f"cannot load a tokenizer from {str(folder)!r} ({type(err).__name__}: "
+            f"{first[:300]}); fix: pass {flag} a complete model folder"
+        ) from err

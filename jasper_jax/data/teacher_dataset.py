@@ -6,11 +6,15 @@ Layout of an output folder::
     OUTPUT/_parts/plan.json    what is being built (teachers, corpus, dtype, slicing)
     OUTPUT/_parts/rows-*.npy   finished chunks of vectors, each written atomically
     OUTPUT/_parts/slice-I-of-N.done
+    OUTPUT/dataset/checksums.json   size and SHA-256 of every file, checked on open
 
 ``build_teacher_dataset(..., shard_index=I, num_shards=N)`` encodes the I-th contiguous slice of
 the corpus; many machines (sharing OUTPUT) can each take one slice. A re-run keeps finished
 chunks and redoes the rest. The run that finds every slice done combines them into
 ``OUTPUT/dataset`` (built in a temp folder, then renamed) and removes ``_parts``.
+
+One process per slice (lock ``OUTPUT/.slice-I-of-N.lock``) and one combining (``.combine.lock``);
+temporary names carry the writer's ``process_tag`` so the next run removes what a killed one left.
 
 Chunk mode (``chunking=`` or ``chunk_spans=``, dewey-style chunk alignment): each text is a
 document; rows also hold ``chunk_spans`` [n, 2] (character spans) and ``chunk_teacher`` [n, D]
@@ -23,15 +27,19 @@ by key on write; ``index`` is the text's row in the corpus (after empty texts ar
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import pathlib
+import secrets
 import shutil
 import tempfile
-from collections.abc import Sequence
-from typing import Any
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, BinaryIO
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -42,6 +50,8 @@ from jasper_jax.data import corpus as corpus_lib
 from jasper_jax.data.chunking import ChunkingConfig, Span
 from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, load_teacher
 from jasper_jax.errors import UserError
+from jasper_jax.locks import FolderLock, process_tag, remove_leftovers
+from jasper_jax.paths import honour_umask
 
 DATASET_DIR = "dataset"
 PARTS_DIR = "_parts"
@@ -51,7 +61,16 @@ NORMALISATION_NOTE = (
     "each teacher's slice is L2-normalised; the concatenation is not renormalised on disk "
     "(row norm = sqrt(num_teachers)); the trainer renormalises it to unit length"
 )
+CHECKSUMS = "checksums.json"
+_TFDS_JSON = ("dataset_info.json", "features.json", "metadata.json")
+_BLOCK = 1 << 20  # hashing reads 1 MiB at a time: datasets of 50 GB need no more memory
+COMBINE_LOCK = ".combine.lock"
+# Temporaries of a killed run: ours carry a process tag (kept while that process lives); the
+# untagged ones are an older version's (tempfile names), removed under the lock.
+PARTS_LEFTOVERS = ("tmp*.npy", "tmp*.npz", ".*.tmp", ".plan.json.*", ".slice-*.done.*")
+OUTPUT_LEFTOVERS = (".build-*", ".retired-*")
 log = logging.getLogger(__name__)
+_VERIFIED: dict[str, tuple] = {}  # dataset folder -> file stats when it was last verified
 
 
 class TeacherDataset(tfds.core.GeneratorBasedBuilder):
@@ -158,10 +177,7 @@ def build_teacher_dataset(
             f"chunk_spans has {len(chunk_spans)} lists for {len(texts)} non-empty texts "
             f"({skipped} empty skipped); fix: drop empty texts and give one list per text"
         )
-    loaded = [
-        t if isinstance(t, Teacher) else load_teacher(t, prompt, batch_size, backend, max_length)
-        for t in teachers
-    ]
+    loaded = [_load_teacher(t, prompt, batch_size, backend, max_length) for t in teachers]
     if not loaded:
         raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
     plan = _make_plan(texts, skipped, loaded, dtype, num_shards, chunk_size)
@@ -173,29 +189,33 @@ def build_teacher_dataset(
             texts, chunking, chunk_spans, chunk_tokenizer or loaded[0].folder
         )
     output = pathlib.Path(output_dir).expanduser()
-    existing = _finished_identity(output)
-    if existing == plan["identity"] and not overwrite:
-        log.info("%s already holds this dataset; nothing to do", output)
-        truncated = _recorded_truncation(output)
-        return BuildResult(output / DATASET_DIR, len(texts), skipped, [], truncated)
-    if existing is not None and not overwrite:
-        raise UserError(
-            f"output folder {str(output)!r} already holds a different teacher dataset ("
-            + "; ".join(_differences(existing, plan["identity"]))
-            + "); fix: choose another --output, or pass --overwrite to replace it"
-        )
-    parts = _prepare_parts(output, plan, overwrite)
-    _encode_slice(parts, plan, texts, loaded, shard_index, progress, chunker)
-    pending = [i for i in range(num_shards) if not _slice_marker(parts, i, num_shards).exists()]
-    if pending:
-        log.info(
-            "slice %d done; slices %s still to run before the dataset is combined",
-            shard_index,
-            pending,
-        )
-        return BuildResult(None, len(texts), skipped, pending)
-    dataset_dir = _combine(output, parts, plan, texts, loaded)
-    return BuildResult(dataset_dir, len(texts), skipped, [], _recorded_truncation(output))
+    # Slices of one output run on many machines at once: each slice has its own lock.
+    with _lock(output, f".slice-{shard_index:05d}-of-{num_shards:05d}.lock"):
+        existing = _finished_identity(output)
+        if existing == plan["identity"] and not overwrite:
+            log.info("%s already holds this dataset; nothing to do", output)
+            verify_dataset_files(output / DATASET_DIR, _rebuild_fix(output))
+            truncated = _recorded_truncation(output)
+            return BuildResult(output / DATASET_DIR, len(texts), skipped, [], truncated)
+        if existing is not None and not overwrite:
+            raise UserError(
+                f"output folder {str(output)!r} already holds a different teacher dataset ("
+                + "; ".join(_differences(existing, plan["identity"]))
+                + "); fix: choose another --output, or pass --overwrite to replace it"
+            )
+        before = _stamp(output / DATASET_DIR)
+        parts = _prepare_parts(output, plan, overwrite)
+        remove_leftovers(parts, PARTS_LEFTOVERS)
+        _encode_slice(parts, plan, texts, loaded, shard_index, progress, chunker)
+        pending = [i for i in range(num_shards) if not _slice_marker(parts, i, num_shards).exists()]
+        if pending:
+            log.info(
+                "slice %d done; slices %s still to run before the dataset is combined",
+                shard_index,
+                pending,
+            )
+            return BuildResult(None, len(texts), skipped, pending)
+        return _combine_once(output, parts, plan, texts, loaded, before)
 
 
 def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
@@ -204,13 +224,18 @@ def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
     ``source[i]`` is a dict: ``text`` bytes, ``teacher`` [D] float32/16, ``index`` int64.
 
     ``data_dir`` is a build output folder or the TFDS dataset folder itself. The source is a
-    TFDS ``ArrayRecordDataSource``, which grain accepts as a ``RandomAccessDataSource``.
+    TFDS ``ArrayRecordDataSource``, which grain accepts as a ``RandomAccessDataSource``. Every
+    file's size and SHA-256 is checked against ``checksums.json`` first (once per process).
+
+    Raises:
+      UserError: no dataset, an unfinished one, or a damaged, truncated or missing file.
     """
     path = pathlib.Path(data_dir).expanduser()
     folder = path / DATASET_DIR if (path / DATASET_DIR / "dataset_info.json").is_file() else path
     if not (folder / "dataset_info.json").is_file():
-        if (path / PARTS_DIR / "plan.json").is_file():
-            num_shards = json.loads((path / PARTS_DIR / "plan.json").read_text())["num_shards"]
+        plan_file = path / PARTS_DIR / "plan.json"
+        if plan_file.is_file():
+            num_shards = read_json(plan_file, _rebuild_fix(path)).get("num_shards", "?")
             done = sorted(p.name for p in (path / PARTS_DIR).glob("slice-*.done"))
             raise UserError(
                 f"teacher dataset {str(path)!r} is unfinished: {len(done)} of {num_shards} slices "
@@ -220,8 +245,50 @@ def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
             f"no teacher dataset at {str(path)!r} (no dataset_info.json); fix: build one with "
             "`jasper-jax teachers --corpus ... --teacher ... --output DIR`"
         )
-    builder = tfds.builder_from_directory(str(folder))
-    return builder.as_data_source(split="train"), dict(builder.info.metadata)
+    _, source, metadata = open_tfds_folder(folder, _rebuild_fix(path))
+    return source, metadata
+
+
+def _rebuild_fix(output: pathlib.Path) -> str:
+    return (
+        f"rebuild it with `jasper-jax teachers --output {output} ... --overwrite` (same corpus "
+        "and teachers), or restore the folder from a backup"
+    )
+
+
+def _load_teacher(spec, prompt, batch_size, backend, max_length) -> Teacher:
+    """A loaded teacher; a folder whose files do not load (a damaged weights file) is a
+    UserError naming it, in one line (libraries raise many types with long messages)."""
+    if isinstance(spec, Teacher):
+        return spec
+    try:
+        return load_teacher(spec, prompt, batch_size, backend, max_length)
+    except UserError as err:
+        if "\n" not in str(err):
+            raise
+        raise UserError(one_line(str(err))) from err
+    except MemoryError:
+        raise  # the CLI says what to lower
+    except Exception as err:
+        if isinstance(err, OSError) and err.errno is not None:
+            raise  # the CLI names the file and the fix (a full disk, no permission)
+        raise UserError(
+            f"cannot load teacher {str(spec)!r}: {type(err).__name__}: {one_line(str(err))}; "
+            "fix: point --teacher at a complete sentence-transformers folder (re-download it "
+            "if a weights file is damaged)"
+        ) from err
+
+
+def one_line(message: str, limit: int = 300) -> str:
+    """A library's multi-line message as one line: its first and last lines, shortened."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    if len(lines) <= 1:
+        return (lines or [""])[0][: 2 * limit]
+    return f"{lines[0][:limit]} ... {lines[-1][-limit:]}"
+
+
+def _lock(output: pathlib.Path, name: str) -> FolderLock:
+    return FolderLock(output, "teachers", name=name, what="output folder", flag="--output")
 
 
 def _check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit) -> None:
@@ -280,6 +347,8 @@ def _make_plan(texts, skipped, teachers, dtype, num_shards, chunk_size) -> dict:
 
 def _differences(old: dict, new: dict) -> list[str]:
     """Readable list of what differs between two dataset identities."""
+    if "unreadable" in old:
+        return [f"its {old['unreadable']} is unreadable"]
     found = []
     old_teachers = [(t["name"], t["dim"]) for t in old.get("teachers", [])]
     new_teachers = [(t["name"], t["dim"]) for t in new["teachers"]]
@@ -296,10 +365,14 @@ def _differences(old: dict, new: dict) -> list[str]:
 
 
 def _finished_identity(output: pathlib.Path) -> dict | None:
+    """The identity of the finished dataset in ``output``; None if there is none."""
     info = output / DATASET_DIR / "metadata.json"
     if not info.is_file():
         return None
-    return json.loads(info.read_text()).get("identity", {})
+    try:
+        return json.loads(info.read_text(encoding="utf-8")).get("identity", {})
+    except (ValueError, AttributeError):  # damaged: replaced only with --overwrite
+        return {"unreadable": str(info)}
 
 
 def _prepare_parts(output: pathlib.Path, plan: dict, overwrite: bool) -> pathlib.Path:
@@ -307,6 +380,7 @@ def _prepare_parts(output: pathlib.Path, plan: dict, overwrite: bool) -> pathlib
     parts = output / PARTS_DIR
     names = [p.name for p in output.iterdir()] if output.is_dir() else []
     foreign = [n for n in names if n not in (DATASET_DIR, PARTS_DIR) and not n.startswith(".")]
+    refuse_foreign_dataset(output / DATASET_DIR)
     if foreign and not overwrite:
         raise UserError(
             f"output folder {str(output)!r} holds files that are not a teacher dataset "
@@ -314,7 +388,10 @@ def _prepare_parts(output: pathlib.Path, plan: dict, overwrite: bool) -> pathlib
         )
     plan_file = parts / "plan.json"
     if plan_file.is_file():
-        reasons = _plan_conflicts(json.loads(plan_file.read_text()), plan)
+        try:
+            reasons = _plan_conflicts(json.loads(plan_file.read_text(encoding="utf-8")), plan)
+        except (ValueError, KeyError, TypeError):
+            reasons = [f"its {plan_file} is unreadable"]
         if not reasons:
             return parts
         if not overwrite:
@@ -330,6 +407,31 @@ def _prepare_parts(output: pathlib.Path, plan: dict, overwrite: bool) -> pathlib
     return parts
 
 
+def refuse_foreign_dataset(folder: pathlib.Path) -> None:
+    """A ``dataset`` folder that jasper-jax did not write is never replaced, not even with
+    --overwrite: the refusal names it."""
+    if not is_ours(folder):
+        raise UserError(
+            f"{folder} exists and is not a dataset jasper-jax wrote; fix: move it away or "
+            "choose another --output folder"
+        )
+
+
+def is_ours(folder: pathlib.Path) -> bool:
+    """Whether a dataset folder may be replaced: missing, empty, or written by jasper-jax."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    if (folder / "metadata.json").is_file() or (folder / CHECKSUMS).is_file():
+        return True
+    try:
+        info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
+        return str(info.get("moduleName", "")).startswith("jasper_jax.")
+    except (OSError, ValueError, AttributeError):
+        return not any(folder.iterdir())
+
+
 def _plan_conflicts(old: dict, new: dict) -> list[str]:
     if old["identity"] != new["identity"]:
         return _differences(old["identity"], new["identity"])
@@ -342,10 +444,26 @@ def _plan_conflicts(old: dict, new: dict) -> list[str]:
     return []
 
 
+@contextlib.contextmanager
+def atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
+    """``with atomic_file(path) as f:`` ``path`` appears only complete, with the umask's mode.
+
+    The temporary name carries this process's tag, so a later run (under the lock) removes it
+    if this process is killed; any failure (a full disk) removes it at once.
+    """
+    tmp = path.with_name(f".{path.name}.{process_tag()}{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # plain open: the mode follows the umask
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", delete=False) as f:
+    with atomic_file(path) as f:
         f.write(payload)
-    os.replace(f.name, path)
 
 
 def _slice_marker(parts: pathlib.Path, index: int, count: int) -> pathlib.Path:
@@ -379,18 +497,19 @@ def _encode_slice(parts, plan, texts, teachers, index, progress, chunker=None) -
                 payload = chunk_vectors.encode_chunks(
                     texts[start:stop], chunker(start, stop), teachers, bar
                 )
-                chunk_vectors.save_payload(chunk_vectors.payload_path(path), payload, dtype)
-            with tempfile.NamedTemporaryFile(dir=parts, suffix=".npy", delete=False) as f:
+                with atomic_file(chunk_vectors.payload_path(path)) as f:
+                    chunk_vectors.save_payload(f, payload, dtype)
+            with atomic_file(path) as f:  # a chunk file exists only when complete
                 np.save(f, vectors.astype(dtype))
-            os.replace(f.name, path)  # a chunk file exists only when complete
     _write_atomically(marker, b"done\n")
 
 
 def _recorded_truncation(output: pathlib.Path) -> dict[str, int]:
     info = output / DATASET_DIR / "metadata.json"
-    if not info.is_file():
+    try:
+        return json.loads(info.read_text(encoding="utf-8")).get("truncated_by_teacher", {})
+    except (OSError, ValueError, AttributeError):
         return {}
-    return json.loads(info.read_text()).get("truncated_by_teacher", {})
 
 
 def count_truncated(texts: list[str], teachers: Sequence[Teacher], batch: int = 4096) -> dict:
@@ -414,6 +533,33 @@ def count_truncated(texts: list[str], teachers: Sequence[Teacher], batch: int = 
                 limit,
             )
     return counts
+
+
+def _combine_once(output, parts, plan, texts, teachers, before) -> BuildResult:
+    """Combine under ``.combine.lock``: of slices finishing together, the first combines."""
+    rows, skipped = len(texts), plan["skipped_empty"]
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(_lock(output, COMBINE_LOCK))
+        except UserError as busy:  # a peer slice finished at the same time: it combines
+            log.info("all slices are done; the dataset is being combined elsewhere: %s", busy)
+            return BuildResult(None, rows, skipped, [])
+        installed = _stamp(output / DATASET_DIR) != before
+        if installed and _finished_identity(output) == plan["identity"]:
+            log.info("another slice's run installed the dataset first")
+        else:
+            remove_leftovers(output, OUTPUT_LEFTOVERS)
+            _combine(output, parts, plan, texts, teachers)
+    return BuildResult(output / DATASET_DIR, rows, skipped, [], _recorded_truncation(output))
+
+
+def _stamp(folder: pathlib.Path) -> tuple | None:
+    """Tells one installed dataset folder from its replacement (renamed in: new inode)."""
+    try:
+        stat = folder.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_dev, stat.st_ino, stat.st_ctime_ns
 
 
 def _combine(
@@ -463,7 +609,7 @@ def _combine(
     if chunked:
         metadata["chunks"] = {**plan["identity"]["chunks"], "count": num_chunks}
     target = output / DATASET_DIR
-    with tempfile.TemporaryDirectory(dir=output, prefix=".build-") as tmp:
+    with build_folder(output) as tmp:
         builder = TeacherDataset(
             texts=texts,
             chunks=chunks,
@@ -472,19 +618,161 @@ def _combine(
             file_format="array_record",
         )
         builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
-        _install(pathlib.Path(builder.data_dir), target, plan["identity"])
+        install(pathlib.Path(builder.data_dir), target)
     shutil.rmtree(parts, ignore_errors=True)
     return target
 
 
-def _install(built: pathlib.Path, target: pathlib.Path, identity: dict) -> None:
-    """Move a finished build to ``target``; an old dataset there is replaced, never mixed."""
-    if _finished_identity(target.parent) == identity and target.exists():
-        return  # a concurrent slice run installed the same dataset first
+@contextlib.contextmanager
+def build_folder(output: pathlib.Path) -> Iterator[str]:
+    """A temporary folder in ``output`` named with this process's tag (see OUTPUT_LEFTOVERS),
+    removed on the way out whatever happens (a full disk)."""
+    with tempfile.TemporaryDirectory(dir=output, prefix=f".build-{process_tag()}") as tmp:
+        yield tmp
+
+
+def install(built: pathlib.Path, target: pathlib.Path) -> None:
+    """Move a finished build to ``target`` with checksums and the umask's modes; an old dataset
+    there is replaced, never mixed."""
+    record_checksums(built)
+    honour_umask(built, directory=True)  # tempfile made its parents 0700
+    for path in built.iterdir():
+        honour_umask(path, directory=path.is_dir())
     retired = None
     if target.exists():
-        retired = target.with_name(f".retired-{os.getpid()}-{target.name}")
+        retired = target.with_name(f".retired-{process_tag()}{target.name}")
         os.replace(target, retired)
     os.replace(built, target)
     if retired is not None:
         shutil.rmtree(retired, ignore_errors=True)
+
+
+def record_checksums(folder: pathlib.Path) -> None:
+    """Writes ``checksums.json``: size and SHA-256 of every file of a finished dataset folder."""
+    files = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != CHECKSUMS:
+            files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+    payload = {"algorithm": "sha256", "files": files}
+    _write_atomically(folder / CHECKSUMS, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def _sha256(path: pathlib.Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_dataset_files(folder: pathlib.Path, fix: str) -> None:
+    """Checks every file of a dataset folder against its ``checksums.json`` (size, SHA-256),
+    so a damaged file stops the run now rather than at the step that reads it. A folder
+    verified before in this process, whose files did not change since, is not read again.
+
+    Raises:
+      UserError: a file is missing, truncated or damaged (message names it and ``fix``).
+    """
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        if str(folder.resolve()) in _VERIFIED:
+            return  # warned already
+        _VERIFIED[str(folder.resolve())] = ()
+        log.warning(
+            "dataset %s has no %s (built by an older jasper-jax): its files are not verified "
+            "(a rebuild with --overwrite adds it)",
+            folder,
+            CHECKSUMS,
+        )
+        return
+    files = _recorded_files(sums, fix)
+    signature = _signature(folder, files, fix)
+    if _VERIFIED.get(str(folder.resolve())) == signature:
+        return
+    started, size = time.monotonic(), 0
+    for name, entry in files.items():
+        path = folder / name
+        if path.stat().st_size != entry["size"]:
+            raise UserError(
+                f"dataset file {path} is {path.stat().st_size} bytes, {entry['size']} when built "
+                f"(truncated or damaged); fix: {fix}"
+            )
+        if _sha256(path) != entry["sha256"]:
+            raise UserError(
+                f"dataset file {path} is damaged (its SHA-256 differs from the one recorded in "
+                f"{CHECKSUMS} at build time); fix: {fix}"
+            )
+        size += entry["size"]
+    _VERIFIED[str(folder.resolve())] = signature
+    log.info(
+        "verified %d files (%.1f MB) of %s in %.1f s",
+        len(files),
+        size / 1e6,
+        folder,
+        time.monotonic() - started,
+    )
+
+
+def _recorded_files(sums: pathlib.Path, fix: str) -> dict[str, dict]:
+    """The ``files`` of a checksums.json, checked for shape (names are plain file names)."""
+    files = read_json(sums, fix).get("files")
+    ok = isinstance(files, dict) and all(
+        pathlib.PurePath(name).name == name
+        and isinstance(entry, dict)
+        and isinstance(entry.get("size"), int)
+        and isinstance(entry.get("sha256"), str)
+        for name, entry in files.items()
+    )
+    if not ok:
+        raise UserError(f"{sums} does not list files with size and sha256; fix: {fix}")
+    return files
+
+
+def _signature(folder: pathlib.Path, files: dict, fix: str) -> tuple:
+    """(name, size, mtime, inode) of each listed file; a missing one is refused here."""
+    out = []
+    for name in files:
+        try:
+            stat = (folder / name).stat()
+        except FileNotFoundError:
+            raise UserError(f"dataset file {folder / name} is missing; fix: {fix}") from None
+        out.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
+    return tuple(out)
+
+
+def read_json(path: pathlib.Path, fix: str) -> dict:
+    """A JSON object file of a dataset; a missing, truncated or invalid one is a UserError."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; fix: {fix}") from None
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path} is not valid JSON ({one_line(str(err))}); fix: {fix}") from None
+    if not isinstance(value, dict):
+        raise UserError(f"{path} holds a {type(value).__name__}, not a JSON object; fix: {fix}")
+    return value
+
+
+def open_tfds_folder(folder: pathlib.Path, fix: str) -> tuple[Any, Any, dict]:
+    """(builder, ``train`` data source, metadata) of a finished dataset folder, its files
+    verified first (:func:`verify_dataset_files`).
+
+    Raises:
+      UserError: a damaged, missing or unreadable file, named with ``fix``.
+    """
+    verify_dataset_files(folder, fix)
+    for name in _TFDS_JSON:  # datasets without checksums: a clear error still
+        read_json(folder / name, fix)
+    try:
+        builder = tfds.builder_from_directory(str(folder))
+        shards = builder.info.splits["train"].filepaths
+        source = builder.as_data_source(split="train")
+    except Exception as err:  # tfds raises many types for a broken folder
+        raise UserError(
+            f"cannot read the dataset in {folder} ({type(err).__name__}: {one_line(str(err))}); "
+            f"fix: {fix}"
+        ) from err
+    for shard in shards:  # the reader opens them lazily: at the first row of each
+        if not os.path.isfile(shard):
+            raise UserError(f"dataset file {shard} is missing; fix: {fix}")
+    return builder, source, dict(builder.info.metadata)

@@ -101,7 +101,12 @@ def teachers_main(args: argparse.Namespace) -> int:
         chunking=args.chunks,
         chunk_tokenizer=args.chunk_tokenizer,
     )
-    if result.dataset_dir is None:
+    if result.dataset_dir is None and not result.pending_slices:
+        print(
+            f"slice {args.shard_index} of {args.num_shards} done; all slices are done and "
+            "another run is combining them into the dataset"
+        )
+    elif result.dataset_dir is None:
         print(
             f"slice {args.shard_index} of {args.num_shards} done ({result.rows} texts in the "
             f"corpus); waiting for slices {result.pending_slices}"
@@ -119,8 +124,7 @@ def teachers_main(args: argparse.Namespace) -> int:
 def _documents(args: argparse.Namespace) -> list[str]:
     """The corpus's texts joined into documents of --documents MIN:MAX tokens (counted with the
     chunk tokenizer, else the first teacher's)."""
-    from transformers import AutoTokenizer
-
+    from jasper_jax.data.chunk_vectors import load_tokenizer
     from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
     from jasper_jax.data.corpus import load_corpus
     from jasper_jax.data.teachers import resolve_teacher_folder
@@ -132,7 +136,8 @@ def _documents(args: argparse.Namespace) -> list[str]:
             f"--documents {args.documents!r}: write MIN:MAX tokens, e.g. 128:480"
         ) from e
     folder = args.chunk_tokenizer or resolve_teacher_folder(args.teacher[0])
-    backend = plain_tokenizer(AutoTokenizer.from_pretrained(str(folder)))
+    flag = "--chunk-tokenizer" if args.chunk_tokenizer else "--teacher"
+    backend = plain_tokenizer(load_tokenizer(folder, flag))
     count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)
     texts = load_corpus(args.corpus)
     if args.limit:  # --limit counts documents here

@@ -52,8 +52,15 @@ class EvalModel:
     def encode(
         self, texts: Sequence[str], prompt: str | None = None, outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
-        """texts -> {output: [len(texts), dim] float32 unit rows} for `outputs` (default: all)."""
-        return self.encode_fn(list(texts), prompt, list(outputs or self.outputs))
+        """texts -> {output: [len(texts), dim] float32 unit rows} for `outputs` (default: all).
+
+        Raises:
+          UserError: some rows are NaN/inf (no score of such a model means anything).
+        """
+        encoded = self.encode_fn(list(texts), prompt, list(outputs or self.outputs))
+        for output, rows in encoded.items():
+            check_finite_rows(rows, f"{self.kind} {self.name} ({self.source}), output {output}")
+        return encoded
 
     def texts_per_second(self, texts: Sequence[str]) -> float:
         """Throughput of the default output on `texts` (texts/s), after one warm-up pass that
@@ -63,6 +70,17 @@ class EvalModel:
         start = time.perf_counter()
         run(list(texts), None, [self.default_output])
         return len(texts) / max(time.perf_counter() - start, 1e-9)
+
+
+def check_finite_rows(rows: np.ndarray, model: str) -> None:
+    """Refuses to score vectors holding NaN/inf, naming the model and what to try."""
+    bad = ~np.isfinite(np.asarray(rows)).reshape(len(rows), -1).all(axis=1)
+    if bad.any():
+        raise UserError(
+            f"{model} gives non-finite vectors (NaN/inf) for {int(bad.sum())} of {len(rows)} "
+            f"texts (first: {int(np.argmax(bad))}); its checkpoint is likely corrupt: evaluate "
+            "another checkpoint or model (nothing was scored)"
+        )
 
 
 def count_tree(tree: Any) -> int:
@@ -90,7 +108,7 @@ def student_model(path: str | Path, name: str = "student", batch_size: int = 64)
 
     Raises UserError for a path that is neither, naming what was looked for.
     """
-    from jasper_jax.encode import TextEncoder
+    from jasper_jax.encode import TextEncoder, check_finite_model
     from jasper_jax.models.loading import load_model
     from jasper_jax.workdir import is_workdir, load_workdir_model
 
@@ -105,6 +123,7 @@ def student_model(path: str | Path, name: str = "student", batch_size: int = 64)
             "export` or Hugging Face) nor a jasper-jax workdir (model.json + checkpoints/); "
             "pass one of those"
         )
+    check_finite_model(model.params, str(path))  # before teachers and texts are encoded
     encoder = TextEncoder(model, batch_size=batch_size)
     cfg = model.config
     default = cfg.default_head or (f"dense_{max(cfg.heads)}" if cfg.heads else POOLED)

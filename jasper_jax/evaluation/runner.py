@@ -77,10 +77,9 @@ def teacher_specs(model_path: Path, teachers: Sequence[str] | None) -> list[str]
     from jasper_jax.workdir import is_workdir
 
     if is_workdir(model_path):
-        from jasper_jax.models.hf_io import read_json
-        from jasper_jax.train.checkpoint import MODEL_FILE
+        from jasper_jax.workdir import read_model_json
 
-        recorded = read_json(model_path / MODEL_FILE).get("teachers") or []
+        recorded = read_model_json(model_path).get("teachers") or []
         names = [t.get("name") if isinstance(t, dict) else str(t) for t in recorded]
         if names and all(names):
             return names
@@ -169,9 +168,13 @@ def write_results(result: dict, output: Path) -> dict[str, Path]:
     write_text_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
     write_text_atomic(paths["md"], markdown_report(result) + "\n")
     paths["png"] = output / "quality.png"
-    tmp = output / ".quality.tmp.png"
-    plot_quality(result, tmp)
-    os.replace(tmp, paths["png"])
+    tmp = output / f".quality.tmp-{os.getpid()}.png"
+    try:
+        plot_quality(result, tmp)
+        os.replace(tmp, paths["png"])
+    except BaseException:  # e.g. disk full: no half-written plot left behind
+        tmp.unlink(missing_ok=True)
+        raise
     return paths
 
 

@@ -19,7 +19,8 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jasper_jax.errors import UserError
+from jasper_jax.errors import UnsupportedModel, UserError
+from jasper_jax.paths import PathLike, as_path
 
 # Buffers that HF checkpoints carry but that are not parameters of an encoder.
 _IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$|^lm_head\.")
@@ -51,7 +52,7 @@ def find_prefix(keys: list[str], anchor: str) -> str:
     """The prefix ("", "bert.", "model.", ...) under which `anchor` appears in `keys`."""
     hits = sorted((k[: -len(anchor)] for k in keys if k.endswith(anchor)), key=len)
     if not hits:
-        raise UserError(
+        raise UnsupportedModel(
             f"the checkpoint has no tensor named like {anchor!r}: it is not a model of this "
             "architecture, or it is a different export format"
         )
@@ -141,15 +142,53 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
         ) from e
     out = {}
     for f in bins:
-        for k, v in torch.load(f, map_location="cpu", weights_only=True).items():
-            out[k] = v.float().numpy()
+        for k, v in _torch_load(torch, f).items():
+            if isinstance(v, torch.Tensor):  # buffers of other kinds are not weights
+                out[k] = v.float().numpy()
     return out
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def _torch_load(torch: Any, path: Path) -> dict:
+    """A pytorch checkpoint read as plain tensors only: torch's weights-only unpickler refuses
+    any other object (a pickle can run code when loaded), which we report as the user's fix."""
+    import pickle
+
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{path} holds a pickle that is not plain tensors; refusing to load it (convert the "
+            "model to safetensors)"
+        ) from e
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise UserError(
+            f"{path} is corrupt or truncated ({str(e).splitlines()[0][:120]}); re-download the "
+            "model, or convert it to safetensors"
+        ) from e
+    if not isinstance(state, dict):
+        raise UserError(
+            f"{path} holds a {type(state).__name__}, not a state dict of tensors; convert the "
+            "model to safetensors"
+        )
+    return state
+
+
+DEFAULT_JSON_FIX = "restore it, or re-download / re-export the model"
+
+
+def read_json(path: PathLike, fix: str = DEFAULT_JSON_FIX) -> Any:
+    """A JSON file (local or gs://) that the user's model folder or workdir holds; a missing,
+    non-UTF-8 or truncated file is a UserError naming the file, where it breaks and `fix`."""
+    path = as_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as e:
-        raise UserError(f"{path} is missing") from e
+        raise UserError(f"{path} is missing: {fix}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): {fix}") from e
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from e
+        raise UserError(
+            f"{path} is not valid JSON (line {e.lineno} col {e.colno}: {e.msg}): {fix}"
+        ) from e

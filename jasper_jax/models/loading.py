@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from jasper_jax.errors import UserError
+from jasper_jax.errors import UnsupportedModel, UserError
 from jasper_jax.models import hf_io
 from jasper_jax.models.bert import BertConfig
 from jasper_jax.models.embedder import POOLED, EmbedderConfig, abstract_params, head_name
@@ -42,18 +42,31 @@ class LoadedModel:
     default_prompt_name: str | None = None
 
 
+def first_non_finite(params: Any) -> str | None:
+    """The path ("encoder/layer_0/.../kernel") of the first parameter holding NaN or inf, or
+    None when all are finite: such weights give NaN vectors for every input."""
+    import flax.linen as nn
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(nn.meta.unbox(params))  # boxed: logical-axis metadata
+    for path, value in sorted(flat.items()):
+        if not np.isfinite(np.asarray(value)).all():
+            return "/".join(map(str, path))
+    return None
+
+
 def encoder_config_from_folder(folder: Path):
     d = hf_io.read_json(folder / "config.json")
     kind = d.get("model_type")
     if kind not in ENCODER_CONFIGS:
-        raise UserError(
+        raise UnsupportedModel(
             f"{folder}/config.json has model_type {kind!r}; supported architectures are "
             f"{sorted(ENCODER_CONFIGS)} (BERT, MPNet and Qwen2-style encoders)"
         )
     try:
         return ENCODER_CONFIGS[kind].from_hf_dict(d)
     except (TypeError, ValueError) as e:
-        raise UserError(f"{folder}/config.json: {e}") from e
+        raise UnsupportedModel(f"{folder}/config.json: {e}") from e
 
 
 def _pooling_mode(folder: Path) -> str:
@@ -63,7 +76,7 @@ def _pooling_mode(folder: Path) -> str:
             cfg = hf_io.read_json(folder / module["path"] / "config.json")
             on = [mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key)]
             if len(on) != 1:
-                raise UserError(
+                raise UnsupportedModel(
                     f"{folder / module['path']}/config.json enables pooling {on or 'none'}; "
                     f"exactly one of {sorted(_ST_POOLING_KEYS)} is supported"
                 )
@@ -92,7 +105,9 @@ def _dense_heads(folder: Path, hidden: int) -> tuple[dict[int, dict], str | None
     for sub in sorted(p for p in folder.iterdir() if re.fullmatch(r"\d+_Dense(_\d+)?", p.name)):
         cfg = hf_io.read_json(sub / "config.json")
         if cfg.get("activation_function") not in _IDENTITY:
-            raise UserError(f"{sub}: only Dense heads with Identity activation are supported")
+            raise UnsupportedModel(
+                f"{sub}: only Dense heads with Identity activation are supported"
+            )
         if cfg["in_features"] != hidden:
             continue  # a head stacked on another head, not on the pooled state
         sd = hf_io.read_state_dict(sub)
