@@ -13,6 +13,7 @@ run can tell a leftover of a dead process from the work of a live one (`remove_l
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -141,12 +142,16 @@ class FolderLock:
             del _HELD[str(self.path)]
             self.path.unlink(missing_ok=True)  # before the unlock: a waiter re-checks the inode
             os.close(held[0])
+            if getattr(self, "_created", False):  # a refused or empty run leaves no folder
+                with contextlib.suppress(OSError):
+                    self.path.parent.rmdir()
 
     def _acquire(self) -> int:
         if self.path.parent.exists() and not self.path.parent.is_dir():
             raise UserError(
                 f"{self.what} {self.folder} is a file, not a folder; pass another {self.flag}"
             )
+        self._created = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)

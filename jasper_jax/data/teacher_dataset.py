@@ -317,7 +317,10 @@ def _corpus_texts(corpus: str | Sequence[str], limit: int | None) -> tuple[list[
         log.warning("skipped %d empty texts", skipped)
     texts = texts[:limit] if limit else texts
     if not texts:
-        raise UserError(f"corpus {str(corpus)[:80]!r} holds no non-empty texts; fix: check it")
+        name = repr(corpus) if isinstance(corpus, str) else f"of {len(corpus)} given texts"
+        raise UserError(
+            f"corpus {name} holds no non-empty texts; fix: give a corpus with text on its lines"
+        )
     return texts, skipped
 
 
