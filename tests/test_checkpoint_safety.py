@@ -297,3 +297,19 @@ def test_workdir_naming_a_file_or_on_a_read_only_filesystem_is_one_line(
     assert cli.main(argv + [str(tmp_path / "ro" / "w")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "read-only" in err[0] and "ro/w" in err[0], err
+
+
+def test_damaged_teacher_dataset_is_refused_before_step_1(tiny_setup, tmp_path, capsys):  # noqa: F811
+    data = tmp_path / "train"
+    shutil.copytree(tiny_setup["train"], data)
+    shards = sorted((data / "dataset").glob("*.array_record*"))
+    assert shards, sorted(p.name for p in (data / "dataset").iterdir())
+    raw = bytearray(shards[0].read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)  # 64 zero bytes mid-file
+    shards[0].write_bytes(bytes(raw))
+    workdir = tmp_path / "run"
+    argv = ["train", "--config", "configs/embedded_default.py:2", "--workdir", str(workdir)]
+    code = cli.main(argv + tiny_overrides(tiny_setup, 2, **{"data.train_dir": data}))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and shards[0].name in err[0], err
+    assert not (workdir / CHECKPOINT_DIR).exists()  # refused before step 1
