@@ -1,5 +1,7 @@
 """One writer per output folder, and the leftovers of interrupted work.
 
+(`process_tag` lives in `paths`, whose atomic writes use it; it is re-exported here.)
+
 `FolderLock` keeps a second `jasper-jax train` (or `teachers` slice, `captions`, `export`) off
 a folder another process is writing: a lock file that the holder keeps `flock`ed (the kernel
 drops the lock when the process dies, however it dies) and that names the holder's process id,
@@ -19,7 +21,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import shutil
 import socket
 import time
@@ -27,23 +28,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from jasper_jax.errors import UserError
-from jasper_jax.paths import PathLike, is_remote
+from jasper_jax.paths import TAG_PATTERN, PathLike, host_name, is_remote, process_tag
 
 log = logging.getLogger(__name__)
 LOCK_FILE = ".jasper-jax.lock"
 _HELD: dict[str, list] = {}  # lock path -> [fd, count]: re-entrant within one process
-
-
-_TAG = re.compile(r"(\d+)@([^~/]+)~")
-
-
-def _host() -> str:
-    return socket.gethostname().split(".")[0]
-
-
-def process_tag() -> str:
-    """`PID@HOST~` of this process, for temporary names (`.out.tmp-PID@HOST~xxxx`)."""
-    return f"{os.getpid()}@{_host()}~"
 
 
 def pid_alive(pid: int) -> bool:
@@ -62,22 +51,23 @@ def pid_alive(pid: int) -> bool:
 def tag_alive(tag: str) -> bool:
     """Whether the process named by a `process_tag()` may still be running: a process of
     another host counts as alive (we cannot tell), one of this host only while its id runs."""
-    match = _TAG.search(tag)
+    match = TAG_PATTERN.search(tag)
     if match is None:
         return False
-    return match.group(2) != _host() or pid_alive(int(match.group(1)))
+    return match.group(2) != host_name() or pid_alive(int(match.group(1)))
 
 
 def _tag_in(name: str) -> str | None:
     """The `PID@HOST~` part of a temporary name, if any."""
-    match = _TAG.search(name)
+    match = TAG_PATTERN.search(name)
     return match.group(0) if match else None
 
 
-def remove_leftovers(folder: PathLike, patterns: Iterable[str]) -> list[str]:
+def remove_leftovers(folder: PathLike, patterns: Iterable[str], untagged: bool = True) -> list[str]:
     """Deletes entries of `folder` matching the glob `patterns` that no live process owns (a
-    name without a `process_tag` is owned by nobody: callers hold the folder's lock). Returns
-    the names removed; local folders only."""
+    name without a `process_tag` is owned by nobody: callers hold the folder's lock; without
+    the lock pass `untagged=False` to keep those). Returns the names removed; local folders
+    only."""
     folder = Path(folder)
     if is_remote(folder) or not folder.is_dir():
         return []
@@ -85,7 +75,7 @@ def remove_leftovers(folder: PathLike, patterns: Iterable[str]) -> list[str]:
     for pattern in patterns:
         for path in sorted(folder.glob(pattern)):
             tag = _tag_in(path.name)
-            if tag is not None and tag_alive(tag):
+            if (tag is None and not untagged) or (tag is not None and tag_alive(tag)):
                 continue
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

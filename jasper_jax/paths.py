@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,17 @@ PathLike = str | os.PathLike
 # Temporary files of the atomic writes below start with this; a later run of the same command
 # (holding the folder's lock) removes those an interrupted one left (`locks.remove_leftovers`).
 TMP_PREFIX = ".jasper-tmp-"
+TAG_PATTERN = re.compile(r"(\d+)@([^~/]+)~")
+
+
+def host_name() -> str:
+    return socket.gethostname().split(".")[0]
+
+
+def process_tag() -> str:
+    """`PID@HOST~` of this process, for temporary names (`.out.tmp-PID@HOST~xxxx`): a later
+    run tells a dead writer's leftovers from a live one's (`locks.remove_leftovers`)."""
+    return f"{os.getpid()}@{host_name()}~"
 
 
 def is_remote(path: PathLike) -> bool:
@@ -66,7 +79,9 @@ def write_text_atomic(path: PathLike, text: str) -> None:
     if is_remote(path):
         epath.Path(path).write_text(text)
         return
-    fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=TMP_PREFIX, suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=Path(path).parent, prefix=TMP_PREFIX + process_tag(), suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
@@ -84,7 +99,9 @@ def save_npy_atomic(path: str | Path, array: Any) -> None:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX, suffix=".npy.tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=path.parent, prefix=TMP_PREFIX + process_tag(), suffix=".npy.tmp"
+    )
     try:
         with os.fdopen(fd, "wb") as f:
             np.save(f, array)

@@ -200,7 +200,7 @@ def test_stale_lock_and_leftovers_of_a_killed_run_are_cleared(tiny_setup, tmp_pa
 def test_remove_leftovers_keeps_what_a_live_process_owns(tmp_path):
     live = tmp_path / f".out.tmp-{locks.process_tag()}x1"
     dead = tmp_path / ".out.tmp-999999999@nohost~x2"  # another host: kept, cannot tell
-    gone = tmp_path / f".out.tmp-{2**22 + 12345}@{locks._host()}~x3"  # no such pid here
+    gone = tmp_path / f".out.tmp-{2**22 + 12345}@{locks.host_name()}~x3"  # no such pid here
     plain = tmp_path / ".out.tmp-abc"
     for p in (live, dead, gone, plain):
         p.mkdir()

@@ -434,3 +434,18 @@ def test_encode_output_honours_the_umask(workdir, tmp_path, texts, umask022):
     assert stat.S_IMODE(out.stat().st_mode) == 0o644
     assert stat.S_IMODE(out.parent.stat().st_mode) == 0o755
     assert sorted(os.listdir(out.parent)) == ["v.npy"]
+
+
+def test_encode_removes_what_a_killed_encode_left_and_keeps_a_live_ones(workdir, tmp_path, texts):
+    from jasper_jax.paths import TMP_PREFIX, host_name, process_tag
+
+    out = tmp_path / "v.npy"
+    dead = tmp_path / f"{TMP_PREFIX}{2**22 + 4321}@{host_name()}~abc.tmp"  # no such pid
+    live = tmp_path / f"{TMP_PREFIX}{process_tag()}def.tmp"  # this process: alive
+    untagged = tmp_path / f"{TMP_PREFIX}old.tmp"  # owner unknown without a lock: kept
+    for path in (dead, live, untagged):
+        path.write_bytes(b"half")
+    argv = ["encode", "--model", str(workdir), "--input", str(texts), "--output", str(out)]
+    assert main([*argv, "--mesh", "1,1,1"]) == 0
+    assert not dead.exists() and live.exists() and untagged.exists()
+    assert np.load(out).shape == (3, 16)

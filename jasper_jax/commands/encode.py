@@ -20,7 +20,7 @@ from typing import BinaryIO
 import numpy as np
 
 from jasper_jax.errors import UserError
-from jasper_jax.locks import process_tag
+from jasper_jax.locks import process_tag, remove_leftovers
 from jasper_jax.paths import TMP_PREFIX, honour_umask
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,8 @@ def write_outputs(outputs: dict[str | Path, Writer]) -> None:
     every existing output as it was; the OSError propagates. Files get the umask's mode.
     """
     temps: list[tuple[str, Path]] = []
+    for target in outputs:  # what a killed encode left beside its outputs (no lock: tagged only)
+        remove_leftovers(Path(target).parent, [TMP_PREFIX + "*"], untagged=False)
     try:
         for target, write in outputs.items():
             target = Path(target)
