@@ -22,7 +22,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import pathlib
 import shutil
 from collections.abc import Sequence
@@ -38,8 +37,7 @@ from jasper_jax.data.teacher_dataset import (
     OUTPUT_LEFTOVERS,
     PARTS_LEFTOVERS,
     atomic_file,
-    build_folder,
-    install,
+    build_and_install,
     open_tfds_folder,
     refuse_foreign_dataset,
     verify_dataset_files,
@@ -230,16 +228,14 @@ def build_caption_dataset(
         ]
         _encode_chunks(parts, chunks, examples, model, tuple(heads), batch_size, progress)
         metadata = {"identity": identity, "heads": heads, "rows": len(examples)}
-        with build_folder(output) as tmp:
-            builder = CaptionDataset(
-                examples=examples,
-                chunks=[(a, _chunk_path(parts, a, b)) for a, b in chunks],
-                metadata=metadata,
-                data_dir=os.path.join(tmp, "tfds"),
-                file_format="array_record",
-            )
-            builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
-            install(pathlib.Path(builder.data_dir), target)
+        build_and_install(
+            CaptionDataset,
+            output,
+            target,
+            examples=examples,
+            chunks=[(a, _chunk_path(parts, a, b)) for a, b in chunks],
+            metadata=metadata,
+        )
         shutil.rmtree(parts, ignore_errors=True)
     return target
 

@@ -612,18 +612,22 @@ def _combine(
     if chunked:
         metadata["chunks"] = {**plan["identity"]["chunks"], "count": num_chunks}
     target = output / DATASET_DIR
+    build_and_install(TeacherDataset, output, target, texts=texts, chunks=chunks, metadata=metadata)
+    shutil.rmtree(parts, ignore_errors=True)
+    return target
+
+
+def build_and_install(
+    builder_class: type, output: pathlib.Path, target: pathlib.Path, **fields: Any
+) -> None:
+    """Prepares the TFDS ``builder_class(**fields)`` as array_record in a temporary folder of
+    ``output`` and installs the result at ``target`` (see ``install``)."""
     with build_folder(output) as tmp:
-        builder = TeacherDataset(
-            texts=texts,
-            chunks=chunks,
-            metadata=metadata,
-            data_dir=os.path.join(tmp, "tfds"),
-            file_format="array_record",
+        builder = builder_class(
+            **fields, data_dir=os.path.join(tmp, "tfds"), file_format="array_record"
         )
         builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
         install(pathlib.Path(builder.data_dir), target)
-    shutil.rmtree(parts, ignore_errors=True)
-    return target
 
 
 @contextlib.contextmanager
