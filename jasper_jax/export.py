@@ -40,9 +40,9 @@ from jasper_jax import __version__
 from jasper_jax.errors import UserError
 from jasper_jax.locks import FolderLock, process_tag, remove_leftovers, tag_alive
 from jasper_jax.models.embedder import POOLED, head_name
-from jasper_jax.models.hf_io import params_to_state_dict, read_json
+from jasper_jax.models.hf_io import params_to_state_dict
 from jasper_jax.models.loading import LoadedModel, first_non_finite, normalizes_pooled
-from jasper_jax.paths import honour_umask, write_text_atomic
+from jasper_jax.paths import honour_umask, read_json, write_text_atomic
 from jasper_jax.train.checkpoint import MODEL_FILE, load_params
 
 log = logging.getLogger(__name__)

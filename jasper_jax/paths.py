@@ -16,6 +16,8 @@ from typing import Any
 
 from etils import epath
 
+from jasper_jax.errors import UserError
+
 PathLike = str | os.PathLike
 # Temporary files of the atomic writes below start with this; a later run of the same command
 # (holding the folder's lock) removes those an interrupted one left (`locks.remove_leftovers`).
@@ -110,3 +112,24 @@ def save_npy_atomic(path: str | Path, array: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+DEFAULT_JSON_FIX = "restore it, or re-download / re-export the model"
+
+
+def read_json(path: PathLike, fix: str = DEFAULT_JSON_FIX) -> Any:
+    """A JSON file (local or gs://) that the user's model folder or workdir holds; a missing,
+    non-UTF-8 or truncated file is a UserError naming the file, where it breaks and `fix`."""
+    path = as_path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise UserError(f"{path} is missing: {fix}") from e
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): {fix}") from e
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{path} is not valid JSON (line {e.lineno} col {e.colno}: {e.msg}): {fix}"
+        ) from e

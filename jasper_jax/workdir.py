@@ -10,9 +10,8 @@ from typing import Any
 
 from jasper_jax.errors import UserError
 from jasper_jax.models.embedder import EmbedderConfig
-from jasper_jax.models.hf_io import read_json
 from jasper_jax.models.loading import ENCODER_CONFIGS, LoadedModel
-from jasper_jax.paths import PathLike, as_path
+from jasper_jax.paths import PathLike, as_path, read_json
 from jasper_jax.train.checkpoint import CHECKPOINT_DIR, MODEL_FILE, load_params
 
 

@@ -38,6 +38,7 @@ from jasper_jax.data.teacher_dataset import (
     PARTS_LEFTOVERS,
     atomic_file,
     build_and_install,
+    finished_identity,
     open_tfds_folder,
     refuse_foreign_dataset,
     verify_dataset_files,
@@ -210,7 +211,7 @@ def build_caption_dataset(
     target = output / DATASET_DIR
     with FolderLock(output, "captions", what="output folder", flag="--output"):
         refuse_foreign_dataset(target)
-        old = _finished_identity(output)
+        old = finished_identity(output)
         if old == identity and not overwrite:
             log.info("%s already holds this caption dataset; nothing to do", output)
             verify_dataset_files(target, _rebuild_fix(output))
@@ -245,17 +246,6 @@ def _rebuild_fix(output: pathlib.Path) -> str:
         f"rebuild it with `jasper-jax captions --output {output} ... --overwrite` (same "
         "student and images), or restore the folder from a backup"
     )
-
-
-def _finished_identity(output: pathlib.Path) -> dict | None:
-    """The identity of the finished dataset in ``output``; None if there is none."""
-    info = output / DATASET_DIR / "metadata.json"
-    if not info.is_file():
-        return None
-    try:
-        return json.loads(info.read_text(encoding="utf-8")).get("identity", {})
-    except (ValueError, AttributeError):  # damaged: replaced only with --overwrite
-        return {"unreadable": str(info)}
 
 
 def _prepare_parts(output: pathlib.Path, identity: dict, overwrite: bool) -> pathlib.Path:

@@ -51,7 +51,7 @@ from jasper_jax.data.chunking import ChunkingConfig, Span
 from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, load_teacher
 from jasper_jax.errors import UserError
 from jasper_jax.locks import FolderLock, process_tag, remove_leftovers
-from jasper_jax.paths import honour_umask
+from jasper_jax.paths import honour_umask, read_json
 
 DATASET_DIR = "dataset"
 PARTS_DIR = "_parts"
@@ -191,7 +191,7 @@ def build_teacher_dataset(
     output = pathlib.Path(output_dir).expanduser()
     # Slices of one output run on many machines at once: each slice has its own lock.
     with _lock(output, f".slice-{shard_index:05d}-of-{num_shards:05d}.lock"):
-        existing = _finished_identity(output)
+        existing = finished_identity(output)
         if existing == plan["identity"] and not overwrite:
             log.info("%s already holds this dataset; nothing to do", output)
             verify_dataset_files(output / DATASET_DIR, _rebuild_fix(output))
@@ -235,7 +235,7 @@ def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
     if not (folder / "dataset_info.json").is_file():
         plan_file = path / PARTS_DIR / "plan.json"
         if plan_file.is_file():
-            num_shards = read_json(plan_file, _rebuild_fix(path)).get("num_shards", "?")
+            num_shards = read_json_object(plan_file, _rebuild_fix(path)).get("num_shards", "?")
             done = sorted(p.name for p in (path / PARTS_DIR).glob("slice-*.done"))
             raise UserError(
                 f"teacher dataset {str(path)!r} is unfinished: {len(done)} of {num_shards} slices "
@@ -367,7 +367,7 @@ def _differences(old: dict, new: dict) -> list[str]:
     return found or ["unknown difference"]
 
 
-def _finished_identity(output: pathlib.Path) -> dict | None:
+def finished_identity(output: pathlib.Path) -> dict | None:
     """The identity of the finished dataset in ``output``; None if there is none."""
     info = output / DATASET_DIR / "metadata.json"
     if not info.is_file():
@@ -548,7 +548,7 @@ def _combine_once(output, parts, plan, texts, teachers, before) -> BuildResult:
             log.info("all slices are done; the dataset is being combined elsewhere: %s", busy)
             return BuildResult(None, rows, skipped, [])
         installed = _stamp(output / DATASET_DIR) != before
-        if installed and _finished_identity(output) == plan["identity"]:
+        if installed and finished_identity(output) == plan["identity"]:
             log.info("another slice's run installed the dataset first")
         else:
             remove_leftovers(output, OUTPUT_LEFTOVERS)
@@ -722,7 +722,7 @@ def verify_dataset_files(folder: pathlib.Path, fix: str) -> None:
 
 def _recorded_files(sums: pathlib.Path, fix: str) -> dict[str, dict]:
     """The ``files`` of a checksums.json, checked for shape (names are plain file names)."""
-    files = read_json(sums, fix).get("files")
+    files = read_json_object(sums, fix).get("files")
     ok = isinstance(files, dict) and all(
         pathlib.PurePath(name).name == name
         and isinstance(entry, dict)
@@ -747,14 +747,9 @@ def _signature(folder: pathlib.Path, files: dict, fix: str) -> tuple:
     return tuple(out)
 
 
-def read_json(path: pathlib.Path, fix: str) -> dict:
+def read_json_object(path: pathlib.Path, fix: str) -> dict:
     """A JSON object file of a dataset; a missing, truncated or invalid one is a UserError."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UserError(f"{path} is missing; fix: {fix}") from None
-    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
-        raise UserError(f"{path} is not valid JSON ({one_line(str(err))}); fix: {fix}") from None
+    value = read_json(path, f"fix: {fix}")
     if not isinstance(value, dict):
         raise UserError(f"{path} holds a {type(value).__name__}, not a JSON object; fix: {fix}")
     return value
@@ -769,7 +764,7 @@ def open_tfds_folder(folder: pathlib.Path, fix: str) -> tuple[Any, Any, dict]:
     """
     verify_dataset_files(folder, fix)
     for name in _TFDS_JSON:  # datasets without checksums: a clear error still
-        read_json(folder / name, fix)
+        read_json_object(folder / name, fix)
     try:
         builder = tfds.builder_from_directory(str(folder))
         shards = builder.info.splits["train"].filepaths

@@ -9,7 +9,6 @@ found or reported missing, and every HF tensor is either used or reported unexpe
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,7 +19,6 @@ import numpy as np
 from flax import traverse_util
 
 from jasper_jax.errors import UnsupportedModel, UserError
-from jasper_jax.paths import PathLike, as_path
 
 # Buffers that HF checkpoints carry but that are not parameters of an encoder.
 _IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$|^lm_head\.")
@@ -171,24 +169,3 @@ def _torch_load(torch: Any, path: Path) -> dict:
             "model to safetensors"
         )
     return state
-
-
-DEFAULT_JSON_FIX = "restore it, or re-download / re-export the model"
-
-
-def read_json(path: PathLike, fix: str = DEFAULT_JSON_FIX) -> Any:
-    """A JSON file (local or gs://) that the user's model folder or workdir holds; a missing,
-    non-UTF-8 or truncated file is a UserError naming the file, where it breaks and `fix`."""
-    path = as_path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as e:
-        raise UserError(f"{path} is missing: {fix}") from e
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (byte {e.start}): {fix}") from e
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{path} is not valid JSON (line {e.lineno} col {e.colno}: {e.msg}): {fix}"
-        ) from e

@@ -20,6 +20,7 @@ from jasper_jax.models.bert import BertConfig
 from jasper_jax.models.embedder import POOLED, EmbedderConfig, abstract_params, head_name
 from jasper_jax.models.mpnet import MPNetConfig
 from jasper_jax.models.qwen2 import Qwen2Config
+from jasper_jax.paths import read_json
 
 ENCODER_CONFIGS = {"bert": BertConfig, "mpnet": MPNetConfig, "qwen2": Qwen2Config}
 _ST_POOLING_KEYS = {
@@ -56,7 +57,7 @@ def first_non_finite(params: Any) -> str | None:
 
 
 def encoder_config_from_folder(folder: Path):
-    d = hf_io.read_json(folder / "config.json")
+    d = read_json(folder / "config.json")
     kind = d.get("model_type")
     if kind not in ENCODER_CONFIGS:
         raise UnsupportedModel(
@@ -73,7 +74,7 @@ def _pooling_mode(folder: Path) -> str:
     """Pooling from the sentence-transformers Pooling module; plain HF folders default to mean."""
     for module in _modules(folder):
         if module.get("type", "").endswith("Pooling"):
-            cfg = hf_io.read_json(folder / module["path"] / "config.json")
+            cfg = read_json(folder / module["path"] / "config.json")
             on = [mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key)]
             if len(on) != 1:
                 raise UnsupportedModel(
@@ -86,7 +87,7 @@ def _pooling_mode(folder: Path) -> str:
 
 def _modules(folder: Path) -> list[dict[str, Any]]:
     path = folder / "modules.json"
-    return hf_io.read_json(path) if path.exists() else []
+    return read_json(path) if path.exists() else []
 
 
 def normalizes_pooled(modules: list[dict[str, Any]]) -> bool:
@@ -103,7 +104,7 @@ def _dense_heads(folder: Path, hidden: int) -> tuple[dict[int, dict], str | None
     in_modules = {m["path"] for m in _modules(folder) if m.get("type", "").endswith("Dense")}
     heads, default = {}, None
     for sub in sorted(p for p in folder.iterdir() if re.fullmatch(r"\d+_Dense(_\d+)?", p.name)):
-        cfg = hf_io.read_json(sub / "config.json")
+        cfg = read_json(sub / "config.json")
         if cfg.get("activation_function") not in _IDENTITY:
             raise UnsupportedModel(
                 f"{sub}: only Dense heads with Identity activation are supported"
@@ -126,7 +127,7 @@ def _prompts(folder: Path) -> tuple[dict[str, str], str | None]:
     path = folder / "config_sentence_transformers.json"
     if not path.exists():
         return {}, None
-    d = hf_io.read_json(path)
+    d = read_json(path)
     return dict(d.get("prompts") or {}), d.get("default_prompt_name")
 
 
@@ -161,6 +162,6 @@ def load_model(folder: str | Path) -> LoadedModel:
         params["heads"] = {head_name(d): h for d, h in heads.items()}
     prompts, default_prompt = _prompts(folder)
     st_cfg = folder / "sentence_bert_config.json"
-    max_len = hf_io.read_json(st_cfg).get("max_seq_length") if st_cfg.exists() else None
+    max_len = read_json(st_cfg).get("max_seq_length") if st_cfg.exists() else None
     max_len = int(max_len or getattr(enc, "max_position_embeddings", 512))
     return LoadedModel(config, params, folder, max_len, prompts, default_prompt)

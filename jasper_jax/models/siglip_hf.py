@@ -20,8 +20,9 @@ import numpy as np
 from flax import traverse_util
 
 from jasper_jax.errors import UserError
-from jasper_jax.models.hf_io import read_json, read_state_dict
+from jasper_jax.models.hf_io import read_state_dict
 from jasper_jax.models.siglip import SiglipVisionConfig, abstract_params
+from jasper_jax.paths import read_json
 
 _PATCH_SUFFIX = "embeddings.patch_embedding.weight"
 # torch conv weight [out, in, kh, kw] <-> flax [kh, kw, in, out]

@@ -14,7 +14,6 @@ restore unverified, with a warning.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any
@@ -24,7 +23,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jasper_jax.errors import UserError
-from jasper_jax.paths import PathLike, as_path, write_json_atomic
+from jasper_jax.paths import PathLike, as_path, read_json, write_json_atomic
 from jasper_jax.train import fingerprint
 
 log = logging.getLogger(__name__)
@@ -37,16 +36,6 @@ DAMAGED_PREFIX = "damaged-"
 
 class DamagedCheckpoint(Exception):
     """A checkpoint whose files cannot be read or whose arrays fail their fingerprints."""
-
-
-def read_json_file(path: Any, what: str, fix: str) -> Any:
-    """Parsed JSON of `path`; a missing or malformed file is a UserError naming it and `fix`."""
-    try:
-        return json.loads(as_path(path).read_text())
-    except FileNotFoundError as e:
-        raise UserError(f"{what} {path} is missing; {fix}") from e
-    except (ValueError, UnicodeDecodeError) as e:
-        raise UserError(f"{what} {path} is not valid JSON ({e}); {fix}") from e
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -97,10 +86,10 @@ class Checkpointer:
         run_file = self.workdir / RUN_FILE
         has_checkpoints = any((self.workdir / CHECKPOINT_DIR).glob("[0-9]*"))
         if run_file.exists():
-            old = read_json_file(
+            old = read_json(
                 run_file,
-                "run record",
-                "it was damaged; restore it, or use a new --workdir (nothing was changed)",
+                "the run record was damaged; restore it, or use a new --workdir "
+                "(nothing was changed)",
             )
             diff = _differences(old, identity)
             if diff and has_checkpoints:
