@@ -16,7 +16,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from jasper_jax.errors import UserError
+from jasper_jax.errors import UserError, one_line
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -189,7 +189,7 @@ def expected_failure(error: BaseException) -> str | None:
         return f"{error.strerror or error}{where}; {_OS_FIXES[error.errno]}"
     text = str(error)
     if "No space left on device" in text:  # libraries that wrap ENOSPC in their own errors
-        return f"{text.splitlines()[0][:300]}; {_OS_FIXES[errno.ENOSPC]}"
+        return f"{one_line(text)}; {_OS_FIXES[errno.ENOSPC]}"
     return None
 
 

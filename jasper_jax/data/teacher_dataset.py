@@ -49,7 +49,7 @@ from jasper_jax.data import chunk_vectors
 from jasper_jax.data import corpus as corpus_lib
 from jasper_jax.data.chunking import ChunkingConfig, Span
 from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, load_teacher
-from jasper_jax.errors import UserError
+from jasper_jax.errors import UserError, one_line
 from jasper_jax.locks import FolderLock, process_tag, remove_leftovers
 from jasper_jax.paths import honour_umask, read_json
 
@@ -277,14 +277,6 @@ def _load_teacher(spec, prompt, batch_size, backend, max_length) -> Teacher:
             "fix: point --teacher at a complete sentence-transformers folder (re-download it "
             "if a weights file is damaged)"
         ) from err
-
-
-def one_line(message: str, limit: int = 300) -> str:
-    """A library's multi-line message as one line: its first and last lines, shortened."""
-    lines = [line.strip() for line in message.splitlines() if line.strip()]
-    if len(lines) <= 1:
-        return (lines or [""])[0][: 2 * limit]
-    return f"{lines[0][:limit]} ... {lines[-1][-limit:]}"
 
 
 def _lock(output: pathlib.Path, name: str) -> FolderLock:

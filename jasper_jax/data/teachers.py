@@ -18,7 +18,7 @@ import numpy as np
 import tqdm
 
 from jasper_jax.data import teacher_assets
-from jasper_jax.errors import UnsupportedModel, UserError
+from jasper_jax.errors import UnsupportedModel, UserError, one_line
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -124,12 +124,6 @@ def _jax_encoder(
     return encode, int(dim), count
 
 
-def _first_line(error: Exception) -> str:
-    """An exception's first line (library messages run to many lines), at most 300 chars."""
-    text = str(error).strip()
-    return (text.splitlines()[0] if text else type(error).__name__)[:300]
-
-
 def _torch_encoder(
     spec, folder: pathlib.Path, prompt: str | None, batch_size: int, max_length: int | None = None
 ):
@@ -140,7 +134,7 @@ def _torch_encoder(
     except Exception as err:  # a broken folder surfaces as many different exception types
         raise UserError(
             f"cannot load teacher {str(spec)!r} from {str(folder)!r} with sentence-transformers: "
-            f"{_first_line(err)}; fix: point --teacher at a complete sentence-transformers folder"
+            f"{one_line(err)}; fix: point --teacher at a complete sentence-transformers folder"
         ) from err
     if max_length:
         model.max_seq_length = max_length

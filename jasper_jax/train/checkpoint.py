@@ -22,7 +22,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-from jasper_jax.errors import UserError
+from jasper_jax.errors import UserError, one_line
 from jasper_jax.paths import PathLike, as_path, read_json, write_json_atomic
 from jasper_jax.train import fingerprint
 
@@ -154,7 +154,7 @@ class Checkpointer:
                 ),
             )
         except Exception as e:  # orbax raises many types for truncated or mismatched files
-            raise DamagedCheckpoint(f"cannot be restored: {_short(e)}") from e
+            raise DamagedCheckpoint(f"cannot be restored: {one_line(e)}") from e
         verify(self.manager, step, restored["state"])
         return restored["state"]
 
@@ -229,7 +229,7 @@ def _read_verified(manager: ocp.CheckpointManager, step: int) -> Any:
     try:
         restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     except Exception as e:  # orbax raises many types for truncated or damaged files
-        raise DamagedCheckpoint(f"cannot be read: {_short(e)}") from e
+        raise DamagedCheckpoint(f"cannot be read: {one_line(e)}") from e
     verify(manager, step, restored["state"])
     return restored["state"]
 
@@ -258,7 +258,7 @@ def verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
         )[INTEGRITY]
         recorded = dict(record["arrays"])
     except Exception as e:
-        raise DamagedCheckpoint(f"its integrity record cannot be read: {_short(e)}") from e
+        raise DamagedCheckpoint(f"its integrity record cannot be read: {one_line(e)}") from e
     if record.get("algorithm") != fingerprint.ALGORITHM:
         raise DamagedCheckpoint(f"unknown fingerprint algorithm {record.get('algorithm')!r}")
     actual = fingerprint.tree_fingerprints(state)
@@ -268,9 +268,3 @@ def verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
             f"{len(bad)} of {len(recorded)} arrays differ from their recorded fingerprints "
             f"(e.g. {bad[0]})"
         )
-
-
-def _short(error: Exception) -> str:
-    """First line of an exception, cut to 200 characters (orbax messages run long)."""
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text[:200]
