@@ -44,18 +44,18 @@ def teacher_best_chunk(teachers, task) -> float:
 
 
 def main() -> None:
+    from jasper_jax.demo.long_documents import (
+        build_long_data,
+        heldout_fidelity,
+        long_settings,
+        student_tokenizer,
+    )
     from jasper_jax.errors import UserError
     from jasper_jax.evaluation.long_documents import long_document_task, student_rows
     from jasper_jax.evaluation.models import teacher_model
     from jasper_jax.evaluation.teacher_cache import default_cache_dir
-    from jasper_jax.train.long_documents_demo import (
-        build_long_data,
-        heldout_fidelity,
-        long_config,
-        student_tokenizer,
-    )
+    from jasper_jax.run_folder import load_any_model
     from jasper_jax.train.loop import train_and_evaluate
-    from jasper_jax.workdir import load_any_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="runs/demo", help="a `jasper-jax demo` workdir")
@@ -65,10 +65,10 @@ def main() -> None:
     workdir = Path(args.workdir)
     if not (workdir / "stage3_long").is_dir():
         raise SystemExit(f"{workdir}/stage3_long is missing: run `jasper-jax demo` first")
-    base = long_config(workdir, quick=False)
+    base = long_settings(workdir, quick=False)
     name = args.random.replace(":", "_")
     out = workdir / "chunking"
-    variant = long_config(
+    variant = long_settings(
         workdir,
         quick=False,
         **{

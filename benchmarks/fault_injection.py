@@ -404,7 +404,7 @@ def compare_checkpoints(reference: Path, output: Path) -> list[str]:
     """Differences between the latest checkpoints' params (bit for bit) and steps."""
     from flax import traverse_util
 
-    from jasper_jax.train.checkpoint import load_params
+    from jasper_jax.run_folder import load_params
 
     (ref, ref_step), (got, got_step) = load_params(reference), load_params(output)
     diffs = [] if ref_step == got_step else [f"last step {got_step}, reference {ref_step}"]

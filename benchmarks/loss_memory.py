@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jasper_jax import losses
+from jasper_jax.vectors import l2_normalize
 
 RESULTS = pathlib.Path(__file__).with_name("results.md")
 GB = 1e9
@@ -28,8 +29,8 @@ GB = 1e9
 
 def naive_resim(student: jax.Array, teacher: jax.Array, margin: float = 0.015) -> jax.Array:
     """The reference's form: the full [P, P] pair-of-pairs matrix, upper triangle by a mask."""
-    s = losses.l2_normalize(student)
-    t = jax.lax.stop_gradient(losses.l2_normalize(teacher))
+    s = l2_normalize(student)
+    t = jax.lax.stop_gradient(l2_normalize(teacher))
     rows, cols = np.triu_indices(student.shape[0], k=1)
     p_s, p_t = (s @ s.T)[rows, cols], (t @ t.T)[rows, cols]
     d_s = p_s[None, :] - p_s[:, None]

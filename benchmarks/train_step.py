@@ -19,14 +19,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import report
-from jasper_jax.config import load_config
+from jasper_jax.config import load_settings
 from jasper_jax.data.corpus import load_corpus
 from jasper_jax.data.teacher_assets import teacher_folder
 from jasper_jax.models.embedder import Embedder, EmbedderConfig, head_name, init_params
 from jasper_jax.models.loading import load_model
 from jasper_jax.train import state as st
-from jasper_jax.train.loop import loss_config
-from jasper_jax.train.step import make_train_step, text_forward
+from jasper_jax.train.step import loss_config, make_train_step, text_forward
+from jasper_jax.vectors import unit_rows
 
 TEACHER_DIM = 1152
 
@@ -48,7 +48,7 @@ def make_batches(folder, batch: int, length: int, count: int) -> list[dict]:
             return_tensors="np",
         )
         teacher = rng.normal(size=(batch, TEACHER_DIM)).astype(np.float32)
-        teacher /= np.linalg.norm(teacher, axis=1, keepdims=True)
+        teacher = unit_rows(teacher)
         out.append(
             {
                 "input_ids": enc["input_ids"].astype(np.int32),
@@ -70,13 +70,13 @@ def build_jax_step(folder, gradcache_chunks: int = 1):
     )
     params = init_params(config, jax.random.key(0))
     params = {**params, "encoder": loaded.params["encoder"]}
-    c = load_config("configs/embedded_default.py:3", [f"--config.model.heads=({TEACHER_DIM},)"])
-    paths = st.trainable_paths(params, c)
-    tx = st.make_optimizer(c)
-    schedule = st.learning_rate_schedule(c.optim, 1000)
+    s = load_settings("configs/embedded_default.py:3", {"model.heads": (TEACHER_DIM,)})
+    paths = st.trainable_paths(params, s)
+    tx = st.make_optimizer(s)
+    schedule = st.learning_rate_schedule(s.optim, 1000)
     forward = text_forward(Embedder(config), config.head_names, dropout=True)
     train_step = make_train_step(
-        forward, loss_config(c), tx, paths, schedule, gradcache_chunks=gradcache_chunks
+        forward, loss_config(s.loss), tx, paths, schedule, gradcache_chunks=gradcache_chunks
     )
     state = jax.jit(lambda p: st.init_state(p, paths, tx, seed=0))(params)
     return jax.jit(train_step, donate_argnums=0), state

@@ -69,14 +69,14 @@ def _train_args(p: argparse.ArgumentParser) -> Command:
 
 
 def _teachers_args(p: argparse.ArgumentParser) -> Command:
-    from jasper_jax.data.teachers_cli import add_teachers_args, teachers_main
+    from jasper_jax.commands.teachers import add_teachers_args, teachers_main
 
     add_teachers_args(p)
     return teachers_main
 
 
 def _captions_args(p: argparse.ArgumentParser) -> Command:
-    from jasper_jax.data.captions_cli import add_captions_args, captions_main
+    from jasper_jax.commands.captions import add_captions_args, captions_main
 
     add_captions_args(p)
     return captions_main

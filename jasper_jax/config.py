@@ -1,8 +1,10 @@
 """Configs are data: `configs/<name>.py` defines `get_config(arg) -> ConfigDict`.
 
 `load_config("configs/embedded_default.py:2", ["--config.optim.lr=3e-5"])` imports the file, calls
-`get_config("2")`, applies command-line overrides (typed by the existing field), and validates the
-whole config before any work starts, naming the field that is wrong.
+`get_config("2")`, applies overrides (command-line strings typed by the existing field, or a dict
+`{"optim.lr": 3e-5}` of values), and validates the whole config before any work starts, naming the
+field that is wrong. `to_settings` turns the validated config into the typed, frozen `Settings`
+that library code reads; only the CLI and this module see a `ConfigDict`.
 """
 
 from __future__ import annotations
@@ -10,12 +12,18 @@ from __future__ import annotations
 import ast
 import importlib.util
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
 from jasper_jax.errors import UserError
+from jasper_jax.models.attention import IMPLEMENTATIONS
+from jasper_jax.models.layers import REMAT_POLICIES, remat_policy_name
+from jasper_jax.models.rope import RopeScaling
+from jasper_jax.settings import Settings, from_mapping
 
 TRAINABLE = ("heads", "heads+last_layers", "all", "vision")
 DTYPES = ("float32", "bfloat16")
@@ -62,33 +70,85 @@ def _parse_value(text: str, current):
     return tuple(value) if isinstance(current, tuple) else value
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:
-    """Applies `--config.a.b=value` strings in place; unknown fields and bad values raise."""
+Overrides = Sequence[str] | Mapping[str, Any]
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Overrides) -> None:
+    """Applies `--config.a.b=value` strings, or a `{"a.b": value}` dict of typed values, in
+    place; unknown fields and values of the wrong type raise UserError."""
+    if isinstance(overrides, Mapping):
+        for key, value in overrides.items():
+            parent, name = _field(config, key, f"override {key}={value!r}")
+            try:
+                parent[name] = _coerce(value, parent[name])
+            except TypeError as e:
+                raise UserError(f"override {key}={value!r}: {e}") from e
+        return
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
             raise UserError(f"override {item!r}: write it as --config.section.field=value")
         key, _, text = item[len("--config.") :].partition("=")
-        parent, name = config, key.split(".")[-1]
-        for part in key.split(".")[:-1]:
-            if part not in parent:
-                raise UserError(f"override {item!r}: config has no section {part!r}")
-            parent = parent[part]
-        if name not in parent:
-            raise UserError(
-                f"override {item!r}: no field {name!r}; fields here: {sorted(parent.keys())}"
-            )
+        parent, name = _field(config, key, f"override {item!r}")
         try:
             parent[name] = _parse_value(text, parent[name])
         except (ValueError, SyntaxError, TypeError) as e:
             raise UserError(f"override {item!r}: {e}") from e
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def _field(config: ml_collections.ConfigDict, key: str, what: str):
+    """(the section holding `key` "a.b.c", the field's name), or UserError naming what's wrong."""
+    parent, name = config, key.split(".")[-1]
+    for part in key.split(".")[:-1]:
+        if part not in parent:
+            raise UserError(f"{what}: config has no section {part!r}")
+        parent = parent[part]
+    if name not in parent:
+        raise UserError(f"{what}: no field {name!r}; fields here: {sorted(parent.keys())}")
+    return parent, name
+
+
+def _coerce(value: Any, current: Any) -> Any:
+    """A dict override's value in the type of the field it replaces (paths become strings)."""
+    if isinstance(current, bool) or isinstance(value, bool):
+        if not isinstance(value, bool) or not isinstance(current, bool):
+            raise TypeError(f"expected {type(current).__name__}, got {type(value).__name__}")
+        return value
+    if isinstance(current, float) and isinstance(value, int):
+        return float(value)
+    if (isinstance(current, str) or current is None) and isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(current, tuple) and isinstance(value, list):
+        return tuple(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise TypeError(f"expected {type(current).__name__}, got {type(value).__name__}")
+    return value
+
+
+def load_config(spec: str, overrides: Overrides = ()) -> ml_collections.ConfigDict:
+    """The config file `spec` ("path.py:arg"), overridden and validated."""
     path, arg = resolve_config_path(spec)
     config = import_config_module(path).get_config(arg)
     apply_overrides(config, overrides)
     validate_config(config)
     return config
+
+
+def load_settings(spec: str, overrides: Overrides = ()) -> Settings:
+    """`to_settings(load_config(spec, overrides))`: what drivers pass to the train loop."""
+    return to_settings(load_config(spec, overrides))
+
+
+def to_settings(config: ml_collections.ConfigDict) -> Settings:
+    """The typed, frozen settings of a config, validated first.
+
+    Raises:
+      UserError: a wrong field, or a field no part of jasper-jax reads (a typo in a config file).
+    """
+    validate_config(config)
+    try:
+        return from_mapping(Settings, config.to_dict())
+    except ValueError as e:
+        raise UserError(f"config field {e}: remove it or fix its name") from e
 
 
 def _check(ok: bool, field: str, message: str) -> None:
@@ -102,26 +162,43 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(c.stage in (1, 2, 3, 4), "stage", f"{c.stage!r} must be 1, 2, 3 or 4")
     _check(c.trainable in TRAINABLE, "trainable", f"{c.trainable!r} must be one of {TRAINABLE}")
     _check(c.dtype in DTYPES, "dtype", f"{c.dtype!r} must be one of {DTYPES}")
-    _check(c.model.pooling in ("mean", "cls", "last"), "model.pooling", "use mean, cls or last")
-    heads = tuple(c.model.heads)
+    _validate_model(c.model)
+    _validate_memory_fields(c.model)
+    _validate_data(c)
+    _validate_optim_and_train(c)
+    _validate_loss(c)
+    mesh = tuple(c.mesh_shape)
+    _check(len(mesh) == 3, "mesh_shape", "give (data, fsdp, tensor)")
+    _check(
+        all(n == -1 or n >= 1 for n in mesh) and mesh.count(-1) <= 1,
+        "mesh_shape",
+        f"{mesh}: sizes >= 1, at most one -1 (the remaining devices)",
+    )
+    if c.stage == 4 or c.trainable == "vision":
+        _validate_vision(c)
+
+
+def _validate_model(m: ml_collections.ConfigDict) -> None:
+    _check(m.pooling in ("mean", "cls", "last"), "model.pooling", "use mean, cls or last")
+    heads = tuple(m.heads)
     _check(len(heads) > 0 and all(int(d) > 0 for d in heads), "model.heads", "positive dims")
     _check(len(set(heads)) == len(heads), "model.heads", f"{heads} has a repeated dim")
-    _check(c.model.trainable_last_layers >= 0, "model.trainable_last_layers", "must be >= 0")
+    _check(m.trainable_last_layers >= 0, "model.trainable_last_layers", "must be >= 0")
     _check(
-        c.model.head_init in HEAD_INIT_MODES,
+        m.head_init in HEAD_INIT_MODES,
         "model.head_init",
-        f"{c.model.head_init!r} must be one of {HEAD_INIT_MODES}",
+        f"{m.head_init!r} must be one of {HEAD_INIT_MODES}",
     )
-    _check(c.model.head_init_texts >= 1, "model.head_init_texts", "must be >= 1 text")
+    _check(m.head_init_texts >= 1, "model.head_init_texts", "must be >= 1 text")
     _check(
-        math.isfinite(c.model.head_init_ridge) and c.model.head_init_ridge >= 0,
+        math.isfinite(m.head_init_ridge) and m.head_init_ridge >= 0,
         "model.head_init_ridge",
-        f"{c.model.head_init_ridge} must be a finite number >= 0",
+        f"{m.head_init_ridge} must be a finite number >= 0",
     )
-    _check(
-        isinstance(c.model.normalize_pooled, bool), "model.normalize_pooled", "must be True/False"
-    )
-    _validate_memory_fields(c.model)
+    _check(isinstance(m.normalize_pooled, bool), "model.normalize_pooled", "must be True/False")
+
+
+def _validate_data(c: ml_collections.ConfigDict) -> None:
     _check(c.data.batch_size >= 2, "data.batch_size", "in-batch losses need at least 2 rows")
     _check(c.data.max_length >= 4, "data.max_length", "must be at least 4 tokens")
     _check(c.data.max_chunks >= 0, "data.max_chunks", "must be >= 0 (0: no chunk alignment)")
@@ -134,6 +211,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     for f in ("eval_texts", "train_texts", "worker_count", "eval_images", "train_images"):
         _check(c.data[f] >= 0, f"data.{f}", f"{c.data[f]} must be >= 0")
+
+
+def _validate_optim_and_train(c: ml_collections.ConfigDict) -> None:
     o = c.optim
     _check(o.lr > 0, "optim.lr", f"{o.lr} must be > 0")
     for f in ("b1", "b2"):
@@ -150,17 +230,29 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     )
     for f in ("log_every", "checkpoint_every", "keep_checkpoints", "max_nonfinite_in_row"):
         _check(t[f] >= 1, f"train.{f}", "must be >= 1")
+    chunk = t.gradcache_chunk
+    _check(
+        chunk == 0 or (chunk > 0 and c.data.batch_size % chunk == 0),
+        "train.gradcache_chunk",
+        f"{chunk} must be 0 (off) or divide data.batch_size {c.data.batch_size}",
+    )
+
+
+LOSS_WEIGHTS = (
+    "cosine",
+    "similarity",
+    "relative_similarity",
+    "infonce",
+    "gor",
+    "chunk_cosine",
+    "chunk_similarity",
+    "chunk_relative_similarity",
+)
+
+
+def _validate_loss(c: ml_collections.ConfigDict) -> None:
     w = c.loss
-    for f in (
-        "cosine",
-        "similarity",
-        "relative_similarity",
-        "infonce",
-        "gor",
-        "chunk_cosine",
-        "chunk_similarity",
-        "chunk_relative_similarity",
-    ):
+    for f in LOSS_WEIGHTS:
         _check(w[f] >= 0, f"loss.{f}", "weights must be >= 0")
     _check(w.margin >= 0, "loss.margin", "must be >= 0")
     _check(
@@ -172,23 +264,9 @@ def validate_config(c: ml_collections.ConfigDict) -> None:
     _check(w.resim_block_size >= 0, "loss.resim_block_size", "must be >= 0 (0: automatic)")
     _check(all(int(d) > 0 for d in w.mrl_dims), "loss.mrl_dims", f"{w.mrl_dims}: dims must be > 0")
     _check(w.in_batch in ("global", "per_device"), "loss.in_batch", "global or per_device")
-    chunk = t.gradcache_chunk
-    _check(
-        chunk == 0 or (chunk > 0 and c.data.batch_size % chunk == 0),
-        "train.gradcache_chunk",
-        f"{chunk} must be 0 (off) or divide data.batch_size {c.data.batch_size}",
-    )
     if w.mrl_dims:
-        _check(max(w.mrl_dims) <= max(heads), "loss.mrl_dims", "dims must fit the widest head")
-    mesh = tuple(c.mesh_shape)
-    _check(len(mesh) == 3, "mesh_shape", "give (data, fsdp, tensor)")
-    _check(
-        all(n == -1 or n >= 1 for n in mesh) and mesh.count(-1) <= 1,
-        "mesh_shape",
-        f"{mesh}: sizes >= 1, at most one -1 (the remaining devices)",
-    )
-    if c.stage == 4 or c.trainable == "vision":
-        _validate_vision(c)
+        widest = max(tuple(c.model.heads))
+        _check(max(w.mrl_dims) <= widest, "loss.mrl_dims", "dims must fit the widest head")
 
 
 def _check_finite(c: ml_collections.ConfigDict, prefix: str = "") -> None:
@@ -206,10 +284,6 @@ def _check_finite(c: ml_collections.ConfigDict, prefix: str = "") -> None:
 
 def _validate_memory_fields(m: ml_collections.ConfigDict) -> None:
     """model.remat, model.attention, model.attention_block, model.rope_scaling."""
-    from jasper_jax.models.attention import IMPLEMENTATIONS
-    from jasper_jax.models.layers import REMAT_POLICIES, remat_policy_name
-    from jasper_jax.models.rope import RopeScaling
-
     try:
         remat_policy_name(m.remat)
     except UserError:

@@ -20,7 +20,7 @@ from jasper_jax import sharding
 from jasper_jax.errors import UserError
 from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.embedder import POOLED, Embedder, EmbedderConfig, abstract_params
-from jasper_jax.models.loading import LoadedModel
+from jasper_jax.models.loading import LoadedModel, first_non_finite
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -49,8 +49,6 @@ def check_finite(vectors: np.ndarray, what: str, line_of: str | None = None) -> 
 
 def check_finite_model(params: Any, model: str) -> None:
     """Refuses weights holding NaN/inf, which give NaN for every input (fails before compute)."""
-    from jasper_jax.models.loading import first_non_finite
-
     bad = first_non_finite(params)
     if bad is not None:
         raise UserError(
@@ -179,7 +177,7 @@ class TextEncoder:
         bar = tqdm(total=len(texts), unit="text", disable=not progress, desc="encode")
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            ids, mask = self._pad([tok.ids[i] for i in rows], max_length)
+            ids, mask = self.pad([tok.ids[i] for i in rows], max_length)
             for name, vecs in self._fn(heads)(self.params, ids, mask).items():
                 vecs = np.asarray(vecs)[: len(rows)]
                 out.setdefault(name, np.zeros((len(texts), vecs.shape[-1]), np.float32))[rows] = (
@@ -192,7 +190,7 @@ class TextEncoder:
     def token_limit(self, max_length: int | None = None) -> int:
         """Tokens a text is cut to: `max_length` (default: the model's max_seq_length), never
         beyond the position embeddings."""
-        return min(max_length or self.model.max_seq_length, _position_limit(self.model))
+        return min(max_length or self.model.max_seq_length, position_limit(self.model))
 
     def count_truncated(
         self, texts: Sequence[str], prompt: str | None = None, max_length: int | None = None
@@ -200,7 +198,9 @@ class TextEncoder:
         """How many of `texts` an `encode` with these arguments would cut (tokenising only)."""
         return tokenize(self.tokenizer, texts, self.token_limit(max_length), prompt).truncated
 
-    def _pad(self, rows: list[list[int]], max_length: int):
+    def pad(self, rows: list[list[int]], max_length: int) -> tuple[jax.Array, jax.Array]:
+        """Token id rows -> (ids, mask) int32 [batch_size, bucket length], sharded over the
+        mesh's batch axes; rows past `len(rows)` are empty padding."""
         length = bucket_length(max(len(r) for r in rows), max_length)
         pad_id = self.tokenizer.pad_token_id or 0
         ids = np.full((self.batch_size, length), pad_id, np.int32)
@@ -216,12 +216,13 @@ class TextEncoder:
         return put(ids), put(mask)
 
 
-def _position_limit(model: LoadedModel) -> int:
+def position_limit(model: LoadedModel) -> int:
+    """Tokens the encoder's position embeddings reach (2**30 when the config names no limit)."""
     return getattr(model.config.encoder, "max_position_embeddings", 1 << 30)
 
 
 def _load_tokenizer(folder):
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # optional heavy dependency: imported on use
 
     try:
         return AutoTokenizer.from_pretrained(str(folder))

@@ -17,8 +17,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from jasper_jax import sharding
-from jasper_jax.data.chunking import ChunkingConfig, Span, check_spans, chunk_texts, token_spans
-from jasper_jax.encode import TextEncoder, _position_limit, resolve_head
+from jasper_jax.data.chunking import (
+    ChunkingConfig,
+    Span,
+    check_spans,
+    chunk_texts,
+    plain_tokenizer,
+    token_spans,
+)
+from jasper_jax.encode import TextEncoder, position_limit, resolve_head
 from jasper_jax.errors import UserError
 
 
@@ -86,14 +93,33 @@ class ChunkEncoder:
         "sentences:64", sizes in this model's tokens) and ``spans`` (character spans per
         document) says where the chunks are. ``heads`` as in ``TextEncoder.encode_heads``;
         ``max_length`` defaults to the model's position limit (not its ``max_seq_length``)."""
-        model, tokenizer = self.encoder.model, self.encoder.tokenizer
+        model = self.encoder.model
         heads = tuple(resolve_head(model.config, h) for h in heads)
         spans = self._spans(documents, chunking, spans)
         # Long documents are the point here: by default read as far as the positions reach.
-        limit = min(max_length or _position_limit(model), _position_limit(model))
-        texts = [(prompt or "") + d for d in documents]
-        enc = tokenizer(
-            texts,
+        limit = min(max_length or position_limit(model), position_limit(model))
+        ids, kept_spans, kept = self._tokenize(documents, spans, prompt, limit)
+        documents_out, chunks_out = self._run(ids, kept_spans, heads, limit, progress)
+        owner = np.concatenate([np.full(k.sum(), i, np.int64) for i, k in enumerate(kept)])
+        char_spans = np.concatenate(
+            [np.asarray(s, np.int64).reshape(-1, 2)[k] for s, k in zip(spans, kept, strict=True)]
+        )
+        return ChunkedEncoding(
+            documents=documents_out,
+            chunks=chunks_out,
+            owner=owner,
+            spans=char_spans,
+            source=np.flatnonzero(np.concatenate(kept)),
+            dropped=int(sum((~k).sum() for k in kept)),
+        )
+
+    def _tokenize(
+        self, documents: Sequence[str], spans: list[list[Span]], prompt: str | None, limit: int
+    ) -> tuple[list[list[int]], list[np.ndarray], list[np.ndarray]]:
+        """Each document tokenized once (cut at `limit` tokens) -> (token ids per document,
+        int [kept, 2] token spans of its kept chunks, bool [chunks] which chunks are kept)."""
+        enc = self.encoder.tokenizer(
+            [(prompt or "") + d for d in documents],
             truncation=True,
             max_length=limit,
             return_offsets_mapping=True,
@@ -107,45 +133,52 @@ class ChunkEncoder:
             )
             kept_spans.append(t[k])
             kept.append(k)
-        order = np.argsort([len(x) for x in enc["input_ids"]], kind="stable")
+        return enc["input_ids"], kept_spans, kept
+
+    def _run(
+        self,
+        ids: list[list[int]],
+        kept_spans: list[np.ndarray],
+        heads: tuple[str, ...],
+        limit: int,
+        progress: bool,
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """Batches of documents sorted by length -> ({head: [N, dim]} document vectors,
+        {head: [M, dim]} chunk vectors grouped by document in input order)."""
+        order = np.argsort([len(x) for x in ids], kind="stable")
         documents_out: dict[str, np.ndarray] = {}
-        chunk_rows: dict[str, list] = {h: [None] * len(documents) for h in heads}
-        bar = tqdm(total=len(documents), unit="doc", disable=not progress, desc="encode")
-        batch_size = self.encoder.batch_size
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            ids, mask = self.encoder._pad([enc["input_ids"][i] for i in rows], limit)
-            slots = _power_of_two(max(max(len(kept_spans[i]) for i in rows), 1))
-            padded = np.zeros((batch_size, slots, 2), np.int32)
-            for j, i in enumerate(rows):
-                padded[j, : len(kept_spans[i])] = kept_spans[i]
-            put = jax.make_array_from_callback(
-                padded.shape, self._span_sharding, lambda index, x=padded: x[index]
-            )
-            document, chunks = self._fn(heads)(self.encoder.params, ids, mask, put)
+        chunk_rows: dict[str, list] = {h: [None] * len(ids) for h in heads}
+        bar = tqdm(total=len(ids), unit="doc", disable=not progress, desc="encode")
+        for start in range(0, len(order), self.encoder.batch_size):
+            rows = order[start : start + self.encoder.batch_size]
+            batch_spans = [kept_spans[i] for i in rows]
+            document, chunks = self._batch([ids[i] for i in rows], batch_spans, heads, limit)
             for name in heads:
                 doc = np.asarray(document[name])[: len(rows)]
-                documents_out.setdefault(
-                    name, np.zeros((len(documents), doc.shape[-1]), np.float32)
-                )
+                documents_out.setdefault(name, np.zeros((len(ids), doc.shape[-1]), np.float32))
                 documents_out[name][rows] = doc
                 vectors = np.asarray(chunks[name])
                 for j, i in enumerate(rows):
                     chunk_rows[name][i] = vectors[j, : len(kept_spans[i])]
             bar.update(len(rows))
         bar.close()
-        owner = np.concatenate([np.full(k.sum(), i, np.int64) for i, k in enumerate(kept)])
-        char_spans = np.concatenate(
-            [np.asarray(s, np.int64).reshape(-1, 2)[k] for s, k in zip(spans, kept, strict=True)]
+        chunks_out = {h: np.concatenate(chunk_rows[h]).astype(np.float32) for h in heads}
+        return documents_out, chunks_out
+
+    def _batch(
+        self, ids: list[list[int]], spans: list[np.ndarray], heads: tuple[str, ...], limit: int
+    ) -> tuple[dict, dict]:
+        """One padded batch through the model -> ({head: [batch, dim]} document vectors,
+        {head: [batch, slots, dim]} chunk vectors; slots: a power of two >= the most spans)."""
+        token_ids, mask = self.encoder.pad(ids, limit)
+        slots = _power_of_two(max(max(len(s) for s in spans), 1))
+        padded = np.zeros((self.encoder.batch_size, slots, 2), np.int32)
+        for j, s in enumerate(spans):
+            padded[j, : len(s)] = s
+        put = jax.make_array_from_callback(
+            padded.shape, self._span_sharding, lambda index, x=padded: x[index]
         )
-        return ChunkedEncoding(
-            documents=documents_out,
-            chunks={h: np.concatenate(chunk_rows[h]).astype(np.float32) for h in heads},
-            owner=owner,
-            spans=char_spans,
-            source=np.flatnonzero(np.concatenate(kept)),
-            dropped=int(sum((~k).sum() for k in kept)),
-        )
+        return self._fn(heads)(self.encoder.params, token_ids, mask, put)
 
     def _spans(self, documents, chunking, spans) -> list[list[Span]]:
         if (chunking is None) == (spans is None):
@@ -158,6 +191,4 @@ class ChunkEncoder:
             return [list(map(tuple, s)) for s in spans]
         if isinstance(chunking, str):
             chunking = ChunkingConfig.parse(chunking)
-        from jasper_jax.data.chunking import plain_tokenizer
-
         return chunk_texts(documents, plain_tokenizer(self.encoder.tokenizer), chunking)

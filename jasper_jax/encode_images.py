@@ -1,13 +1,11 @@
 """Encoding images with a model that has a vision tower (a stage-4 workdir).
 
-`load_image_model(workdir)` reads `model.json` (the student's embedder config plus `vision` and
-`image_tokens`) and the checkpoint's params; `ImageEncoder` decodes, resizes and normalises
-images (see `data.images`) and runs them in fixed-size, sharded batches.
+`run_folder.load_image_model(workdir)` reads the model; `ImageEncoder` decodes, resizes and
+normalises images (see `data.images`) and runs them in fixed-size, sharded batches.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -21,44 +19,8 @@ from jasper_jax.data.images import load_pixels, open_rgb
 from jasper_jax.encode import DTYPES, resolve_head
 from jasper_jax.errors import UserError
 from jasper_jax.models.multimodal import MultimodalConfig, MultimodalEmbedder, abstract_params
-from jasper_jax.models.siglip import SiglipVisionConfig
 
 ImageSource = str | Path | bytes
-
-
-@dataclasses.dataclass
-class ImageModel:
-    """A multimodal model ready to run: architecture and float32 params (numpy tree)."""
-
-    config: MultimodalConfig
-    params: Any
-    meta: dict
-
-
-def has_vision(path: str | Path) -> bool:
-    """Whether `path` is a training workdir whose model has a vision tower."""
-    from jasper_jax.train.checkpoint import MODEL_FILE
-    from jasper_jax.workdir import read_model_json
-
-    return (Path(path) / MODEL_FILE).is_file() and "vision" in read_model_json(path)
-
-
-def load_image_model(workdir: str | Path, step: int | None = None) -> ImageModel:
-    """The multimodal model of a stage-4 workdir (latest checkpoint, or `step`)."""
-    from jasper_jax.train.checkpoint import load_params
-    from jasper_jax.workdir import load_workdir_model
-
-    if not has_vision(workdir):
-        raise UserError(
-            f"{workdir} is not a model with a vision tower (no 'vision' in its model.json); "
-            "fix: pass the --workdir of a stage-4 run, or use --input for texts"
-        )
-    text, meta = load_workdir_model(workdir, step)
-    params, _ = load_params(workdir, meta["step"])
-    vision = SiglipVisionConfig.from_hf_dict(meta["vision"])
-    config = MultimodalConfig(text.config, vision, int(meta["image_tokens"]))
-    keep = {k: params[k] for k in ("vision", "encoder", "heads") if k in params}
-    return ImageModel(config, keep, meta)
 
 
 class ImageEncoder:

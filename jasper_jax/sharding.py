@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jasper_jax.errors import UserError
@@ -124,3 +125,25 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+def global_batch(batch: dict, mesh: Mesh, keys: tuple[str, ...]) -> dict:
+    """Per-process numpy batch -> global jax arrays, leading axis sharded over (data, fsdp).
+
+    batch: {key: [local_rows, ...]}; returns {key: [local_rows * process_count, ...]} for `keys`.
+    """
+    out = {}
+    for name in keys:
+        local = batch[name]
+        global_shape = (local.shape[0] * jax.process_count(), *local.shape[1:])
+        out[name] = jax.make_array_from_process_local_data(
+            batch_sharding(mesh, local.ndim), local, global_shape
+        )
+    return out
+
+
+def host_value(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-host, sharded) array, on every process."""
+    if x.is_fully_addressable:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

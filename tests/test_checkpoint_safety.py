@@ -18,12 +18,11 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jasper_jax import cli, locks
+from jasper_jax import cli, fingerprint, locks
 from jasper_jax.errors import UserError
-from jasper_jax.train import fingerprint
-from jasper_jax.train.checkpoint import CHECKPOINT_DIR, RUN_FILE, load_params
+from jasper_jax.run_folder import CHECKPOINT_DIR, RUN_FILE, load_params
 from jasper_jax.train.loop import train_and_evaluate
-from tests.train_fixtures import tiny_config, tiny_overrides, tiny_setup  # noqa: F401
+from tests.train_fixtures import tiny_config, tiny_overrides, tiny_settings, tiny_setup  # noqa: F401
 
 # ---- fingerprints ----------------------------------------------------------------------------
 
@@ -92,7 +91,9 @@ def reference_run(tiny_setup, tmp_path_factory):  # noqa: F811
     """6 uninterrupted steps, checkpoints at 2, 4, 6 (all kept)."""
     workdir = tmp_path_factory.mktemp("reference") / "run"
     fields = {"train.steps": 6, "train.checkpoint_every": 2, "train.keep_checkpoints": 5}
-    assert train_and_evaluate(tiny_config(tiny_setup, 3, **fields), workdir)["status"] == "finished"
+    assert (
+        train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), workdir)["status"] == "finished"
+    )
     return workdir, fields
 
 
@@ -108,7 +109,7 @@ def test_damaged_checkpoint_is_set_aside_and_the_previous_one_resumes(
     for step in (4, 6):  # the newest two: the run must go back to step 2
         _damage_largest_file(workdir / CHECKPOINT_DIR / str(step), seed=step)
     with caplog.at_level("WARNING"):
-        result = train_and_evaluate(tiny_config(tiny_setup, 3, **fields), workdir)
+        result = train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), workdir)
     assert result["status"] == "finished" and result["step"] == 6
     assert "damaged" in caplog.text and "/4 " in caplog.text and "/6 " in caplog.text
     aside = sorted(p.name for p in (workdir / CHECKPOINT_DIR).iterdir() if "damaged-" in p.name)
@@ -180,7 +181,7 @@ def test_second_writer_is_refused_with_one_line(tiny_setup, tmp_path, capsys):  
 def test_stale_lock_and_leftovers_of_a_killed_run_are_cleared(tiny_setup, tmp_path):  # noqa: F811
     workdir = tmp_path / "run"
     fields = {"train.steps": 2, "train.checkpoint_every": 1}
-    train_and_evaluate(tiny_config(tiny_setup, 1, **fields), workdir)
+    train_and_evaluate(tiny_settings(tiny_setup, 1, **fields), workdir)
     # What a SIGKILL during a save leaves: orbax's tmp folder, our temp file, a lock file whose
     # process is gone (no flock held any more).
     ckpts = workdir / CHECKPOINT_DIR
@@ -190,7 +191,9 @@ def test_stale_lock_and_leftovers_of_a_killed_run_are_cleared(tiny_setup, tmp_pa
     dead.start()
     dead.join()
     (workdir / locks.LOCK_FILE).write_text(json.dumps({"pid": dead.pid, "command": "train"}))
-    result = train_and_evaluate(tiny_config(tiny_setup, 1, **{**fields, "train.steps": 3}), workdir)
+    result = train_and_evaluate(
+        tiny_settings(tiny_setup, 1, **{**fields, "train.steps": 3}), workdir
+    )
     assert result["status"] == "finished" and result["step"] == 3
     names = sorted(p.name for p in workdir.iterdir())
     assert not [n for n in names if n.startswith((".jasper-tmp", locks.LOCK_FILE))], names

@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from jasper_jax.data.chunk_pipeline import load_eval_chunks
 from jasper_jax.data.chunking import (
     ChunkingConfig,
     chunk_texts,
@@ -13,6 +12,7 @@ from jasper_jax.data.chunking import (
     sentence_spans,
     token_spans,
 )
+from jasper_jax.data.eval_records import load_eval_chunks
 from jasper_jax.data.pipeline import make_text_pipeline
 from jasper_jax.data.teacher_assets import teacher_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset, open_teacher_dataset

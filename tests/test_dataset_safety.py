@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from jasper_jax.cli import main
-from jasper_jax.data import caption_dataset, teacher_dataset
+from jasper_jax.data import caption_dataset, dataset_build
 from jasper_jax.data.caption_dataset import CaptionedImage, open_caption_dataset
 from jasper_jax.data.teacher_dataset import build_teacher_dataset, open_teacher_dataset
 from jasper_jax.errors import UserError
@@ -66,7 +66,7 @@ def _no_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the dataset was read")
 
-    monkeypatch.setattr(teacher_dataset.tfds, "builder_from_directory", refuse)
+    monkeypatch.setattr(dataset_build.tfds, "builder_from_directory", refuse)
 
 
 def _damage(folder, how):
@@ -258,7 +258,7 @@ def test_a_full_disk_while_combining_keeps_the_chunks(reference, tmp_path, monke
     def full(folder):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(teacher_dataset, "record_checksums", full)
+    monkeypatch.setattr(dataset_build, "record_checksums", full)
     with pytest.raises(OSError, match="No space left"):
         build(out)
     monkeypatch.undo()
@@ -346,7 +346,7 @@ class _FakeEncoder:
 def fake_student(monkeypatch):
     student = {"student": "fake", "step": 1}
     monkeypatch.setattr(caption_dataset, "_student_identity", lambda s: (_FakeModel, student))
-    monkeypatch.setattr("jasper_jax.encode.TextEncoder", _FakeEncoder)
+    monkeypatch.setattr(caption_dataset, "TextEncoder", _FakeEncoder)
 
 
 EXAMPLES = [CaptionedImage(bytes([i]) * 10, f"caption {i}", "seen") for i in range(9)]

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from jasper_jax.cli import main
+from jasper_jax.encode import TextEncoder
 from jasper_jax.evaluation import retrieval, robustness
 from jasper_jax.evaluation.mteb_adapter import MtebEncoder
+from jasper_jax.export import export_workdir
+from jasper_jax.run_folder import load_workdir_model
 from tests.test_export import workdir  # noqa: F401
 from tests.train_fixtures import tiny_setup  # noqa: F401
 
@@ -192,8 +195,6 @@ def test_export_card_includes_the_workdir_eval(workdir, tmp_path):  # noqa: F811
         settings = EvalSettings(texts=24, queries=12, documents=60, speed_texts=8)
         result = evaluate(workdir, teachers=["all-MiniLM-L6-v2"], settings=settings)
         write_results(result, workdir / "eval")
-    from jasper_jax.export import export_workdir
-
     export_workdir(workdir, tmp_path / "out")
     card = (tmp_path / "out" / "README.md").read_text()
     assert "## Evaluation (jasper-jax eval)" in card and "| student (dense_384) |" in card
@@ -266,9 +267,6 @@ def test_mteb_adapter_prompts_and_inputs():
 
 
 def test_mteb_adapter_encodes_like_the_jax_encoder(workdir):  # noqa: F811
-    from jasper_jax.encode import TextEncoder
-    from jasper_jax.workdir import load_workdir_model
-
     adapter = MtebEncoder.from_path(workdir, head="32")
     texts = ["a short query", "another one about cats", ""]
     got = adapter.encode(texts, task_name="X", prompt_type=PromptType.query, batch_size=8)

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from jasper_jax import run_folder
 from jasper_jax.cli import main
+from jasper_jax.config import to_settings
 from jasper_jax.encode import TextEncoder
 from jasper_jax.errors import UserError
 from jasper_jax.export import export_workdir, set_default_head
+from jasper_jax.export.model_card import hub_name
 from jasper_jax.models.loading import load_model
-from jasper_jax.workdir import load_workdir_model
+from jasper_jax.run_folder import is_workdir, load_workdir_model
 from tests.text_samples import varied_texts
 from tests.train_fixtures import tiny_config, tiny_setup  # noqa: F401
 
@@ -26,12 +29,11 @@ def workdir(tiny_setup, tmp_path_factory) -> Path:  # noqa: F811
     """A tiny stage-3 run (heads 384, 32, 16; 2 steps) with a query prompt, shared by the
     export and evaluation tests of one session (trained once)."""
     from jasper_jax.train.loop import train_and_evaluate
-    from jasper_jax.workdir import is_workdir
 
     path = tmp_path_factory.getbasetemp() / "export_stage3" / "stage3"
     if not is_workdir(path):
         c = tiny_config(tiny_setup, 3, **{"train.steps": 2, "data.prompt": "query: "})
-        train_and_evaluate(c, path)
+        train_and_evaluate(to_settings(c), path)
     return path
 
 
@@ -92,6 +94,14 @@ def test_reimport_gives_identical_parameters(workdir, exported):
     assert back.prompts["query"] == "query: "
 
 
+def test_set_default_head_takes_a_dim_as_the_readme_shows(exported, tmp_path):
+    folder = Path(shutil.copytree(exported, tmp_path / "view"))
+    set_default_head(folder, 32)  # README: jasper_jax.export.set_default_head(folder, 256)
+    assert load_model(folder).config.default_head == "dense_32"
+    with pytest.raises(UserError, match="no head 'dense_7'"):
+        set_default_head(folder, "7")
+
+
 def test_automodel_loads_with_no_missing_or_unexpected_weights(exported):
     import transformers
 
@@ -135,7 +145,6 @@ def test_cli_export_default_head_and_model_card(workdir, tmp_path, capsys):
 
 def test_model_card_names_bundled_base_models():
     from jasper_jax.data.teacher_assets import teacher_folder
-    from jasper_jax.model_card import hub_name
 
     assert hub_name(str(teacher_folder("all-MiniLM-L6-v2"))) == (
         "sentence-transformers/all-MiniLM-L6-v2"
@@ -192,7 +201,7 @@ def test_bad_inputs_are_refused_and_nothing_is_half_written(workdir, tmp_path, c
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("jasper_jax.export.write_heads", broken)
+    monkeypatch.setattr("jasper_jax.export.st_folder.write_heads", broken)
     with pytest.raises(OSError, match="disk full"):
         export_workdir(workdir, out, overwrite=True)
     assert _tree_digest(out) == first  # the previous export untouched
@@ -225,11 +234,9 @@ def test_vision_tower_exports_as_siglip_vision_model(workdir, tmp_path, monkeypa
     vision = jax.device_get(
         jax.tree.map(lambda x: x * 5.0, tower.init(jax.random.key(3), pixels)["params"])
     )
-    import jasper_jax.export as export_module
-
-    real_load = export_module.load_params
+    real_load = run_folder.load_params
     meta = json.loads((workdir / "model.json").read_text())
-    meta["vision"] = {**cfg.to_hf_dict(), "image_tokens": 9}
+    meta.update(vision=cfg.to_hf_dict(), image_tokens=9)  # what stage 4 records
     staged = tmp_path / "stage4"
     shutil.copytree(workdir, staged)
     (staged / "model.json").write_text(json.dumps(meta))
@@ -238,7 +245,7 @@ def test_vision_tower_exports_as_siglip_vision_model(workdir, tmp_path, monkeypa
         params, step = real_load(path, step)
         return {**params, "vision": vision}, step
 
-    monkeypatch.setattr(export_module, "load_params", with_vision)
+    monkeypatch.setattr(run_folder, "load_params", with_vision)
     out = tmp_path / "out"
     summary = export_workdir(staged, out)
     assert summary["vision"]
@@ -267,7 +274,7 @@ def test_heads_on_the_raw_pooled_vector_export_and_match(tiny_setup, tmp_path, t
     from jasper_jax.train.loop import train_and_evaluate
 
     c = tiny_config(tiny_setup, 1, **{"train.steps": 1, "model.normalize_pooled": False})
-    train_and_evaluate(c, tmp_path / "raw")
+    train_and_evaluate(to_settings(c), tmp_path / "raw")
     export_workdir(tmp_path / "raw", tmp_path / "out")
     modules = json.loads((tmp_path / "out" / "modules.json").read_text())
     kinds = [m["type"].rsplit(".", 1)[1] for m in modules]

@@ -6,13 +6,14 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from jasper_jax.config import to_settings
 from jasper_jax.losses import LossConfig, distillation_loss
 from jasper_jax.models.bert import BertConfig
 from jasper_jax.models.embedder import Embedder, EmbedderConfig, init_params
 from jasper_jax.train.loop import train_and_evaluate
 from jasper_jax.train.state import merge_params, split_params
 from jasper_jax.train.step import gradcache_value_and_grad, in_batch_loss, text_forward
-from tests.train_fixtures import read_metrics, tiny_config, tiny_setup  # noqa: F401
+from tests.train_fixtures import read_metrics, tiny_config, tiny_settings, tiny_setup  # noqa: F401
 
 BATCH, LENGTH = 16, 12
 
@@ -89,9 +90,9 @@ def test_per_device_losses_are_the_mean_over_row_blocks(tiny):
 
 def test_gradcache_training_run_equals_plain_run(tiny_setup, tmp_path):  # noqa: F811
     settings = {"model.dropout": False, "mesh_shape": (2, 1, 1)}
-    train_and_evaluate(tiny_config(tiny_setup, 3, **settings), tmp_path / "plain")
+    train_and_evaluate(tiny_settings(tiny_setup, 3, **settings), tmp_path / "plain")
     cached = tiny_config(tiny_setup, 3, **settings, **{"train.gradcache_chunk": 2})
-    train_and_evaluate(cached, tmp_path / "cached")
+    train_and_evaluate(to_settings(cached), tmp_path / "cached")
     a = [m["train/loss"] for m in read_metrics(tmp_path / "plain")]
     b = [m["train/loss"] for m in read_metrics(tmp_path / "cached")]
     np.testing.assert_allclose(b, a, rtol=1e-5)

@@ -5,12 +5,20 @@ import socket
 import subprocess
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jasper_jax.config import load_config, to_settings
+from jasper_jax.data.eval_records import load_eval_arrays
+from jasper_jax.encode import TextEncoder
+from jasper_jax.errors import UserError
+from jasper_jax.losses import LossConfig, distillation_loss
+from jasper_jax.run_folder import load_any_model, load_params
 from jasper_jax.train import head_init
+from jasper_jax.train.loop import train_and_evaluate
 from tests import head_fit_worker as worker
-from tests.train_fixtures import tiny_config, tiny_setup  # noqa: F401
+from tests.train_fixtures import tiny_config, tiny_overrides, tiny_setup  # noqa: F401
 
 
 def _unit(x):
@@ -103,8 +111,6 @@ def test_ridge_shrinks_the_kernel_not_the_bias():
 
 
 def test_reduced_head_wider_than_its_rank_is_refused():
-    from jasper_jax.errors import UserError
-
     moments = head_init.Moments(np.eye(4), np.ones((4, 3)), 10)
     with pytest.raises(UserError, match="cannot be fitted in closed form"):
         head_init.reduced_head(moments, np.ones((3, 3)), np.ones(3), 5)
@@ -112,13 +118,6 @@ def test_reduced_head_wider_than_its_rank_is_refused():
 
 def _heldout_loss(workdir, setup) -> float:
     """The stage's objective on the held-out texts (one batch), from the saved model."""
-    import jax.numpy as jnp
-
-    from jasper_jax.data.pipeline import load_eval_arrays
-    from jasper_jax.encode import TextEncoder
-    from jasper_jax.losses import LossConfig, distillation_loss
-    from jasper_jax.workdir import load_any_model
-
     model = load_any_model(workdir)
     texts, teacher, _ = load_eval_arrays(setup["validation"])
     vectors = TextEncoder(model, batch_size=64).encode_heads(texts, heads=("dense_384",))
@@ -129,12 +128,11 @@ def _heldout_loss(workdir, setup) -> float:
 
 
 def test_stage1_from_closed_form_head_beats_random_head(tiny_setup, tmp_path):  # noqa: F811
-    from jasper_jax.train.loop import train_and_evaluate
 
     scores = {}
     for mode in ("lstsq", "random"):
         c = tiny_config(tiny_setup, 1, **{"model.head_init": mode, "train.steps": 5})
-        result = train_and_evaluate(c, tmp_path / mode)
+        result = train_and_evaluate(to_settings(c), tmp_path / mode)
         scores[mode] = (_heldout_loss(tmp_path / mode, tiny_setup), result["eval"])
     (fit_loss, fit_eval), (random_loss, random_eval) = scores["lstsq"], scores["random"]
     assert fit_loss < random_loss
@@ -144,18 +142,13 @@ def test_stage1_from_closed_form_head_beats_random_head(tiny_setup, tmp_path):  
 def test_fit_only_stage_saves_the_closed_form_heads(tiny_setup, tmp_path):  # noqa: F811
     """train.steps=0: the stage is the closed-form fit, saved as step 0; a re-run is already
     finished with the same scores; the next stage starts from it; random heads are refused."""
-    from jasper_jax.config import load_config
-    from jasper_jax.errors import UserError
-    from jasper_jax.train.checkpoint import load_params
-    from jasper_jax.train.loop import train_and_evaluate
-    from tests.train_fixtures import tiny_overrides
 
     c = tiny_config(tiny_setup, 1, **{"train.steps": 0})
-    first = train_and_evaluate(c, tmp_path / "s1")
+    first = train_and_evaluate(to_settings(c), tmp_path / "s1")
     assert (first["status"], first["step"]) == ("finished", 0)
     _, step = load_params(tmp_path / "s1")
     assert step == 0
-    again = train_and_evaluate(c, tmp_path / "s1")
+    again = train_and_evaluate(to_settings(c), tmp_path / "s1")
     np.testing.assert_allclose(
         again["eval"]["dense_384"]["cosine"], first["eval"]["dense_384"]["cosine"], rtol=1e-6
     )
@@ -165,4 +158,4 @@ def test_fit_only_stage_saves_the_closed_form_heads(tiny_setup, tmp_path):  # no
             tiny_overrides(tiny_setup, 1, **{"train.steps": 0, "model.head_init": "random"}),
         )
     c2 = tiny_config(tiny_setup, 2, **{"init_from": tmp_path / "s1", "train.steps": 1})
-    assert train_and_evaluate(c2, tmp_path / "s2")["status"] == "finished"
+    assert train_and_evaluate(to_settings(c2), tmp_path / "s2")["status"] == "finished"

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jasper_jax.commands.demo import spread_sample
+from jasper_jax.demo.main import spread_sample
 from jasper_jax.evaluation import retrieval
 from jasper_jax.evaluation.heldout import TARGET, HeldOut, heldout_texts
 from jasper_jax.evaluation.learning_table import Row, markdown_table, plot_learning

@@ -6,8 +6,10 @@ real run would have executed (so we can check that a run executes exactly what a
 
 from __future__ import annotations
 
+import configparser
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -15,6 +17,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.specifiers import SpecifierSet
+
+from jasper_jax.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "tpu.sh"
@@ -64,6 +69,69 @@ def remote_train_argv(remote: str) -> list[str]:
     return words[start:end]
 
 
+def cli_args(words: list[str]):
+    """`jasper-jax ...` words parsed by the real CLI parser, as `jasper_jax.cli.main` does:
+    (namespace, the words left for `train` as --config.* overrides)."""
+    assert words[0] == "jasper-jax", words
+    args, rest = build_parser()[0].parse_known_args(words[1:])
+    return args, rest
+
+
+RECORDER = f"""#!{sys.executable}
+import json, os, sys
+tool = sys.argv[0]  # the path the shell found
+with open(os.environ["FAKE_TOOLS_LOG"], "a") as f:
+    platforms = os.environ.get("JAX_PLATFORMS")
+    call = dict(tool=tool, args=sys.argv[1:], cwd=os.getcwd(), env=platforms)
+    f.write(json.dumps(call) + "\\n")
+if os.path.basename(tool) == "jasper-jax":  # some output, for the worker's log
+    print(json.dumps(sys.argv[1:]))
+if os.path.basename(tool) == "uv" and sys.argv[1] == "venv":  # a venv whose python records too
+    bin_dir = os.path.abspath(os.path.join(sys.argv[-1], "bin"))
+    os.makedirs(bin_dir)
+    with open(os.path.join(bin_dir, "activate"), "w") as f:
+        f.write(f'PATH="{{bin_dir}}:$PATH"\\n')
+    os.symlink(os.path.join(os.path.dirname(tool), "python"), os.path.join(bin_dir, "python"))
+if os.path.basename(tool) == "git" and sys.argv[1] == "clone":
+    os.makedirs(sys.argv[-1])
+"""
+
+
+@pytest.fixture
+def worker(tmp_path):
+    """Runs a remote --command as a worker's login shell would: HOME is a fresh folder, and
+    python3, python, uv, git, gcloud and jasper-jax on PATH record each call as {"tool": path,
+    "args", "cwd", "env": JAX_PLATFORMS} instead of running (`uv venv DIR` makes a venv whose
+    python records too; `git clone URL DIR` makes DIR). Returns (home, run, calls, installed)."""
+    home, fake_bin = tmp_path / "worker_home", tmp_path / "worker_bin"
+    home.mkdir()
+    fake_bin.mkdir()
+    log = tmp_path / "worker_calls.jsonl"
+    for tool in ("python3", "python", "uv", "git", "gcloud", "jasper-jax"):
+        (fake_bin / tool).write_text(RECORDER)
+        (fake_bin / tool).chmod(0o755)
+    env = {**os.environ, "HOME": str(home), "FAKE_TOOLS_LOG": str(log)}
+    env["PATH"] = f"{fake_bin}:{env['PATH']}"
+    env.pop("JAX_PLATFORMS", None)  # conftest sets it; a worker's shell has none
+
+    def run(remote: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            [BASH, "-c", remote], env=env, cwd=home, capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def installed() -> None:
+        """A worker after `setup`: the code folder and a venv."""
+        run("uv venv jasper-venv && mkdir jasper-jax")
+        log.unlink()
+
+    def calls() -> list[dict]:
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+    return home, run, calls, installed
+
+
 @pytest.fixture
 def fake_gcloud(tmp_path):
     """PATH with a recording `gcloud` first; returns (env, function reading the calls)."""
@@ -82,11 +150,18 @@ def fake_gcloud(tmp_path):
     return env, calls
 
 
-def test_help_lists_every_command():
+def test_every_command_in_help_runs_and_others_are_refused():
+    """The commands --help lists are exactly those a dry run accepts (each prints commands)."""
     r = tpu_sh("--help")
     assert r.returncode == 0
-    for word in ("create", "setup", "train", "status", "fetch", "delete", "--dry-run", "--bucket"):
-        assert word in r.stdout
+    block = r.stdout.split("Commands:", 1)[1].split("\n\n", 1)[0]
+    listed = re.findall(r"^  (\w+) ", block, re.MULTILINE)
+    assert len(listed) >= 7, listed
+    for command in [*listed, "copy"]:  # copy: the alias of setup
+        run = tpu_sh("--dry-run", *WHERE, command)
+        assert run.returncode == 0, (command, run.stderr)
+        assert printed_commands(run.stdout), command
+    assert "unknown command" in tpu_sh("--dry-run", *WHERE, "launch").stderr
 
 
 def test_shellcheck_passes():
@@ -150,10 +225,10 @@ def test_train_runs_one_command_on_all_workers(accel, hosts, bucket):
     assert flag(ssh, "--zone") == "us-central2-b"
     base = {None: "runs", "gs://my-bucket/jj": "gs://my-bucket/jj", "my-bucket": "gs://my-bucket"}
     run_dir = f"{base[bucket]}/embedded_default"
-    assert remote_train_argv(flag(ssh, "--command")) == [
-        "jasper-jax", "train", "--config", "configs/embedded_default.py:2",
-        "--workdir", f"{run_dir}/stage2", f"--config.init_from={run_dir}/stage1", *TRICKY,
-    ]  # fmt: skip
+    args, overrides = cli_args(remote_train_argv(flag(ssh, "--command")))
+    assert (args.command, args.config) == ("train", "configs/embedded_default.py:2")
+    assert args.workdir == f"{run_dir}/stage2"  # stage 2 starts from stage 1 of the same run
+    assert overrides == [f"--config.init_from={run_dir}/stage1", *TRICKY]
     # No per-worker flags: the entry point initialises jax.distributed from the TPU metadata.
     assert "--process-id" not in flag(ssh, "--command")
     assert f"# {accel}: {hosts} host(s)" in r.stdout
@@ -166,13 +241,12 @@ def test_explicit_init_from_and_workdir_win():
     )  # fmt: skip
     assert r.returncode == 0, r.stderr
     [ssh] = printed_commands(r.stdout)
-    assert remote_train_argv(flag(ssh, "--command")) == [
-        "jasper-jax", "train", "--config", "configs/jasper_paper.py:3",
-        "--workdir", "gs://b-1/x/s3", "--config.init_from=gs://b-1/other",
-    ]  # fmt: skip
+    args, overrides = cli_args(remote_train_argv(flag(ssh, "--command")))
+    assert (args.config, args.workdir) == ("configs/jasper_paper.py:3", "gs://b-1/x/s3")
+    assert overrides == ["--config.init_from=gs://b-1/other"]
 
 
-def test_run_executes_what_dry_run_prints_and_worker_sees_the_same_words(fake_gcloud, tmp_path):
+def test_run_executes_what_dry_run_prints_and_worker_sees_the_same_words(fake_gcloud, worker):
     env, calls = fake_gcloud
     args = [*WHERE, "--accelerator", "v4-32", "--bucket", "gs://my-bucket", "train", *TRICKY]
     dry = tpu_sh("--dry-run", *args)
@@ -184,27 +258,17 @@ def test_run_executes_what_dry_run_prints_and_worker_sees_the_same_words(fake_gc
     subprocess.run([BASH, "-c", dry.stdout], env={**os.environ, **env}, check=True, timeout=60)
     assert calls()[1:] == executed
 
-    # Run the remote command as a worker's login shell would, with a recording jasper-jax.
-    home = tmp_path / "home"
-    (home / "jasper-jax").mkdir(parents=True)
-    (home / "jasper-venv" / "bin").mkdir(parents=True)
-    (home / "jasper-venv" / "bin" / "activate").write_text(f'PATH="{tmp_path}/venvbin:$PATH"\n')
-    (tmp_path / "venvbin").mkdir()
-    recorder = tmp_path / "venvbin" / "jasper-jax"
-    recorder.write_text(f"#!{sys.executable}\nimport json, sys\nprint(json.dumps(sys.argv[1:]))\n")
-    recorder.chmod(0o755)
-    remote = flag(["gcloud", *executed[0]], "--command")
-    worker = subprocess.run(
-        [BASH, "-c", remote], env={**os.environ, "HOME": str(home)}, capture_output=True,
-        text=True, cwd=home, timeout=60,
-    )  # fmt: skip
-    assert worker.returncode == 0, worker.stderr
-    assert json.loads(worker.stdout.splitlines()[-1]) == [
-        "train", "--config", "configs/embedded_default.py:1",
-        "--workdir", "gs://my-bucket/embedded_default/stage1", *TRICKY,
-    ]  # fmt: skip
-    log = home / "jasper-logs" / "embedded_default-stage1.log"
-    assert "--config.name=it's a run" in log.read_text()  # the log is kept on the worker too
+    # The remote command as a worker's login shell runs it, with a recording jasper-jax.
+    home, run, worker_calls, installed = worker
+    installed()
+    run(flag(["gcloud", *executed[0]], "--command"))
+    [train] = worker_calls()
+    assert Path(train["cwd"]) == home / "jasper-jax"
+    args, overrides = cli_args(["jasper-jax", *train["args"]])
+    assert (args.command, args.config) == ("train", "configs/embedded_default.py:1")
+    assert args.workdir == "gs://my-bucket/embedded_default/stage1" and overrides == TRICKY
+    log = home / "jasper-logs" / "embedded_default-stage1.log"  # kept on the worker too
+    assert json.loads(log.read_text().splitlines()[-1]) == train["args"]
 
 
 def test_create_runs_against_fake_gcloud(fake_gcloud):
@@ -217,41 +281,121 @@ def test_create_runs_against_fake_gcloud(fake_gcloud):
                      ["queued-resources", "describe"]]  # fmt: skip
 
 
-def test_setup_copies_checkout_to_every_worker_and_installs():
-    r = tpu_sh("--dry-run", *WHERE, "--accelerator", "v4-32", "--teachers", "setup")
+def extras_of_this_package() -> dict[str, list[str]]:
+    """setup.cfg's [options.extras_require]: extra -> requirement lines."""
+    cfg = configparser.ConfigParser(interpolation=None)
+    cfg.read(ROOT / "setup.cfg")
+    extras = cfg["options.extras_require"]
+    return {name: extras[name].split() for name in extras}
+
+
+def installed_extras(spec: str) -> set[str]:
+    """'.[a,b]' -> {"a", "b"}."""
+    match = re.fullmatch(r"\.\[([\w,-]+)\]", spec)
+    assert match, spec
+    return set(match[1].split(","))
+
+
+def test_setup_ships_the_checkout_and_installs_what_setup_cfg_declares(worker, tmp_path):
+    """The printed tar/scp/ssh, run: the tarball holds the checkout without .git or runs; on
+    the worker the code lands in ~/jasper-jax, a Python the package accepts gets a venv, the
+    CPU torch of the `teachers` pin goes in before the package with real extras, and the
+    final check runs the venv's python."""
+    env = {"TMPDIR": str(tmp_path)}
+    r = tpu_sh("--dry-run", *WHERE, "--accelerator", "v4-32", "--teachers", "setup", env=env)
     assert r.returncode == 0, r.stderr
     tar, scp, ssh = printed_commands(r.stdout)
-    assert tar[0] == "tar" and "--exclude=./.git" in tar and "--exclude=./runs" in tar
-    assert tar[tar.index("-C") + 1] == str(ROOT)
-    assert scp[3:5] == ["tpu-vm", "scp"] and flag(scp, "--worker") == "all"
-    assert flag(ssh, "--worker") == "all"
-    remote = flag(ssh, "--command")
-    assert "uv venv --python 3.11" in remote
-    assert "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in remote
-    assert "'.[teachers,gcs]'" in remote and "'jax[tpu]'" in remote
+    assert flag(scp, "--worker") == "all" and flag(ssh, "--worker") == "all"
+    subprocess.run(tar, check=True, timeout=60)  # the real tar, on this checkout
+    tarball = Path(tar[tar.index("-czf") + 1])
+    source, target = [a for a in scp[5:] if not a.startswith("--")]
+    assert source == str(tarball) and target.startswith("jasper-tpu:")
+    home, run, calls, _ = worker
+    shutil.copy(tarball, home / target.split(":", 1)[1])  # what scp does
+    run(flag(ssh, "--command"))
+    code = home / "jasper-jax"
+    assert (code / "setup.cfg").read_bytes() == (ROOT / "setup.cfg").read_bytes()
+    assert (code / "jasper_jax" / "cli.py").is_file() and (code / "launch" / "tpu.sh").is_file()
+    assert not (code / ".git").exists() and not (code / "runs").exists()
+
+    done = calls()
+    tools = [Path(c["tool"]).name for c in done]
+    assert tools == ["python3", "uv", "uv", "uv", "python"], done
+    venv = done[1]["args"]
+    assert venv[0] == "venv" and (home / venv[-1] / "bin" / "activate").is_file()
+    python_requires = configparser.ConfigParser()
+    python_requires.read(ROOT / "setup.cfg")
+    assert venv[venv.index("--python") + 1] in SpecifierSet(
+        python_requires["options"]["python_requires"]
+    )
+    extras = extras_of_this_package()
+    torch_pin = next(r for r in extras["teachers"] if r.startswith("torch"))
+    torch, package = done[2]["args"], done[3]["args"]
+    assert torch[:2] == ["pip", "install"] and torch_pin in torch
+    assert torch[torch.index("--index-url") + 1].endswith("/cpu")
+    assert package[:3] == ["pip", "install", "-e"] and Path(done[3]["cwd"]) == code
+    assert installed_extras(package[3]) == {"teachers", "gcs"} <= set(extras)
+    assert "jax[tpu]" in package[4:]
+    assert Path(done[4]["tool"]).parent == home / venv[-1] / "bin"  # the venv's python
+    assert done[4]["args"][0] == "-c" and Path(done[4]["cwd"]) == code
 
     r = tpu_sh("--dry-run", *WHERE, "--source", "git", "--repo", "https://x.org/j.git", "copy")
     [ssh] = printed_commands(r.stdout)
-    remote = flag(ssh, "--command")
-    assert "git clone https://x.org/j.git jasper-jax" in remote
-    assert "teachers" not in remote and "torch" not in remote  # the paper recipe needs neither
+    calls_before = len(calls())
+    run(flag(ssh, "--command"))
+    done = calls()[calls_before:]
+    assert [Path(c["tool"]).name for c in done][:2] == ["git", "python3"]
+    assert done[0]["args"] == ["clone", "https://x.org/j.git", "jasper-jax"]
+    installs = [c["args"] for c in done if Path(c["tool"]).name == "uv" and "install" in c["args"]]
+    [package] = installs  # no CPU torch: the paper recipe needs no teachers
+    assert installed_extras(package[3]) == {"gcs"}
 
 
-def test_fetch_exports_on_worker_0_and_copies_down():
-    r = tpu_sh("--dry-run", *WHERE, "--config", "configs/embedded_default.py:3", "fetch")
+def train_workdir(*args: str) -> str:
+    """The --workdir the dry-run `train` gives the same settings."""
+    [ssh] = printed_commands(tpu_sh("--dry-run", *WHERE, *args, "train").stdout)
+    return cli_args(remote_train_argv(flag(ssh, "--command")))[0].workdir
+
+
+def test_fetch_exports_what_train_wrote_and_copies_that_down(worker):
+    """Worker 0 exports (on CPU) the workdir `train` wrote for the same settings, and the copy
+    fetches exactly the folder the export wrote, into the folder made for it."""
+    home, run, calls, installed = worker
+    installed()
+    config = ["--config", "configs/embedded_default.py:3"]
+    r = tpu_sh("--dry-run", *WHERE, *config, "--output", "out/models", "fetch")
     assert r.returncode == 0, r.stderr
     mkdir, ssh, scp = printed_commands(r.stdout)
-    assert mkdir == ["mkdir", "-p", "exports"]
     assert flag(ssh, "--worker") == "0"
-    assert "jasper-jax export --workdir runs/embedded_default/stage3" in flag(ssh, "--command")
-    assert "--recurse" in scp and "jasper-tpu:jasper-jax/exports/embedded_default-stage3" in scp
+    run(flag(ssh, "--command"))
+    [export] = calls()
+    args, rest = cli_args(["jasper-jax", *export["args"]])
+    assert args.command == "export" and rest == [] and export["env"] == "cpu"
+    assert args.workdir == train_workdir(*config)
+    assert Path(export["cwd"]) == home / "jasper-jax"
+    assert mkdir == ["mkdir", "-p", "out/models"]
+    assert [a for a in scp[5:] if not a.startswith("--")] == [
+        f"jasper-tpu:jasper-jax/{args.output}",
+        "out/models/",
+    ]
+    assert "--recurse" in scp and flag(scp, "--worker") == "0"
 
-    r = tpu_sh("--dry-run", *WHERE, "--accelerator", "v4-32", "--bucket", "gs://bk-1", "fetch")
-    mkdir, ssh, cp = printed_commands(r.stdout)
-    assert "--workdir gs://bk-1/embedded_default/stage1" in flag(ssh, "--command")
-    assert "gcloud storage cp -r" in flag(ssh, "--command")
-    assert cp[:5] == ["gcloud", "storage", "cp", "-r", "gs://bk-1/embedded_default/export/"
-                      "embedded_default-stage1"]  # fmt: skip
+    # Multi-host: the export goes through the bucket.
+    where = ["--accelerator", "v4-32", "--bucket", "gs://bk-1"]
+    mkdir, ssh, copy_down = printed_commands(tpu_sh("--dry-run", *WHERE, *where, "fetch").stdout)
+    run(flag(ssh, "--command"))
+    export, copy_up = calls()[1:]
+    args, _ = cli_args(["jasper-jax", *export["args"]])
+    assert args.workdir == train_workdir(*where) and export["env"] == "cpu"
+    assert Path(copy_up["tool"]).name == "gcloud"
+    assert copy_up["args"][:3] == ["storage", "cp", "-r"]
+    uploaded, bucket_dir = copy_up["args"][3:]
+    assert uploaded == args.output and bucket_dir.startswith("gs://bk-1/")
+    # `cp -r DIR gs://X/` puts DIR at gs://X/<name of DIR>: that is what comes down.
+    assert copy_down == [
+        "gcloud", "storage", "cp", "-r",
+        bucket_dir + Path(uploaded).name, f"{mkdir[-1]}/",
+    ]  # fmt: skip
 
 
 def test_status_and_delete():

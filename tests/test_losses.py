@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from jasper_jax import losses
+from jasper_jax.vectors import l2_normalize
 
 MARGIN = 0.015
 RTOL = 1e-5
@@ -68,7 +69,7 @@ def np_gor(x):
 
 def naive_resim_jax(student, teacher, margin=MARGIN):
     """Literal P x P form in JAX: a second code path whose autodiff checks the custom VJP."""
-    s, t = losses.l2_normalize(student), jax.lax.stop_gradient(losses.l2_normalize(teacher))
+    s, t = l2_normalize(student), jax.lax.stop_gradient(l2_normalize(teacher))
     rows, cols = np.triu_indices(s.shape[0], k=1)
     p_s, p_t = (s @ s.T)[rows, cols], (t @ t.T)[rows, cols]
     a, b = np.triu_indices(p_s.shape[0], k=1)
@@ -94,13 +95,6 @@ def tied_teacher(batch, seed=0):
 
 
 # --- values --------------------------------------------------------------------------------
-
-
-def test_l2_normalize_matches_numpy_and_is_safe_at_zero():
-    x = np.array([[3.0, 4.0], [0.0, 0.0]], np.float32)
-    np.testing.assert_allclose(losses.l2_normalize(x), np_normalize(x), rtol=RTOL)
-    grad = jax.grad(lambda v: jnp.sum(losses.l2_normalize(v)))(jnp.asarray(x))
-    assert np.all(np.isfinite(grad))
 
 
 @pytest.mark.parametrize("batch", [2, 3, 5, 16, 33])

@@ -9,7 +9,13 @@ import sys
 import numpy as np
 
 from jasper_jax.train.loop import train_and_evaluate
-from tests.train_fixtures import read_metrics, tiny_config, tiny_overrides, tiny_setup  # noqa: F401
+from tests.train_fixtures import (  # noqa: F401
+    read_metrics,
+    tiny_config,
+    tiny_overrides,
+    tiny_settings,
+    tiny_setup,
+)
 
 
 def _free_port() -> int:
@@ -19,7 +25,7 @@ def _free_port() -> int:
 
 
 def test_two_processes_match_one_device(tiny_setup, tmp_path):  # noqa: F811
-    one = train_and_evaluate(tiny_config(tiny_setup, 3), tmp_path / "one")
+    one = train_and_evaluate(tiny_settings(tiny_setup, 3), tmp_path / "one")
     env = {
         **os.environ,
         "XLA_FLAGS": "--xla_force_host_platform_device_count=4",

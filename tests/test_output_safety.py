@@ -60,7 +60,7 @@ def make_workdir(path: Path, params: dict, config) -> Path:
     import orbax.checkpoint as ocp
 
     from jasper_jax.data.teacher_assets import teacher_folder
-    from jasper_jax.train.setup import embedder_config_to_dict
+    from jasper_jax.train.text_task import embedder_config_to_dict
 
     path.mkdir(parents=True)
     meta = {
@@ -396,7 +396,7 @@ def test_disk_full_during_export_keeps_the_previous_export(workdir, tmp_path, ca
         Path(path).write_bytes(b"half a tensor")
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("jasper_jax.export._save_safetensors", full)
+    monkeypatch.setattr("jasper_jax.export.st_folder._save_safetensors", full)
     _disk_full(_export(workdir, out, "--overwrite"), capsys)
     assert _digest(tmp_path) == before  # no temp folder, no lock file, the export unchanged
 

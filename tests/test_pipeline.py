@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import transformers
 
-from jasper_jax.data.pipeline import load_eval_arrays, make_text_pipeline
+from jasper_jax.data.eval_records import load_eval_arrays
+from jasper_jax.data.pipeline import make_text_pipeline
 from jasper_jax.data.teacher_assets import teacher_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
 from jasper_jax.data.teachers import Teacher

@@ -37,6 +37,7 @@ LAYERS = {
     "jasper_jax.locks": 1,
     "jasper_jax.fidelity": 1,
     "jasper_jax.fingerprint": 1,
+    "jasper_jax.vectors": 1,
     "jasper_jax": 0,  # the package's __init__ (version only)
 }
 # Packages of one layer that must not know each other: training is not evaluation.

@@ -24,6 +24,21 @@ def test_unknown_name_is_user_error():
         teacher_assets.teacher_folder("bert-base-uncased")
 
 
+def test_resolve_model_folder_takes_a_known_name_or_a_model_folder(tmp_path, monkeypatch):
+    minilm = teacher_assets.MINILM
+    assert teacher_assets.resolve_model_folder(minilm) == teacher_assets.teacher_folder(minilm)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / minilm).mkdir()  # a known name wins over a folder of that name here
+    assert teacher_assets.resolve_model_folder(minilm) == teacher_assets.teacher_folder(minilm)
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    assert teacher_assets.resolve_model_folder(tmp_path / "model") == tmp_path / "model"
+    with pytest.raises(UserError, match="teacher 'empty' is neither a known name"):
+        teacher_assets.resolve_model_folder("empty", what="teacher")
+    with pytest.raises(UserError, match="model '.*' is neither a known name"):
+        teacher_assets.resolve_model_folder(tmp_path)
+
+
 def test_missing_package_names_pip_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("JASPER_JAX_CACHE", str(tmp_path))  # empty cache: must unpack
     real = importlib.metadata.distribution

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from jasper_jax.config import to_settings
 from jasper_jax.errors import UserError
 from jasper_jax.models import hf_io
-from jasper_jax.train.checkpoint import load_params
+from jasper_jax.run_folder import load_params
 from jasper_jax.train.loop import TrainingStopped, train_and_evaluate
-from tests.train_fixtures import read_metrics, tiny_config, tiny_setup  # noqa: F401
+from tests.train_fixtures import read_metrics, tiny_config, tiny_settings, tiny_setup  # noqa: F401
 
 
 def _flat(params) -> dict:
@@ -33,7 +34,7 @@ def stage_runs(tiny_setup, tmp_path_factory):  # noqa: F811
     runs, previous = {}, ""
     for stage in (1, 2, 3):
         c = tiny_config(tiny_setup, stage, **{"train.steps": 2, "init_from": previous})
-        runs[stage] = train_and_evaluate(c, root / f"s{stage}")
+        runs[stage] = train_and_evaluate(to_settings(c), root / f"s{stage}")
         runs[stage]["params"] = _flat(load_params(root / f"s{stage}")[0])
         previous = str(root / f"s{stage}")
     return runs
@@ -72,7 +73,7 @@ def test_stage3_trains_everything_and_adds_reduced_heads(stage_runs):
 
 def test_kill_and_resume_gives_identical_losses(tiny_setup, tmp_path):  # noqa: F811
     fields = {"train.steps": 8, "train.checkpoint_every": 100}
-    train_and_evaluate(tiny_config(tiny_setup, 3, **fields), tmp_path / "a")
+    train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), tmp_path / "a")
     reference = [m["train/loss"] for m in read_metrics(tmp_path / "a")]
 
     workdir = tmp_path / "b"
@@ -87,9 +88,9 @@ def test_kill_and_resume_gives_identical_losses(tiny_setup, tmp_path):  # noqa: 
             time.sleep(0.01)
 
     threading.Thread(target=kill_after_step_3, daemon=True).start()
-    first = train_and_evaluate(tiny_config(tiny_setup, 3, **fields), workdir)
+    first = train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), workdir)
     assert first["status"] == "preempted" and 3 <= first["step"] < 8
-    second = train_and_evaluate(tiny_config(tiny_setup, 3, **fields), workdir)
+    second = train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), workdir)
     assert second["status"] == "finished" and second["step"] == 8
     resumed = [m["train/loss"] for m in read_metrics(workdir)]
     assert resumed == reference  # exactly: same batches, same dropout keys, same arithmetic
@@ -97,13 +98,14 @@ def test_kill_and_resume_gives_identical_losses(tiny_setup, tmp_path):  # noqa: 
 
 def test_length_groups_compile_once_per_length(tiny_setup, tmp_path):  # noqa: F811
     fields = {"train.steps": 12, "data.length_groups": 6, "data.pad_multiple": 4}
-    grouped = train_and_evaluate(tiny_config(tiny_setup, 3, **fields), tmp_path / "grouped")
+    grouped = train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), tmp_path / "grouped")
     tokens = [m["train/tokens"] for m in read_metrics(tmp_path / "grouped")]
     assert grouped["status"] == "finished" and len(tokens) == 12
     lengths = grouped["batch_lengths"]
     assert len(lengths) > 1 and all(n % 4 == 0 and n <= 16 for n in lengths), lengths
     fixed = train_and_evaluate(
-        tiny_config(tiny_setup, 3, **{"train.steps": 2, "data.length_groups": 1}), tmp_path / "f"
+        tiny_settings(tiny_setup, 3, **{"train.steps": 2, "data.length_groups": 1}),
+        tmp_path / "f",
     )
     assert fixed["batch_lengths"] == [16]
 
@@ -111,13 +113,13 @@ def test_length_groups_compile_once_per_length(tiny_setup, tmp_path):  # noqa: F
 @pytest.fixture(scope="module")
 def single_device_losses(tiny_setup, tmp_path_factory):  # noqa: F811
     workdir = tmp_path_factory.mktemp("one") / "run"
-    assert train_and_evaluate(tiny_config(tiny_setup, 3), workdir)["status"] == "finished"
+    assert train_and_evaluate(tiny_settings(tiny_setup, 3), workdir)["status"] == "finished"
     return [m["train/loss"] for m in read_metrics(workdir)]
 
 
 @pytest.mark.parametrize("mesh", [(2, 1, 4), (2, 4, 1)])
 def test_sharded_losses_equal_single_device(single_device_losses, tiny_setup, tmp_path, mesh):  # noqa: F811
-    many = train_and_evaluate(tiny_config(tiny_setup, 3, mesh_shape=mesh), tmp_path / "many")
+    many = train_and_evaluate(tiny_settings(tiny_setup, 3, mesh_shape=mesh), tmp_path / "many")
     assert many["status"] == "finished"
     b = [m["train/loss"] for m in read_metrics(tmp_path / "many")]
     np.testing.assert_allclose(b, single_device_losses, rtol=1e-5, atol=1e-5)
@@ -133,15 +135,15 @@ def _tree_hash(folder: Path) -> str:
 
 def test_bad_config_and_workdir_are_refused(tiny_setup, tmp_path):  # noqa: F811
     with pytest.raises(UserError, match="teacher dim 384"):
-        train_and_evaluate(tiny_config(tiny_setup, 1, **{"model.heads": (100,)}), tmp_path / "x")
+        train_and_evaluate(tiny_settings(tiny_setup, 1, **{"model.heads": (100,)}), tmp_path / "x")
     with pytest.raises(UserError, match="run the previous stage first"):
         c = tiny_config(tiny_setup, 2, init_from=str(tmp_path / "missing"))
-        train_and_evaluate(c, tmp_path / "y")
+        train_and_evaluate(to_settings(c), tmp_path / "y")
     workdir = tmp_path / "run"
-    train_and_evaluate(tiny_config(tiny_setup, 1, **{"train.steps": 1}), workdir)
+    train_and_evaluate(tiny_settings(tiny_setup, 1, **{"train.steps": 1}), workdir)
     before = _tree_hash(workdir / "checkpoints")
     with pytest.raises(UserError, match="holds checkpoints of another run"):
-        train_and_evaluate(tiny_config(tiny_setup, 2, **{"train.steps": 1}), workdir)
+        train_and_evaluate(tiny_settings(tiny_setup, 2, **{"train.steps": 1}), workdir)
     assert _tree_hash(workdir / "checkpoints") == before
 
 
@@ -149,12 +151,12 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tiny_setup, tmp_path,
     """Every batch gets NaN teacher vectors: updates are skipped, then training stops cleanly."""
     import jax.numpy as jnp
 
-    from jasper_jax.train import setup
+    from jasper_jax.train.text_task import TextTask
 
-    original = setup.TextTask.forward
+    original = TextTask.forward
 
-    def poisoned(self, c):
-        forward = original(self, c)
+    def poisoned(self, s):
+        forward = original(self, s)
 
         def run(params, batch, rng):
             out, teacher = forward(params, batch, rng)
@@ -164,9 +166,9 @@ def test_nonfinite_updates_are_skipped_then_training_stops(tiny_setup, tmp_path,
 
     fields = {"train.steps": 6, "train.checkpoint_every": 1, "train.max_nonfinite_in_row": 2}
     workdir = tmp_path / "nan"
-    monkeypatch.setattr(setup.TextTask, "forward", poisoned)
+    monkeypatch.setattr(TextTask, "forward", poisoned)
     with pytest.raises(TrainingStopped, match="2 updates in a row had a non-finite"):
-        train_and_evaluate(tiny_config(tiny_setup, 3, **fields), workdir)
+        train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), workdir)
     metrics = read_metrics(workdir)
     assert [m["train/skipped"] for m in metrics] == [1.0]
     params, step = load_params(workdir)  # the saved state is the untouched initial one
@@ -212,7 +214,7 @@ def test_paper_recipe_runs_with_a_tiny_qwen2_student(tiny_setup, tmp_path):  # n
     c = load_config(
         "configs/jasper_paper.py:3", [f"--config.{k}={v}" for k, v in overrides.items()]
     )
-    result = train_and_evaluate(c, tmp_path / "run")
+    result = train_and_evaluate(to_settings(c), tmp_path / "run")
     assert result["status"] == "finished"
     losses = [m["train/loss"] for m in read_metrics(tmp_path / "run")]
     assert len(losses) == 2 and np.all(np.isfinite(losses))

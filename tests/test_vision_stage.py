@@ -12,7 +12,7 @@ from flax import traverse_util
 from PIL import Image
 
 from jasper_jax.cli import main
-from jasper_jax.config import load_config
+from jasper_jax.config import load_settings
 from jasper_jax.data.caption_dataset import (
     build_caption_dataset,
     load_caption_eval,
@@ -20,15 +20,14 @@ from jasper_jax.data.caption_dataset import (
     shapes_examples,
 )
 from jasper_jax.data.image_pipeline import make_image_pipeline, target_key
+from jasper_jax.demo.vision import text_scores_before
 from jasper_jax.encode import TextEncoder
-from jasper_jax.encode_images import ImageEncoder, load_image_model
+from jasper_jax.encode_images import ImageEncoder
 from jasper_jax.errors import UserError
-from jasper_jax.train.checkpoint import load_params
+from jasper_jax.run_folder import load_any_model, load_image_model, load_params
 from jasper_jax.train.loop import train_and_evaluate
-from jasper_jax.train.setup import make_task
-from jasper_jax.train.vision_demo import text_scores_before
-from jasper_jax.workdir import load_any_model
-from tests.train_fixtures import tiny_config, tiny_setup  # noqa: F401
+from jasper_jax.train.task import make_task
+from tests.train_fixtures import tiny_settings, tiny_setup  # noqa: F401
 
 HEADS = ("dense_384", "dense_32", "dense_16")
 
@@ -37,7 +36,7 @@ def _flat(params) -> dict:
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(params).items()}
 
 
-def stage4_config(setup, stage3, data, **overrides):
+def stage4_settings(setup, stage3, data, **overrides):
     fields = {
         "init_from": stage3,
         "model.heads": (384, 32, 16),
@@ -60,15 +59,13 @@ def stage4_config(setup, stage3, data, **overrides):
         "mesh_shape": (1, 1, 1),
         **overrides,
     }
-    return load_config(
-        "configs/embedded_default.py:4", [f"--config.{k}={v}" for k, v in fields.items()]
-    )
+    return load_settings("configs/embedded_default.py:4", fields)
 
 
 @pytest.fixture(scope="module")
 def stage3(tiny_setup, tmp_path_factory):  # noqa: F811
     workdir = tmp_path_factory.mktemp("vision") / "s3"
-    train_and_evaluate(tiny_config(tiny_setup, 3, **{"train.steps": 1}), workdir)
+    train_and_evaluate(tiny_settings(tiny_setup, 3, **{"train.steps": 1}), workdir)
     return workdir
 
 
@@ -86,7 +83,7 @@ def image_data(stage3, tmp_path_factory):
 @pytest.fixture(scope="module")
 def stage4(tiny_setup, stage3, image_data, tmp_path_factory):  # noqa: F811
     workdir = tmp_path_factory.mktemp("vision") / "s4"
-    c = stage4_config(tiny_setup, stage3, image_data)
+    c = stage4_settings(tiny_setup, stage3, image_data)
     result = train_and_evaluate(c, workdir)
     return {"config": c, "workdir": workdir, "result": result}
 
@@ -148,10 +145,33 @@ def test_text_side_scores_do_not_move(stage4):
         for name, value in metrics.items():
             assert scores[key][name] == pytest.approx(value, abs=1e-4), (key, name)
     for head in HEADS:
-        image = scores[f"image_to_caption/{head}"]
-        assert image["caption_min_cosine_to_stage3"] > 1 - 1e-5
-        assert 0.0 <= image["recall_at_1"] <= 1.0 and image["chance"] == 0.01
-        assert {"recall_at_1_seen", "recall_at_1_unseen"} <= set(image)
+        assert scores[f"image_to_caption/{head}"]["caption_min_cosine_to_stage3"] > 1 - 1e-5
+
+
+def _recount(images: np.ndarray, captions: np.ndarray, texts: np.ndarray) -> np.ndarray:
+    """bool [N]: each image's nearest caption (dot product, all N candidates) has its text."""
+    return texts[np.argmax(images @ captions.T, axis=1)] == texts
+
+
+def test_image_to_caption_recall_is_a_recount_from_the_saved_model(stage4, image_data):
+    """The reported recall@1 (overall and per tag) equals a NumPy recount from the saved
+    tower's image vectors against the stored stage-3 caption vectors; the 100 held-out images
+    form one group of 100 candidates, so chance is 1/100."""
+    scores = stage4["result"]["eval"]
+    data = load_caption_eval(image_data["validation"])
+    assert len(data["captions"]) == 100
+    texts, tags = np.array(data["captions"]), np.array(data["tags"])
+    model = load_image_model(stage4["workdir"])
+    images = ImageEncoder(model.config, model.params).encode_heads(data["images"], heads=HEADS)
+    for head in HEADS:
+        image, captions = scores[f"image_to_caption/{head}"], data["targets"][head]
+        assert _recount(captions, captions, texts).all()  # the recount's own known answer
+        hits = _recount(images[head], captions, texts)
+        assert image["recall_at_1"] == pytest.approx(hits.mean(), abs=1e-9), head
+        assert image["chance"] == pytest.approx(1 / len(texts))
+        for tag in ("seen", "unseen"):
+            want = hits[tags == tag].mean()
+            assert image[f"recall_at_1_{tag}"] == pytest.approx(want, abs=1e-9), (head, tag)
 
 
 def test_model_json_loads_as_text_and_image_model(stage3, stage4):
@@ -214,6 +234,6 @@ def test_captions_cli_builds_and_keeps_a_dataset(stage3, tmp_path, capsys):
 
 def test_stage4_config_errors(tiny_setup, image_data):  # noqa: F811
     with pytest.raises(UserError, match="config field init_from"):
-        stage4_config(tiny_setup, "", image_data)
+        stage4_settings(tiny_setup, "", image_data)
     with pytest.raises(UserError, match="model.vision.num_attention_heads"):
-        stage4_config(tiny_setup, "x", image_data, **{"model.vision.num_attention_heads": 5})
+        stage4_settings(tiny_setup, "x", image_data, **{"model.vision.num_attention_heads": 5})

@@ -7,6 +7,10 @@ import shutil
 from pathlib import Path
 
 import pytest
+from ml_collections import ConfigDict
+
+from jasper_jax.config import load_config, to_settings
+from jasper_jax.settings import Settings
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -54,14 +58,14 @@ def tiny_setup(tmp_path_factory) -> dict:
     return out
 
 
-def tiny_overrides(setup: dict, stage: int, **overrides) -> list[str]:
-    """`--config.a.b=v` strings shrinking the embedded default to the tiny student."""
-    fields = {
-        "model.init_hf": setup["student"],
+def tiny_fields(setup: dict, stage: int, **overrides) -> dict:
+    """Config fields (name -> value) shrinking the embedded default to the tiny student."""
+    return {
+        "model.init_hf": str(setup["student"]),
         "model.heads": (384,) if stage < 3 else (384, 32, 16),
         "model.trainable_last_layers": 2,
-        "data.train_dir": setup["train"],
-        "data.eval_dir": setup["validation"],
+        "data.train_dir": str(setup["train"]),
+        "data.eval_dir": str(setup["validation"]),
         "data.batch_size": 8,
         "data.max_length": 16,
         "data.eval_texts": 64,
@@ -71,16 +75,23 @@ def tiny_overrides(setup: dict, stage: int, **overrides) -> list[str]:
         "mesh_shape": (1, 1, 1),
         **overrides,
     }
-    return [f"--config.{k}={v}" for k, v in fields.items()]
 
 
-def tiny_config(setup: dict, stage: int, **overrides):
+def tiny_overrides(setup: dict, stage: int, **overrides) -> list[str]:
+    """The same fields as `jasper-jax train` command-line overrides (`--config.a.b=v`)."""
+    return [f"--config.{k}={v}" for k, v in tiny_fields(setup, stage, **overrides).items()]
+
+
+def tiny_config(setup: dict, stage: int, **overrides) -> ConfigDict:
     """embedded_default stage config shrunk to the tiny student; overrides as field=value."""
-    from jasper_jax.config import load_config
-
     return load_config(
-        f"configs/embedded_default.py:{stage}", tiny_overrides(setup, stage, **overrides)
+        f"configs/embedded_default.py:{stage}", tiny_fields(setup, stage, **overrides)
     )
+
+
+def tiny_settings(setup: dict, stage: int, **overrides) -> Settings:
+    """`tiny_config` as the typed settings the train loop takes."""
+    return to_settings(tiny_config(setup, stage, **overrides))
 
 
 def read_metrics(workdir: Path) -> list[dict]:

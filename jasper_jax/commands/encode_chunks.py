@@ -21,7 +21,8 @@ import json
 import logging
 from pathlib import Path
 
-from jasper_jax.commands.encode import (
+from jasper_jax import sharding
+from jasper_jax.commands.encode_io import (
     npy_writer,
     parse_mesh,
     read_lines,
@@ -29,7 +30,10 @@ from jasper_jax.commands.encode import (
     text_writer,
     write_outputs,
 )
+from jasper_jax.encode import TextEncoder, check_finite, check_finite_model, resolve_head
+from jasper_jax.encode_chunks import ChunkEncoder
 from jasper_jax.errors import UserError
+from jasper_jax.run_folder import load_any_model
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +64,7 @@ def read_documents(path: str | Path, with_spans: bool) -> tuple[list[str], list 
 
 
 def encode_chunks_main(args: argparse.Namespace) -> int:
-    from jasper_jax import sharding
-    from jasper_jax.encode import TextEncoder, check_finite, check_finite_model, resolve_head
-    from jasper_jax.encode_chunks import ChunkEncoder
-    from jasper_jax.workdir import load_any_model
-
+    """`--chunks SPEC`: document and chunk vectors of one pass, three files written together."""
     given = args.chunks == "given"
     documents, spans = read_documents(args.input, given)
     if not documents:

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from jasper_jax.evaluation.report import summary_table
+from jasper_jax.evaluation.runner import (
+    EvalSettings,
+    check_settings,
+    default_output_dir,
+    evaluate,
+    write_results,
+)
 
 
 def add_eval_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `jasper-jax eval`."""
     p.add_argument("--model", required=True, help="exported folder or training workdir")
     p.add_argument(
         "--data",
@@ -38,15 +45,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def eval_main(args: argparse.Namespace) -> int:
-    from jasper_jax.evaluation.report import summary_table
-    from jasper_jax.evaluation.runner import (
-        EvalSettings,
-        check_settings,
-        default_output_dir,
-        evaluate,
-        write_results,
-    )
-
+    """Scores the model and its teachers, writes eval.json / eval.md / quality.png, prints a
+    summary table."""
     settings = EvalSettings(
         data=args.data,
         texts=args.texts,

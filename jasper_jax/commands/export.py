@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
-log = logging.getLogger(__name__)
+from jasper_jax.export import export_workdir
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
+    """The flags of `jasper-jax export`."""
     p.add_argument("--workdir", required=True, help="a `jasper-jax train` workdir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--output", required=True, help="folder to create (written atomically)")
@@ -28,8 +28,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
 
 
 def export_main(args: argparse.Namespace) -> int:
-    from jasper_jax.export import export_workdir
-
+    """Exports, then prints one line: step, output, heads, default head, vision tower."""
     summary = export_workdir(
         args.workdir,
         args.output,

@@ -9,7 +9,9 @@ import os
 
 import jax
 
+from jasper_jax.config import load_settings
 from jasper_jax.errors import UserError
+from jasper_jax.train.loop import train_and_evaluate
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +58,9 @@ def split_overrides(argv_rest: list[str]) -> list[str]:
 
 
 def train_main(args: argparse.Namespace) -> int:
-    from jasper_jax.config import load_config
-    from jasper_jax.train.loop import train_and_evaluate
-
-    config = load_config(args.config, split_overrides(args.overrides))
+    settings = load_settings(args.config, split_overrides(args.overrides))
     initialize_distributed(args)
-    result = train_and_evaluate(config, args.workdir)
+    result = train_and_evaluate(settings, args.workdir)
     if jax.process_index() == 0:
         print(json.dumps({k: v for k, v in result.items()}, indent=2, default=str))
     return 0 if result["status"] == "finished" else 143

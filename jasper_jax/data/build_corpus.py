@@ -1,10 +1,10 @@
-"""Regenerate the embedded English corpus from Debian's WordNet 3.0 and fortunes packages.
+"""The embedded English corpus from Debian's WordNet 3.0 and fortunes packages: records, split.
 
 The derived corpus is committed under ``jasper_jax/assets/corpus/`` so that users need no apt;
 only maintainers run this::
 
     apt-get install -y wordnet-base fortunes
-    python -m jasper_jax.data.build_corpus            # writes jasper_jax/assets/corpus/
+    python -m jasper_jax.commands.build_corpus        # writes jasper_jax/assets/corpus/
 
 Records (one JSON object per line, gzip): ``{"text", "kind", "synset"}`` with kind one of
 ``gloss`` (a WordNet definition), ``example`` (a quoted WordNet usage example) or ``fortune``;
@@ -18,7 +18,6 @@ a held-out synset's definition from its example), and of the text for fortunes.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -26,9 +25,6 @@ import pathlib
 import re
 from collections.abc import Iterator
 
-WORDNET_DIR = pathlib.Path("/usr/share/wordnet")
-FORTUNES_DIR = pathlib.Path("/usr/share/games/fortunes")
-OUTPUT_DIR = pathlib.Path(__file__).resolve().parent.parent / "assets" / "corpus"
 WORDNET_POS = (("noun", "n"), ("verb", "v"), ("adj", "a"), ("adv", "r"))
 # Pictures, non-English text, and jokes built on stereotypes make poor training sentences.
 SKIPPED_FORTUNE_FILES = frozenset({"ascii-art", "translate-me", "ethnic", "men-women"})
@@ -90,6 +86,7 @@ def parse_wordnet_line(line: str, pos: str) -> list[dict]:
 
 
 def wordnet_records(wordnet_dir: pathlib.Path) -> Iterator[dict]:
+    """Records of the four ``data.<pos>`` files of a WordNet 3.0 folder, in a fixed order."""
     for name, pos in WORDNET_POS:
         with open(wordnet_dir / f"data.{name}", encoding="utf-8") as handle:
             for line in handle:
@@ -114,6 +111,7 @@ def clean_fortune(raw: str) -> str | None:
 
 
 def fortune_records(fortunes_dir: pathlib.Path) -> Iterator[dict]:
+    """Cleaned fortunes of the ``*.u8`` files of a fortunes folder, files in name order."""
     for path in sorted(fortunes_dir.glob("*.u8")):
         if path.stem in SKIPPED_FORTUNE_FILES:
             continue
@@ -158,17 +156,3 @@ def write_corpus(by_split: dict[str, list], output_dir: pathlib.Path) -> dict:
         }
     (output_dir / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--wordnet-dir", type=pathlib.Path, default=WORDNET_DIR)
-    parser.add_argument("--fortunes-dir", type=pathlib.Path, default=FORTUNES_DIR)
-    parser.add_argument("--output-dir", type=pathlib.Path, default=OUTPUT_DIR)
-    args = parser.parse_args()
-    manifest = write_corpus(build_records(args.wordnet_dir, args.fortunes_dir), args.output_dir)
-    print(json.dumps(manifest, indent=2))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,14 +1,14 @@
 """Caption dataset for stage 4: image, caption, and the frozen student's vectors of the caption.
 
 The "teacher" of stage 4 is the stage-3 student itself: each caption is encoded once with our
-`TextEncoder` into every head, and the vision tower learns to put the image there. Layout of an
-output folder (as the teacher dataset, `teacher_dataset.py`)::
+`TextEncoder` into every head, and the vision tower learns to put the image there. The build is
+resumable and atomic (`dataset_build.py`)::
 
     OUTPUT/dataset/           finished TFDS array_record dataset
     OUTPUT/_parts/plan.json   what is being built (student, heads, examples fingerprint)
-    OUTPUT/_parts/rows-*.npy  finished chunks of caption vectors, each written atomically
+    OUTPUT/_parts/rows-*.npy  finished blocks of caption vectors, each written atomically
 
-A re-run keeps finished chunks; the dataset is built in a temp folder and renamed into place,
+A re-run keeps finished blocks; the dataset is built in a temp folder and renamed into place,
 with `dataset/checksums.json` (size and SHA-256 of every file) checked on open. One build per
 output folder at a time (its lock); the next build removes what a killed one left.
 Features: `image` (encoded file bytes, PNG for generated images; decoded in the grain pipeline,
@@ -33,21 +33,29 @@ import tqdm
 
 from jasper_jax.data import images as images_lib
 from jasper_jax.data import shapes
-from jasper_jax.data.teacher_dataset import (
+from jasper_jax.data.dataset_build import (
+    DATASET_DIR,
     OUTPUT_LEFTOVERS,
+    PARTS_DIR,
     PARTS_LEFTOVERS,
+    PLAN,
     atomic_file,
+    block_path,
     build_and_install,
+    dataset_folder,
     finished_identity,
     open_tfds_folder,
+    read_plan,
     refuse_foreign_dataset,
     verify_dataset_files,
+    write_plan,
 )
+from jasper_jax.encode import TextEncoder
 from jasper_jax.errors import UserError
 from jasper_jax.locks import FolderLock, remove_leftovers
+from jasper_jax.models.loading import LoadedModel, load_model
+from jasper_jax.run_folder import is_workdir, load_workdir_model
 
-DATASET_DIR = "dataset"
-PARTS_DIR = "_parts"
 FORMAT_VERSION = 1
 log = logging.getLogger(__name__)
 
@@ -153,6 +161,7 @@ class CaptionDataset(tfds.core.GeneratorBasedBuilder):
 
 
 def _fingerprint(examples: Sequence[CaptionedImage]) -> str:
+    """SHA-256 of every example's image bytes, caption and tag (length-prefixed)."""
     digest = hashlib.sha256()
     for e in examples:
         for part in (e.image, e.caption.encode(), e.tag.encode()):
@@ -161,16 +170,32 @@ def _fingerprint(examples: Sequence[CaptionedImage]) -> str:
     return digest.hexdigest()
 
 
-def _student_identity(student: str | pathlib.Path) -> tuple[Any, dict]:
+def _student_identity(student: str | pathlib.Path) -> tuple[LoadedModel, dict]:
     """(LoadedModel, identity) of a training workdir (latest checkpoint) or an HF folder."""
-    from jasper_jax.workdir import is_workdir, load_workdir_model
-
     if is_workdir(student):
         model, meta = load_workdir_model(student)
         return model, {"student": str(pathlib.Path(student).resolve()), "step": meta["step"]}
-    from jasper_jax.models.loading import load_model
-
     return load_model(student), {"student": str(pathlib.Path(student).resolve()), "step": None}
+
+
+def _build_identity(
+    examples: Sequence[CaptionedImage], student: str | pathlib.Path
+) -> tuple[LoadedModel, dict[str, int], dict]:
+    """(the student, its heads {name: dim}, the dataset's identity)."""
+    if not examples:
+        raise UserError("no (image, caption) examples given; fix: pass a manifest or --shapes N")
+    model, student_id = _student_identity(student)
+    heads = {name: d for name, d in zip(model.config.head_names, model.config.heads, strict=True)}
+    if not heads:
+        raise UserError(f"student {student} has no projection heads; fix: pass a stage-3 workdir")
+    identity = {
+        "format_version": FORMAT_VERSION,
+        **student_id,
+        "heads": heads,
+        "examples_fingerprint": _fingerprint(examples),
+        "num_examples": len(examples),
+    }
+    return model, heads, identity
 
 
 def build_caption_dataset(
@@ -194,19 +219,7 @@ def build_caption_dataset(
       UserError: no examples, or an output folder holding a different dataset (without
         `overwrite`).
     """
-    if not examples:
-        raise UserError("no (image, caption) examples given; fix: pass a manifest or --shapes N")
-    model, student_id = _student_identity(student)
-    heads = {name: d for name, d in zip(model.config.head_names, model.config.heads, strict=True)}
-    if not heads:
-        raise UserError(f"student {student} has no projection heads; fix: pass a stage-3 workdir")
-    identity = {
-        "format_version": FORMAT_VERSION,
-        **student_id,
-        "heads": heads,
-        "examples_fingerprint": _fingerprint(examples),
-        "num_examples": len(examples),
-    }
+    model, heads, identity = _build_identity(examples, student)
     output = pathlib.Path(output_dir).expanduser()
     target = output / DATASET_DIR
     with FolderLock(output, "captions", what="output folder", flag="--output"):
@@ -224,24 +237,20 @@ def build_caption_dataset(
         remove_leftovers(output, OUTPUT_LEFTOVERS)
         parts = _prepare_parts(output, identity, overwrite)
         remove_leftovers(parts, PARTS_LEFTOVERS)
-        chunks = [
-            (a, min(a + chunk_size, len(examples))) for a in range(0, len(examples), chunk_size)
-        ]
-        _encode_chunks(parts, chunks, examples, model, tuple(heads), batch_size, progress)
-        metadata = {"identity": identity, "heads": heads, "rows": len(examples)}
+        n = len(examples)
+        blocks = [(a, min(a + chunk_size, n)) for a in range(0, n, chunk_size)]
+        _encode_blocks(parts, blocks, examples, model, tuple(heads), batch_size, progress)
+        metadata = {"identity": identity, "heads": heads, "rows": n}
+        chunks = [(a, block_path(parts, a, b)) for a, b in blocks]
         build_and_install(
-            CaptionDataset,
-            output,
-            target,
-            examples=examples,
-            chunks=[(a, _chunk_path(parts, a, b)) for a, b in chunks],
-            metadata=metadata,
+            CaptionDataset, output, target, examples=examples, chunks=chunks, metadata=metadata
         )
         shutil.rmtree(parts, ignore_errors=True)
     return target
 
 
 def _rebuild_fix(output: pathlib.Path) -> str:
+    """The fix named in errors about a damaged caption dataset in ``output``."""
     return (
         f"rebuild it with `jasper-jax captions --output {output} ... --overwrite` (same "
         "student and images), or restore the folder from a backup"
@@ -249,35 +258,21 @@ def _rebuild_fix(output: pathlib.Path) -> str:
 
 
 def _prepare_parts(output: pathlib.Path, identity: dict, overwrite: bool) -> pathlib.Path:
-    """`_parts` for this identity; chunks of another build are discarded, never mixed."""
+    """`_parts` for this identity; blocks of another build are discarded, never mixed."""
     parts = output / PARTS_DIR
-    plan = parts / "plan.json"
-    if plan.is_file() and _read_plan(plan) != identity:
+    plan = parts / PLAN
+    if plan.is_file() and read_plan(plan) != identity:  # damaged: discarded as another's
         log.info("discarding the unfinished build in %s (other examples or student)", output)
         shutil.rmtree(parts)
     elif overwrite and parts.exists():
         shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    with atomic_file(plan) as f:
-        f.write(json.dumps(identity, indent=2).encode())
+    write_plan(parts, identity)
     return parts
 
 
-def _read_plan(plan: pathlib.Path) -> dict | None:
-    try:
-        return json.loads(plan.read_text(encoding="utf-8"))
-    except ValueError:  # damaged: its chunks are discarded like another build's
-        return None
-
-
-def _chunk_path(parts: pathlib.Path, start: int, stop: int) -> pathlib.Path:
-    return parts / f"rows-{start:010d}-{stop:010d}.npy"
-
-
-def _encode_chunks(parts, chunks, examples, model, heads, batch_size, progress) -> None:
-    from jasper_jax.encode import TextEncoder
-
-    todo = [(a, b) for a, b in chunks if not _chunk_path(parts, a, b).exists()]
+def _encode_blocks(parts, blocks, examples, model, heads, batch_size, progress) -> None:
+    """Caption vectors of every block not yet on disk: rows [n, sum of head dims] float32."""
+    todo = [(a, b) for a, b in blocks if not block_path(parts, a, b).exists()]
     if not todo:
         return
     encoder = TextEncoder(model, batch_size=batch_size)
@@ -287,7 +282,7 @@ def _encode_chunks(parts, chunks, examples, model, heads, batch_size, progress) 
             captions = [e.caption for e in examples[start:stop]]
             vectors = encoder.encode_heads(captions, heads=heads)
             rows = np.concatenate([vectors[h] for h in heads], axis=1).astype(np.float32)
-            with atomic_file(_chunk_path(parts, start, stop)) as f:  # exists only when complete
+            with atomic_file(block_path(parts, start, stop)) as f:  # exists only when complete
                 np.save(f, rows)
             bar.update(stop - start)
 
@@ -298,7 +293,7 @@ def open_caption_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
     `source[i]`: image bytes, caption bytes, tag bytes, index int64, targets {head: [dim]}.
     """
     path = pathlib.Path(data_dir).expanduser()
-    folder = path / DATASET_DIR if (path / DATASET_DIR / "dataset_info.json").is_file() else path
+    folder = dataset_folder(path)
     if not (folder / "dataset_info.json").is_file():
         raise UserError(
             f"no caption dataset at {str(path)!r} (no dataset_info.json); fix: build one with "

@@ -19,8 +19,9 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import numpy as np
+import transformers
 
-from jasper_jax.data.chunking import ChunkingConfig, Span, check_spans, chunk_texts
+from jasper_jax.data.chunking import ChunkingConfig, Span, check_spans, chunk_texts, plain_tokenizer
 from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, folder_fingerprints
 from jasper_jax.errors import UserError
 
@@ -74,6 +75,7 @@ def save_payload(file: BinaryIO, payload: ChunkPayload, dtype: type) -> None:
 
 
 def load_payload(path: pathlib.Path) -> ChunkPayload:
+    """The payload saved by :func:`save_payload` at ``path``."""
     with np.load(path) as data:
         return ChunkPayload(data["spans"], data["counts"], data["vectors"])
 
@@ -112,8 +114,6 @@ def make_chunker(
         digest = hashlib.sha256(json.dumps([list(map(list, s)) for s in given]).encode())
         identity = {"chunking": "given", "spans_fingerprint": digest.hexdigest()}
         return (lambda start, stop: [list(map(tuple, s)) for s in given[start:stop]]), identity
-    from jasper_jax.data.chunking import plain_tokenizer
-
     folder = pathlib.Path(tokenizer_folder)
     backend = plain_tokenizer(load_tokenizer(folder, "--chunk-tokenizer"))
     identity = {
@@ -127,8 +127,6 @@ def make_chunker(
 def load_tokenizer(folder: str | pathlib.Path, flag: str):
     """``AutoTokenizer`` of a local model folder; a missing or broken folder is one UserError
     line naming it (transformers would try the hub, then raise a multi-line OSError)."""
-    from transformers import AutoTokenizer
-
     folder = pathlib.Path(folder).expanduser()
     if not folder.is_dir():
         raise UserError(
@@ -136,7 +134,8 @@ def load_tokenizer(folder: str | pathlib.Path, flag: str):
             "folder (one holding tokenizer.json or vocab.txt)"
         )
     try:
-        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        # transformers loads AutoTokenizer lazily, at this first use (seconds)
+        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError, ...
         if isinstance(err, OSError) and err.errno is not None:
             raise  # a disk error: the CLI names the file and the fix

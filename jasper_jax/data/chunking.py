@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import tokenizers
 
 from jasper_jax.errors import UserError
 
@@ -188,8 +189,6 @@ def _pack_sentences(units: list[tuple[int, int, int]], config: ChunkingConfig) -
 def plain_tokenizer(tokenizer):
     """A copy of an HF fast tokenizer's backend with no padding, truncation or special tokens
     added, for counting tokens and reading offsets of whole texts."""
-    import tokenizers
-
     backend = tokenizers.Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
     backend.no_padding()
     backend.no_truncation()

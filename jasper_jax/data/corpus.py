@@ -5,7 +5,7 @@
 - ``"embedded"`` (or ``"embedded:train"``, ``"embedded:validation"``): the bundled corpus of
   WordNet 3.0 definitions and example sentences plus short fortunes (~177k texts, see
   ``jasper_jax/assets/corpus/LICENSE.md``; regenerate with ``python -m
-  jasper_jax.data.build_corpus``). ``split`` defaults to ``"train"`` so that validation texts
+  jasper_jax.commands.build_corpus``). ``split`` defaults to ``"train"`` so that validation texts
   never leak into training by accident.
 - ``*.txt`` / ``*.txt.gz``: one text per line.
 - ``*.jsonl`` / ``*.jsonl.gz``: one JSON object per line with a string field ``"text"``.
@@ -26,6 +26,8 @@ import json
 import logging
 import pathlib
 from collections.abc import Iterator
+
+import tensorflow_datasets as tfds
 
 from jasper_jax.errors import UserError
 
@@ -100,7 +102,7 @@ def load_embedded_records(split: str) -> list[dict]:
     if not path.is_file():
         raise UserError(
             f"embedded corpus file {str(path)!r} is missing (incomplete install?); fix: reinstall "
-            "jasper-jax, or regenerate it with python -m jasper_jax.data.build_corpus"
+            "jasper-jax, or regenerate it with python -m jasper_jax.commands.build_corpus"
         )
     with gzip.open(path, "rt", encoding="utf-8") as handle:
         return [json.loads(line) for line in handle]
@@ -173,8 +175,6 @@ def _jsonl_texts(path: pathlib.Path) -> Iterator[str]:
 
 
 def _tfds_texts(spec: str, split: str | None) -> Iterator[str]:
-    import tensorflow_datasets as tfds
-
     name, spec_split, feature = (spec.split(":", 3)[1:] + [None, None])[:3]
     split = split or spec_split or "train"
     try:

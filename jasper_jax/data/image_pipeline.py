@@ -29,6 +29,7 @@ TARGET_PREFIX = "target_"
 
 
 def target_key(head: str) -> str:
+    """The batch key of a head's target vectors, e.g. ``target_dense_256``."""
     return TARGET_PREFIX + head
 
 

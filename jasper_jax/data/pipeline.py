@@ -1,4 +1,5 @@
-"""grain input pipeline: teacher dataset -> shuffle(seed) -> shard -> batch -> tokenize.
+"""grain input pipeline of training batches: teacher dataset -> shuffle(seed) -> shard -> batch
+-> tokenize.
 
 Batches have a fixed shape (texts padded to ``max_length``, remainder dropped) so the train
 step compiles once, or with ``length_groups`` > 1 one of a few lengths (``L`` <= max_length, a
@@ -8,6 +9,16 @@ multiple of ``pad_multiple``; see ``jasper_jax.data.length_groups``)::
     attention_mask  int32   [batch, L]
     teacher         float32 [batch, dim]   renormalised to unit length
     index           int64   [batch]        row of the text in the corpus
+
+Chunk mode (``max_chunks`` > 0, a teacher dataset built with chunks; always ``L`` = max_length,
+as the spans index it): per record :class:`PadChunks` gives every document exactly
+``max_chunks`` chunk slots; per batch :class:`TokenizeDocuments` finds each chunk's tokens. A
+chunk is dropped (masked, counted) when it lies beyond ``max_chunks`` or is cut by
+``max_length``. Batch keys added::
+
+    chunk_spans    int32   [batch, max_chunks, 2]   token ranges [start, end); 0 where masked
+    chunk_mask     int32   [batch, max_chunks]      1 for a chunk to align
+    chunk_teacher  float32 [batch, max_chunks, dim] unit teacher vectors of each chunk
 
 The iterator's ``get_state()`` / ``set_state()`` are grain's DataLoader iterator state, so a
 resumed run (state saved in its checkpoint) sees exactly the batches it would have seen.
@@ -22,10 +33,14 @@ from typing import Any
 
 import grain
 import numpy as np
+import tokenizers
+import transformers
 
+from jasper_jax.data.chunking import check_spans, token_spans
 from jasper_jax.data.length_groups import GroupedBatches, SortByLength, groups_for
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
+from jasper_jax.vectors import unit_rows
 
 
 @dataclasses.dataclass
@@ -78,18 +93,9 @@ class TokenizeBatch(grain.transforms.Map):
         return arrays, encodings
 
 
-def unit_rows(x: np.ndarray) -> np.ndarray:
-    """float32 copy of ``x`` [..., D] with unit-length last-axis rows (zero rows stay zero)."""
-    x = x.astype(np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
-
-
 def load_fixed_length_tokenizer(tokenizer_dir: str | pathlib.Path, max_length: int):
     """The ``tokenizers.Tokenizer`` of ``AutoTokenizer.from_pretrained(tokenizer_dir)``, set to
     truncate and pad every text to exactly ``max_length`` tokens (special tokens included)."""
-    import tokenizers
-    import transformers
-
     try:
         hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except (OSError, ValueError) as err:
@@ -106,6 +112,68 @@ def load_fixed_length_tokenizer(tokenizer_dir: str | pathlib.Path, max_length: i
     backend.enable_truncation(max_length=max_length)
     backend.enable_padding(length=max_length, pad_id=hf.pad_token_id, pad_token=hf.pad_token)
     return backend
+
+
+def require_chunks(metadata: dict, data_dir) -> None:
+    """Raises UserError unless the teacher dataset was built in chunk mode."""
+    if "chunks" not in metadata:
+        raise UserError(
+            f"teacher dataset {str(data_dir)!r} has no chunk vectors, but chunk alignment is on "
+            "(data.max_chunks > 0); fix: build it with `jasper-jax teachers ... --chunks "
+            "sentences:64`, or set data.max_chunks=0"
+        )
+
+
+@dataclasses.dataclass
+class PadChunks(grain.transforms.Map):
+    """One record's variable-length chunks -> ``max_chunks`` slots (extra chunks dropped)."""
+
+    max_chunks: int
+
+    def map(self, record: dict) -> dict:
+        spans = np.asarray(record["chunk_spans"], np.int32).reshape(-1, 2)
+        vectors = np.asarray(record["chunk_teacher"])
+        check_spans(
+            spans, len(record["text"].decode("utf-8")), f"teacher row {int(record['index'])}"
+        )
+        n = min(len(spans), self.max_chunks)
+        padded_spans = np.zeros((self.max_chunks, 2), np.int32)
+        padded_vectors = np.zeros((self.max_chunks, vectors.shape[-1]), vectors.dtype)
+        padded_spans[:n], padded_vectors[:n] = spans[:n], vectors[:n]
+        return {
+            **record,
+            "chunk_spans": padded_spans,
+            "chunk_teacher": padded_vectors,
+            "chunk_count": np.int32(n),
+            "chunks_total": np.int32(len(spans)),
+        }
+
+
+@dataclasses.dataclass
+class TokenizeDocuments(TokenizeBatch):
+    """:class:`TokenizeBatch` plus each chunk's token range in the tokenized document."""
+
+    def map(self, batch: dict) -> dict:
+        arrays, encodings = self.tokenize(batch)
+        shift = len(self.prompt or "")
+        slots = batch["chunk_spans"].shape[1]
+        spans = np.zeros((len(encodings), slots, 2), np.int32)
+        kept = np.zeros((len(encodings), slots), bool)
+        for i, encoding in enumerate(encodings):
+            n = int(batch["chunk_count"][i])
+            real = np.array(encoding.attention_mask) * (1 - np.array(encoding.special_tokens_mask))
+            spans[i, :n], kept[i, :n] = token_spans(
+                batch["chunk_spans"][i, :n], encoding.offsets, real, shift
+            )
+        return {
+            **arrays,
+            "chunk_spans": spans,
+            "chunk_mask": kept.astype(np.int32),
+            "chunk_teacher": unit_rows(batch["chunk_teacher"]) * kept[..., None],
+            # Popped by TextBatchIterator into counters; never reach the train step.
+            "chunks_total": batch["chunks_total"].astype(np.int32),
+            "chunks_dropped": (batch["chunks_total"] - kept.sum(axis=1)).astype(np.int32),
+        }
 
 
 class TextBatchIterator(Iterator[dict]):
@@ -238,14 +306,39 @@ def make_text_pipeline(
       num_epochs: None repeats forever (each epoch reshuffled).
       worker_count: grain worker processes (0: in this process). Workers need the
         ``if __name__ == "__main__":`` guard in the calling script.
-      max_chunks: > 0 reads a chunk-mode dataset and adds ``chunk_spans`` [batch, max_chunks, 2]
-        (token ranges), ``chunk_mask`` [batch, max_chunks] and ``chunk_teacher``
-        [batch, max_chunks, dim] (see ``jasper_jax.data.chunk_pipeline``).
+      max_chunks: > 0: chunk mode, at most this many chunks per document (module docstring).
       length_groups: > 1 draws that many batches at a time and regroups their texts by token
         count, each batch padded to its longest text rounded up to ``pad_multiple`` tokens
-        (``jasper_jax.data.length_groups``); 1 pads every batch to ``max_length``, as does
-        chunk mode (``max_chunks`` > 0) whatever this says.
+        (``jasper_jax.data.length_groups``); 1 pads every batch to ``max_length``.
     """
+    _validate(batch_size, max_length, process_index, process_count, length_groups, pad_multiple)
+    source, metadata = open_teacher_dataset(data_dir)
+    tokenize = _tokenize_step(metadata, data_dir, tokenizer_dir, max_length, prompt, max_chunks)
+    # Documents with chunk spans keep fixed-length batches (their spans index max_length).
+    groups = 1 if max_chunks else groups_for(len(source), batch_size, length_groups)
+    sort = SortByLength(tokenize.token_counts, batch_size, pad_multiple, max_length, seed)
+    loader = global_batch_loader(
+        source,
+        f"teacher dataset {str(data_dir)!r}",
+        batch_size=batch_size,
+        seed=seed,
+        num_epochs=num_epochs,
+        process_index=process_index,
+        process_count=process_count,
+        per_record=[PadChunks(max_chunks)] if max_chunks else [],
+        per_batch=[tokenize],
+        worker_count=worker_count,
+        groups=groups,
+        per_group=[sort] if groups > 1 else [],
+    )
+    batches = iter(loader)
+    if groups > 1:
+        batches = GroupedBatches(batches, batch_size // process_count)
+    return TextBatchIterator(batches)
+
+
+def _validate(batch_size, max_length, process_index, process_count, length_groups, pad_multiple):
+    """Raises UserError for pipeline settings that cannot make batches."""
     if (
         batch_size < 1
         or max_length < 2
@@ -261,58 +354,12 @@ def make_text_pipeline(
             "process count, max_length >= 2, 0 <= process_index < process_count, "
             "length_groups and pad_multiple >= 1"
         )
-    source, metadata = open_teacher_dataset(data_dir)
-    per_record, tokenize = [], TokenizeBatch(str(tokenizer_dir), max_length, prompt)
-    if max_chunks:
-        from jasper_jax.data import chunk_pipeline
-
-        chunk_pipeline.require_chunks(metadata, data_dir)
-        per_record = [chunk_pipeline.PadChunks(max_chunks)]
-        tokenize = chunk_pipeline.TokenizeDocuments(str(tokenizer_dir), max_length, prompt)
-    # Documents with chunk spans keep fixed-length batches (their spans index max_length).
-    length_groups = 1 if max_chunks else groups_for(len(source), batch_size, length_groups)
-    per_group = []
-    if length_groups > 1:
-        sort = SortByLength(tokenize.token_counts, batch_size, pad_multiple, max_length, seed)
-        per_group = [sort]
-    loader = global_batch_loader(
-        source,
-        f"teacher dataset {str(data_dir)!r}",
-        batch_size=batch_size,
-        seed=seed,
-        num_epochs=num_epochs,
-        process_index=process_index,
-        process_count=process_count,
-        per_record=per_record,
-        per_batch=[tokenize],
-        worker_count=worker_count,
-        groups=length_groups,
-        per_group=per_group,
-    )
-    batches = iter(loader)
-    if length_groups > 1:
-        batches = GroupedBatches(batches, batch_size // process_count)
-    return TextBatchIterator(batches)
 
 
-def sorted_records(data_dir: str | pathlib.Path, limit: int | None = None) -> list[dict]:
-    """All (or the first ``limit``) records of a teacher dataset, in corpus order."""
-    source, _ = open_teacher_dataset(data_dir)
-    records = source.__getitems__(list(range(len(source))))
-    records.sort(key=lambda record: int(record["index"]))
-    return records[:limit] if limit else records
-
-
-def load_eval_arrays(
-    data_dir: str | pathlib.Path, limit: int | None = None
-) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """All (or the first ``limit`` by corpus row) texts with unit teacher vectors, for evaluation.
-
-    Returns: (texts, teacher float32 [N, D] unit rows, index int64 [N]), sorted by ``index``.
-    """
-    records = sorted_records(data_dir, limit)
-    texts = [record["text"].decode("utf-8") for record in records]
-    teacher = np.stack([record["teacher"] for record in records]).astype(np.float32)
-    teacher /= np.maximum(np.linalg.norm(teacher, axis=1, keepdims=True), 1e-12)
-    index = np.array([record["index"] for record in records], dtype=np.int64)
-    return texts, teacher, index
+def _tokenize_step(metadata, data_dir, tokenizer_dir, max_length, prompt, max_chunks):
+    """The per-batch tokenizer: :class:`TokenizeDocuments` in chunk mode (the dataset must have
+    chunks), else :class:`TokenizeBatch`."""
+    if not max_chunks:
+        return TokenizeBatch(str(tokenizer_dir), max_length, prompt)
+    require_chunks(metadata, data_dir)
+    return TokenizeDocuments(str(tokenizer_dir), max_length, prompt)

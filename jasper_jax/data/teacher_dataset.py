@@ -1,16 +1,16 @@
 """Teacher dataset: each corpus text with its concatenated teacher vector, as TFDS array_record.
 
-Layout of an output folder::
+The build is resumable and atomic (``dataset_build.py``; its plan: ``teacher_plan.py``)::
 
     OUTPUT/dataset/            finished TFDS dataset (features text, teacher [D], index)
     OUTPUT/_parts/plan.json    what is being built (teachers, corpus, dtype, slicing)
-    OUTPUT/_parts/rows-*.npy   finished chunks of vectors, each written atomically
+    OUTPUT/_parts/rows-*.npy   finished blocks of vectors, each written atomically
     OUTPUT/_parts/slice-I-of-N.done
     OUTPUT/dataset/checksums.json   size and SHA-256 of every file, checked on open
 
 ``build_teacher_dataset(..., shard_index=I, num_shards=N)`` encodes the I-th contiguous slice of
 the corpus; many machines (sharing OUTPUT) can each take one slice. A re-run keeps finished
-chunks and redoes the rest. The run that finds every slice done combines them into
+blocks and redoes the rest. The run that finds every slice done combines them into
 ``OUTPUT/dataset`` (built in a temp folder, then renamed) and removes ``_parts``.
 
 One process per slice (lock ``OUTPUT/.slice-I-of-N.lock``) and one combining (``.combine.lock``);
@@ -29,48 +29,56 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
-import os
 import pathlib
-import secrets
 import shutil
-import tempfile
-import time
-from collections.abc import Iterator, Sequence
-from typing import Any, BinaryIO
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
 import tqdm
 
 from jasper_jax.data import chunk_vectors
-from jasper_jax.data import corpus as corpus_lib
 from jasper_jax.data.chunking import ChunkingConfig, Span
-from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, load_teacher
-from jasper_jax.errors import UserError, one_line
-from jasper_jax.locks import FolderLock, process_tag, remove_leftovers
-from jasper_jax.paths import honour_umask, read_json
+from jasper_jax.data.dataset_build import (
+    DATASET_DIR,
+    OUTPUT_LEFTOVERS,
+    PARTS_DIR,
+    PARTS_LEFTOVERS,
+    PLAN,
+    atomic_file,
+    block_path,
+    build_and_install,
+    dataset_folder,
+    finished_identity,
+    open_tfds_folder,
+    read_json_object,
+    verify_dataset_files,
+    write_atomically,
+)
+from jasper_jax.data.teacher_plan import (
+    DTYPES,
+    check_arguments,
+    corpus_texts,
+    differences,
+    load_build_teacher,
+    make_plan,
+    prepare_parts,
+    slice_blocks,
+    slice_marker,
+)
+from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, count_truncated
+from jasper_jax.errors import UserError
+from jasper_jax.locks import FolderLock, remove_leftovers
 
-DATASET_DIR = "dataset"
-PARTS_DIR = "_parts"
-FORMAT_VERSION = 1
-DTYPES = {"float32": np.float32, "float16": np.float16}
 NORMALISATION_NOTE = (
     "each teacher's slice is L2-normalised; the concatenation is not renormalised on disk "
     "(row norm = sqrt(num_teachers)); the trainer renormalises it to unit length"
 )
-CHECKSUMS = "checksums.json"
-_TFDS_JSON = ("dataset_info.json", "features.json", "metadata.json")
-_BLOCK = 1 << 20  # hashing reads 1 MiB at a time: datasets of 50 GB need no more memory
 COMBINE_LOCK = ".combine.lock"
-# Temporaries of a killed run: ours carry a process tag (kept while that process lives); the
-# untagged ones are an older version's (tempfile names), removed under the lock.
-PARTS_LEFTOVERS = ("tmp*.npy", "tmp*.npz", ".*.tmp", ".plan.json.*", ".slice-*.done.*")
-OUTPUT_LEFTOVERS = (".build-*", ".retired-*")
 log = logging.getLogger(__name__)
-_VERIFIED: dict[str, tuple] = {}  # dataset folder -> file stats when it was last verified
 
 
 class TeacherDataset(tfds.core.GeneratorBasedBuilder):
@@ -170,52 +178,68 @@ def build_teacher_dataset(
       UserError: bad arguments or corpus; an output folder that holds a different dataset or
         unrelated files (unless ``overwrite``); a resumed build with other teachers or corpus.
     """
-    _check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit)
-    texts, skipped = _corpus_texts(corpus, limit)
+    check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit)
+    texts, skipped = corpus_texts(corpus, limit)
     if chunk_spans is not None and (skipped or len(chunk_spans) != len(texts)):
         raise UserError(
             f"chunk_spans has {len(chunk_spans)} lists for {len(texts)} non-empty texts "
             f"({skipped} empty skipped); fix: drop empty texts and give one list per text"
         )
-    loaded = [_load_teacher(t, prompt, batch_size, backend, max_length) for t in teachers]
+    loaded = [load_build_teacher(t, prompt, batch_size, backend, max_length) for t in teachers]
     if not loaded:
         raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
-    plan = _make_plan(texts, skipped, loaded, dtype, num_shards, chunk_size)
+    plan = make_plan(texts, skipped, loaded, dtype, num_shards, chunk_size)
     chunker = None
     if chunking is not None or chunk_spans is not None:
-        if isinstance(chunking, str):
-            chunking = ChunkingConfig.parse(chunking)
-        chunker, plan["identity"]["chunks"] = chunk_vectors.make_chunker(
-            texts, chunking, chunk_spans, chunk_tokenizer or loaded[0].folder
+        chunker = _add_chunker(
+            plan, texts, chunking, chunk_spans, chunk_tokenizer or loaded[0].folder
         )
     output = pathlib.Path(output_dir).expanduser()
     # Slices of one output run on many machines at once: each slice has its own lock.
     with _lock(output, f".slice-{shard_index:05d}-of-{num_shards:05d}.lock"):
-        existing = finished_identity(output)
-        if existing == plan["identity"] and not overwrite:
-            log.info("%s already holds this dataset; nothing to do", output)
-            verify_dataset_files(output / DATASET_DIR, _rebuild_fix(output))
-            truncated = _recorded_truncation(output)
-            return BuildResult(output / DATASET_DIR, len(texts), skipped, [], truncated)
-        if existing is not None and not overwrite:
-            raise UserError(
-                f"output folder {str(output)!r} already holds a different teacher dataset ("
-                + "; ".join(_differences(existing, plan["identity"]))
-                + "); fix: choose another --output, or pass --overwrite to replace it"
-            )
-        before = _stamp(output / DATASET_DIR)
-        parts = _prepare_parts(output, plan, overwrite)
-        remove_leftovers(parts, PARTS_LEFTOVERS)
-        _encode_slice(parts, plan, texts, loaded, shard_index, progress, chunker)
-        pending = [i for i in range(num_shards) if not _slice_marker(parts, i, num_shards).exists()]
-        if pending:
-            log.info(
-                "slice %d done; slices %s still to run before the dataset is combined",
-                shard_index,
-                pending,
-            )
-            return BuildResult(None, len(texts), skipped, pending)
-        return _combine_once(output, parts, plan, texts, loaded, before)
+        return _build_slice(output, plan, texts, loaded, shard_index, chunker, overwrite, progress)
+
+
+def _add_chunker(plan, texts, chunking, chunk_spans, tokenizer) -> chunk_vectors.Chunker:
+    """Chunk mode's chunker; its identity joins the plan's (a resumed build must match it)."""
+    if isinstance(chunking, str):
+        chunking = ChunkingConfig.parse(chunking)
+    chunker, plan["identity"]["chunks"] = chunk_vectors.make_chunker(
+        texts, chunking, chunk_spans, tokenizer
+    )
+    return chunker
+
+
+def _build_slice(
+    output, plan, texts, teachers, shard_index, chunker, overwrite, progress
+) -> BuildResult:
+    """Under the slice's lock: nothing when the dataset is built, else encode the slice and,
+    once every slice is done, combine them. Returns the BuildResult."""
+    rows, skipped, num_shards = len(texts), plan["skipped_empty"], plan["num_shards"]
+    existing = finished_identity(output)
+    if existing == plan["identity"] and not overwrite:
+        log.info("%s already holds this dataset; nothing to do", output)
+        verify_dataset_files(output / DATASET_DIR, _rebuild_fix(output))
+        return BuildResult(output / DATASET_DIR, rows, skipped, [], _recorded_truncation(output))
+    if existing is not None and not overwrite:
+        raise UserError(
+            f"output folder {str(output)!r} already holds a different teacher dataset ("
+            + "; ".join(differences(existing, plan["identity"]))
+            + "); fix: choose another --output, or pass --overwrite to replace it"
+        )
+    before = _stamp(output / DATASET_DIR)
+    parts = prepare_parts(output, plan, overwrite)
+    remove_leftovers(parts, PARTS_LEFTOVERS)
+    _encode_slice(parts, plan, texts, teachers, shard_index, progress, chunker)
+    pending = [i for i in range(num_shards) if not slice_marker(parts, i, num_shards).exists()]
+    if pending:
+        log.info(
+            "slice %d done; slices %s still to run before the dataset is combined",
+            shard_index,
+            pending,
+        )
+        return BuildResult(None, rows, skipped, pending)
+    return _combine_once(output, parts, plan, texts, teachers, before)
 
 
 def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
@@ -231,9 +255,9 @@ def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
       UserError: no dataset, an unfinished one, or a damaged, truncated or missing file.
     """
     path = pathlib.Path(data_dir).expanduser()
-    folder = path / DATASET_DIR if (path / DATASET_DIR / "dataset_info.json").is_file() else path
+    folder = dataset_folder(path)
     if not (folder / "dataset_info.json").is_file():
-        plan_file = path / PARTS_DIR / "plan.json"
+        plan_file = path / PARTS_DIR / PLAN
         if plan_file.is_file():
             num_shards = read_json_object(plan_file, _rebuild_fix(path)).get("num_shards", "?")
             done = sorted(p.name for p in (path / PARTS_DIR).glob("slice-*.done"))
@@ -250,284 +274,48 @@ def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
 
 
 def _rebuild_fix(output: pathlib.Path) -> str:
+    """The fix named in errors about a damaged or unfinished dataset in ``output``."""
     return (
         f"rebuild it with `jasper-jax teachers --output {output} ... --overwrite` (same corpus "
         "and teachers), or restore the folder from a backup"
     )
 
 
-def _load_teacher(spec, prompt, batch_size, backend, max_length) -> Teacher:
-    """A loaded teacher; a folder whose files do not load (a damaged weights file) is a
-    UserError naming it, in one line (libraries raise many types with long messages)."""
-    if isinstance(spec, Teacher):
-        return spec
-    try:
-        return load_teacher(spec, prompt, batch_size, backend, max_length)
-    except UserError as err:
-        if "\n" not in str(err):
-            raise
-        raise UserError(one_line(str(err))) from err
-    except MemoryError:
-        raise  # the CLI says what to lower
-    except Exception as err:
-        if isinstance(err, OSError) and err.errno is not None:
-            raise  # the CLI names the file and the fix (a full disk, no permission)
-        raise UserError(
-            f"cannot load teacher {str(spec)!r}: {type(err).__name__}: {one_line(str(err))}; "
-            "fix: point --teacher at a complete sentence-transformers folder (re-download it "
-            "if a weights file is damaged)"
-        ) from err
-
-
 def _lock(output: pathlib.Path, name: str) -> FolderLock:
+    """The output folder's lock ``name`` (one per slice, one for combining)."""
     return FolderLock(output, "teachers", name=name, what="output folder", flag="--output")
 
 
-def _check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit) -> None:
-    if dtype not in DTYPES:
-        raise UserError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
-    if num_shards < 1 or not 0 <= shard_index < num_shards:
-        raise UserError(
-            f"shard index {shard_index} of {num_shards} shards is out of range; expected "
-            "0 <= --shard-index < --num-shards"
-        )
-    for name, value in (("batch size", batch_size), ("chunk size", chunk_size)):
-        if value < 1:
-            raise UserError(f"{name} {value} must be a positive integer")
-    if limit is not None and limit < 1:
-        raise UserError(f"limit {limit} must be a positive integer (or omitted)")
-
-
-def _corpus_texts(corpus: str | Sequence[str], limit: int | None) -> tuple[list[str], int]:
-    if isinstance(corpus, str):
-        read = corpus_lib.read_corpus(corpus)
-        texts, skipped = read.texts, read.skipped_empty
-    else:
-        texts = [t for t in corpus if t.strip()]
-        skipped = len(corpus) - len(texts)
-    if skipped:
-        log.warning("skipped %d empty texts", skipped)
-    texts = texts[:limit] if limit else texts
-    if not texts:
-        name = repr(corpus) if isinstance(corpus, str) else f"of {len(corpus)} given texts"
-        raise UserError(
-            f"corpus {name} holds no non-empty texts; fix: give a corpus with text on its lines"
-        )
-    return texts, skipped
-
-
-def _make_plan(texts, skipped, teachers, dtype, num_shards, chunk_size) -> dict:
-    offset, described = 0, []
-    for teacher in teachers:
-        entry = teacher.describe()
-        entry["folder"] = os.path.basename(entry["folder"])  # machines differ in absolute paths
-        entry["offset"] = offset
-        described.append(entry)
-        offset += teacher.dim
-    identity = {
-        "format_version": FORMAT_VERSION,
-        "teachers": described,
-        "dim": offset,
-        "dtype": dtype,
-        "corpus_fingerprint": corpus_lib.corpus_fingerprint(texts),
-        "num_texts": len(texts),
-    }
-    return {
-        "identity": identity,
-        "num_shards": num_shards,
-        "chunk_size": chunk_size,
-        "skipped_empty": skipped,
-    }
-
-
-def _differences(old: dict, new: dict) -> list[str]:
-    """Readable list of what differs between two dataset identities."""
-    if "unreadable" in old:
-        return [f"its {old['unreadable']} is unreadable"]
-    found = []
-    old_teachers = [(t["name"], t["dim"]) for t in old.get("teachers", [])]
-    new_teachers = [(t["name"], t["dim"]) for t in new["teachers"]]
-    if old_teachers != new_teachers:
-        found.append(f"teachers (name, dim) {old_teachers} vs now {new_teachers}")
-    else:
-        for key in ("prompt", "model_fingerprint", "tokenizer_fingerprint"):
-            if [t[key] for t in old["teachers"]] != [t[key] for t in new["teachers"]]:
-                found.append(f"teacher {key.replace('_', ' ')}s differ")
-    for key in ("corpus_fingerprint", "num_texts", "dtype", "format_version", "chunks"):
-        if old.get(key) != new.get(key):
-            found.append(f"{key} {old.get(key)!r} vs now {new.get(key)!r}")
-    return found or ["unknown difference"]
-
-
-def finished_identity(output: pathlib.Path) -> dict | None:
-    """The identity of the finished dataset in ``output``; None if there is none."""
-    info = output / DATASET_DIR / "metadata.json"
-    if not info.is_file():
-        return None
-    try:
-        return json.loads(info.read_text(encoding="utf-8")).get("identity", {})
-    except (ValueError, AttributeError):  # damaged: replaced only with --overwrite
-        return {"unreadable": str(info)}
-
-
-def _prepare_parts(output: pathlib.Path, plan: dict, overwrite: bool) -> pathlib.Path:
-    """Create or validate ``_parts`` for this plan; refuse unrelated or conflicting content."""
-    parts = output / PARTS_DIR
-    names = [p.name for p in output.iterdir()] if output.is_dir() else []
-    foreign = [n for n in names if n not in (DATASET_DIR, PARTS_DIR) and not n.startswith(".")]
-    refuse_foreign_dataset(output / DATASET_DIR)
-    if foreign and not overwrite:
-        raise UserError(
-            f"output folder {str(output)!r} holds files that are not a teacher dataset "
-            f"({foreign[:5]}); fix: choose an empty or new --output folder"
-        )
-    plan_file = parts / "plan.json"
-    if plan_file.is_file():
-        try:
-            reasons = _plan_conflicts(json.loads(plan_file.read_text(encoding="utf-8")), plan)
-        except (ValueError, KeyError, TypeError):
-            reasons = [f"its {plan_file} is unreadable"]
-        if not reasons:
-            return parts
-        if not overwrite:
-            raise UserError(
-                f"cannot resume the unfinished build in {str(output)!r}: "
-                + "; ".join(reasons)
-                + "; fix: rerun with the original teachers/corpus/--num-shards, another "
-                "--output, or --overwrite to start over"
-            )
-        shutil.rmtree(parts)
-    parts.mkdir(parents=True, exist_ok=True)
-    _write_atomically(plan_file, json.dumps(plan, indent=2).encode())
-    return parts
-
-
-def refuse_foreign_dataset(folder: pathlib.Path) -> None:
-    """A ``dataset`` folder that jasper-jax did not write is never replaced, not even with
-    --overwrite: the refusal names it."""
-    if not is_ours(folder):
-        raise UserError(
-            f"{folder} exists and is not a dataset jasper-jax wrote; fix: move it away or "
-            "choose another --output folder"
-        )
-
-
-def is_ours(folder: pathlib.Path) -> bool:
-    """Whether a dataset folder may be replaced: missing, empty, or written by jasper-jax."""
-    if not folder.exists():
-        return True
-    if not folder.is_dir():
-        return False
-    if (folder / "metadata.json").is_file() or (folder / CHECKSUMS).is_file():
-        return True
-    try:
-        info = json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))
-        return str(info.get("moduleName", "")).startswith("jasper_jax.")
-    except (OSError, ValueError, AttributeError):
-        return not any(folder.iterdir())
-
-
-def _plan_conflicts(old: dict, new: dict) -> list[str]:
-    if old["identity"] != new["identity"]:
-        return _differences(old["identity"], new["identity"])
-    layout = ("num_shards", "chunk_size")
-    if any(old[k] != new[k] for k in layout):
-        return [
-            f"(num_shards, chunk_size) were {[old[k] for k in layout]}, now "
-            f"{[new[k] for k in layout]}"
-        ]
-    return []
-
-
-@contextlib.contextmanager
-def atomic_file(path: pathlib.Path) -> Iterator[BinaryIO]:
-    """``with atomic_file(path) as f:`` ``path`` appears only complete, with the umask's mode.
-
-    The temporary name carries this process's tag, so a later run (under the lock) removes it
-    if this process is killed; any failure (a full disk) removes it at once.
-    """
-    tmp = path.with_name(f".{path.name}.{process_tag()}{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as f:  # plain open: the mode follows the umask
-            yield f
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _write_atomically(path: pathlib.Path, payload: bytes) -> None:
-    with atomic_file(path) as f:
-        f.write(payload)
-
-
-def _slice_marker(parts: pathlib.Path, index: int, count: int) -> pathlib.Path:
-    return parts / f"slice-{index:05d}-of-{count:05d}.done"
-
-
-def _slice_chunks(plan: dict, index: int) -> list[tuple[int, int]]:
-    """Contiguous row ranges [start, stop) of one slice, chunk by chunk."""
-    rows, count = plan["identity"]["num_texts"], plan["num_shards"]
-    begin, end = rows * index // count, rows * (index + 1) // count
-    step = plan["chunk_size"]
-    return [(a, min(a + step, end)) for a in range(begin, end, step)]
-
-
-def _chunk_path(parts: pathlib.Path, start: int, stop: int) -> pathlib.Path:
-    return parts / f"rows-{start:010d}-{stop:010d}.npy"
-
-
 def _encode_slice(parts, plan, texts, teachers, index, progress, chunker=None) -> None:
-    marker = _slice_marker(parts, index, plan["num_shards"])
+    """Encodes the blocks of slice ``index`` not yet on disk, then marks the slice done."""
+    marker = slice_marker(parts, index, plan["num_shards"])
     if marker.exists():
         return
-    todo = [(a, b) for a, b in _slice_chunks(plan, index) if not _chunk_path(parts, a, b).exists()]
+    todo = [(a, b) for a, b in slice_blocks(plan, index) if not block_path(parts, a, b).exists()]
     dtype = DTYPES[plan["identity"]["dtype"]]
     total = sum(b - a for a, b in todo) * len(teachers)
     with tqdm.tqdm(total=total, unit="text", disable=not progress, smoothing=0.05) as bar:
         for start, stop in todo:
             vectors = compute_teacher_vectors(texts[start:stop], teachers, bar=bar)
-            path = _chunk_path(parts, start, stop)
+            path = block_path(parts, start, stop)
             if chunker is not None:  # saved first: the .npy marks the whole block as done
                 payload = chunk_vectors.encode_chunks(
                     texts[start:stop], chunker(start, stop), teachers, bar
                 )
                 with atomic_file(chunk_vectors.payload_path(path)) as f:
                     chunk_vectors.save_payload(f, payload, dtype)
-            with atomic_file(path) as f:  # a chunk file exists only when complete
+            with atomic_file(path) as f:  # a block file exists only when complete
                 np.save(f, vectors.astype(dtype))
-    _write_atomically(marker, b"done\n")
+    write_atomically(marker, b"done\n")
 
 
 def _recorded_truncation(output: pathlib.Path) -> dict[str, int]:
+    """{teacher name: texts cut} as recorded in the finished dataset ({} if unreadable)."""
     info = output / DATASET_DIR / "metadata.json"
     try:
         return json.loads(info.read_text(encoding="utf-8")).get("truncated_by_teacher", {})
     except (OSError, ValueError, AttributeError):
         return {}
-
-
-def count_truncated(texts: list[str], teachers: Sequence[Teacher], batch: int = 4096) -> dict:
-    """{teacher name: texts it cuts at its token limit}, by tokenising only (teachers that cannot
-    tell are left out). Such a text's vector describes its first tokens only."""
-    counts = {}
-    for teacher in teachers:
-        if teacher.count_truncated is None:
-            continue
-        n = sum(teacher.count_truncated(texts[i : i + batch]) for i in range(0, len(texts), batch))
-        counts[teacher.name] = int(n)
-        if n:
-            limit = f"{teacher.max_length} tokens" if teacher.max_length else "its max_seq_length"
-            log.warning(
-                "%d of %d texts are longer than teacher %s reads (%s): their vectors describe "
-                "the start of the text only; fix: a larger --max-length (up to the teacher's "
-                "position limit) or shorter texts/documents",
-                n,
-                len(texts),
-                teacher.name,
-                limit,
-            )
-    return counts
 
 
 def _combine_once(output, parts, plan, texts, teachers, before) -> BuildResult:
@@ -564,11 +352,11 @@ def _combine(
     texts: list[str],
     teachers: Sequence[Teacher],
 ) -> pathlib.Path:
-    """Build the TFDS dataset from all chunks in a temp folder, then move it into place."""
+    """Build the TFDS dataset from all blocks in a temp folder, then move it into place."""
     chunks = [
-        (a, _chunk_path(parts, a, b))
+        (a, block_path(parts, a, b))
         for i in range(plan["num_shards"])
-        for a, b in _slice_chunks(plan, i)
+        for a, b in slice_blocks(plan, i)
     ]
     chunked = "chunks" in plan["identity"]
     rejected, num_chunks = [], 0
@@ -607,166 +395,3 @@ def _combine(
     build_and_install(TeacherDataset, output, target, texts=texts, chunks=chunks, metadata=metadata)
     shutil.rmtree(parts, ignore_errors=True)
     return target
-
-
-def build_and_install(
-    builder_class: type, output: pathlib.Path, target: pathlib.Path, **fields: Any
-) -> None:
-    """Prepares the TFDS ``builder_class(**fields)`` as array_record in a temporary folder of
-    ``output`` and installs the result at ``target`` (see ``install``)."""
-    with build_folder(output) as tmp:
-        builder = builder_class(
-            **fields, data_dir=os.path.join(tmp, "tfds"), file_format="array_record"
-        )
-        builder.download_and_prepare(download_dir=os.path.join(tmp, "downloads"))
-        install(pathlib.Path(builder.data_dir), target)
-
-
-@contextlib.contextmanager
-def build_folder(output: pathlib.Path) -> Iterator[str]:
-    """A temporary folder in ``output`` named with this process's tag (see OUTPUT_LEFTOVERS),
-    removed on the way out whatever happens (a full disk)."""
-    with tempfile.TemporaryDirectory(dir=output, prefix=f".build-{process_tag()}") as tmp:
-        yield tmp
-
-
-def install(built: pathlib.Path, target: pathlib.Path) -> None:
-    """Move a finished build to ``target`` with checksums and the umask's modes; an old dataset
-    there is replaced, never mixed."""
-    record_checksums(built)
-    honour_umask(built, directory=True)  # tempfile made its parents 0700
-    for path in built.iterdir():
-        honour_umask(path, directory=path.is_dir())
-    retired = None
-    if target.exists():
-        retired = target.with_name(f".retired-{process_tag()}{target.name}")
-        os.replace(target, retired)
-    os.replace(built, target)
-    if retired is not None:
-        shutil.rmtree(retired, ignore_errors=True)
-
-
-def record_checksums(folder: pathlib.Path) -> None:
-    """Writes ``checksums.json``: size and SHA-256 of every file of a finished dataset folder."""
-    files = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != CHECKSUMS:
-            files[path.name] = {"size": path.stat().st_size, "sha256": _sha256(path)}
-    payload = {"algorithm": "sha256", "files": files}
-    _write_atomically(folder / CHECKSUMS, (json.dumps(payload, indent=2) + "\n").encode())
-
-
-def _sha256(path: pathlib.Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def verify_dataset_files(folder: pathlib.Path, fix: str) -> None:
-    """Checks every file of a dataset folder against its ``checksums.json`` (size, SHA-256),
-    so a damaged file stops the run now rather than at the step that reads it. A folder
-    verified before in this process, whose files did not change since, is not read again.
-
-    Raises:
-      UserError: a file is missing, truncated or damaged (message names it and ``fix``).
-    """
-    sums = folder / CHECKSUMS
-    if not sums.is_file():
-        if str(folder.resolve()) in _VERIFIED:
-            return  # warned already
-        _VERIFIED[str(folder.resolve())] = ()
-        log.warning(
-            "dataset %s has no %s (built by an older jasper-jax): its files are not verified "
-            "(a rebuild with --overwrite adds it)",
-            folder,
-            CHECKSUMS,
-        )
-        return
-    files = _recorded_files(sums, fix)
-    signature = _signature(folder, files, fix)
-    if _VERIFIED.get(str(folder.resolve())) == signature:
-        return
-    started, size = time.monotonic(), 0
-    for name, entry in files.items():
-        path = folder / name
-        if path.stat().st_size != entry["size"]:
-            raise UserError(
-                f"dataset file {path} is {path.stat().st_size} bytes, {entry['size']} when built "
-                f"(truncated or damaged); fix: {fix}"
-            )
-        if _sha256(path) != entry["sha256"]:
-            raise UserError(
-                f"dataset file {path} is damaged (its SHA-256 differs from the one recorded in "
-                f"{CHECKSUMS} at build time); fix: {fix}"
-            )
-        size += entry["size"]
-    _VERIFIED[str(folder.resolve())] = signature
-    log.info(
-        "verified %d files (%.1f MB) of %s in %.1f s",
-        len(files),
-        size / 1e6,
-        folder,
-        time.monotonic() - started,
-    )
-
-
-def _recorded_files(sums: pathlib.Path, fix: str) -> dict[str, dict]:
-    """The ``files`` of a checksums.json, checked for shape (names are plain file names)."""
-    files = read_json_object(sums, fix).get("files")
-    ok = isinstance(files, dict) and all(
-        pathlib.PurePath(name).name == name
-        and isinstance(entry, dict)
-        and isinstance(entry.get("size"), int)
-        and isinstance(entry.get("sha256"), str)
-        for name, entry in files.items()
-    )
-    if not ok:
-        raise UserError(f"{sums} does not list files with size and sha256; fix: {fix}")
-    return files
-
-
-def _signature(folder: pathlib.Path, files: dict, fix: str) -> tuple:
-    """(name, size, mtime, inode) of each listed file; a missing one is refused here."""
-    out = []
-    for name in files:
-        try:
-            stat = (folder / name).stat()
-        except FileNotFoundError:
-            raise UserError(f"dataset file {folder / name} is missing; fix: {fix}") from None
-        out.append((name, stat.st_size, stat.st_mtime_ns, stat.st_ino))
-    return tuple(out)
-
-
-def read_json_object(path: pathlib.Path, fix: str) -> dict:
-    """A JSON object file of a dataset; a missing, truncated or invalid one is a UserError."""
-    value = read_json(path, f"fix: {fix}")
-    if not isinstance(value, dict):
-        raise UserError(f"{path} holds a {type(value).__name__}, not a JSON object; fix: {fix}")
-    return value
-
-
-def open_tfds_folder(folder: pathlib.Path, fix: str) -> tuple[Any, Any, dict]:
-    """(builder, ``train`` data source, metadata) of a finished dataset folder, its files
-    verified first (:func:`verify_dataset_files`).
-
-    Raises:
-      UserError: a damaged, missing or unreadable file, named with ``fix``.
-    """
-    verify_dataset_files(folder, fix)
-    for name in _TFDS_JSON:  # datasets without checksums: a clear error still
-        read_json_object(folder / name, fix)
-    try:
-        builder = tfds.builder_from_directory(str(folder))
-        shards = builder.info.splits["train"].filepaths
-        source = builder.as_data_source(split="train")
-    except Exception as err:  # tfds raises many types for a broken folder
-        raise UserError(
-            f"cannot read the dataset in {folder} ({type(err).__name__}: {one_line(str(err))}); "
-            f"fix: {fix}"
-        ) from err
-    for shard in shards:  # the reader opens them lazily: at the first row of each
-        if not os.path.isfile(shard):
-            raise UserError(f"dataset file {shard} is missing; fix: {fix}")
-    return builder, source, dict(builder.info.metadata)

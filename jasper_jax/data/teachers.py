@@ -11,14 +11,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import pathlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import tqdm
 
-from jasper_jax.data import teacher_assets
+from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, resolve_model_folder
+from jasper_jax.encode import TextEncoder, resolve_head, tokenize
 from jasper_jax.errors import UnsupportedModel, UserError, one_line
+from jasper_jax.models.embedder import POOLED
+from jasper_jax.models.loading import load_model
 
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -31,6 +35,7 @@ _TOKENIZER_FILES = (
     "vocab.json",
 )
 _LARGE_FILE = 16 << 20  # hash only the ends of weight files: a full hash of GBs takes minutes
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,21 +63,6 @@ class Teacher:
         if fields["max_length"] is None:  # identities of datasets built before the field
             fields.pop("max_length")
         return fields
-
-
-def resolve_teacher_folder(spec: str | pathlib.Path) -> pathlib.Path:
-    """A known teacher name or a sentence-transformers folder path -> the folder."""
-    if str(spec) in teacher_assets.KNOWN_TEACHERS:
-        return teacher_assets.teacher_folder(str(spec))
-    folder = pathlib.Path(spec).expanduser()
-    if not (folder / "modules.json").is_file() and not (folder / "config.json").is_file():
-        raise UserError(
-            f"teacher {str(spec)!r} is neither a known name "
-            f"{sorted(teacher_assets.KNOWN_TEACHERS)} nor a folder holding a "
-            "sentence-transformers model (modules.json or config.json); "
-            "fix: pass a known name or the model folder"
-        )
-    return folder
 
 
 def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
@@ -103,10 +93,6 @@ def _jax_encoder(
 ):
     """Our Flax encoder for the folder (parity with sentence-transformers: cosine >= 0.9999),
     or None when its architecture or modules are not ones we implement."""
-    from jasper_jax.encode import TextEncoder, resolve_head
-    from jasper_jax.models.embedder import POOLED
-    from jasper_jax.models.loading import load_model
-
     try:
         model = load_model(folder)
     except UnsupportedModel:  # a damaged folder is reported, not handed to torch
@@ -127,6 +113,7 @@ def _jax_encoder(
 def _torch_encoder(
     spec, folder: pathlib.Path, prompt: str | None, batch_size: int, max_length: int | None = None
 ):
+    # sentence-transformers (and torch): optional, the `teachers` extra
     from sentence_transformers import SentenceTransformer
 
     try:
@@ -144,8 +131,6 @@ def _torch_encoder(
         return np.asarray(vectors, dtype=np.float32)
 
     def count(texts: list[str]) -> int:
-        from jasper_jax.encode import tokenize
-
         return tokenize(model.tokenizer, texts, model.max_seq_length, prompt).truncated
 
     return encode, int(model.get_embedding_dimension()), count
@@ -171,7 +156,7 @@ def load_teacher(
     """
     if backend not in BACKENDS:
         raise UserError(f"teacher backend {backend!r}: choose one of {BACKENDS}")
-    folder = resolve_teacher_folder(spec)
+    folder = resolve_model_folder(spec, what="teacher")
     encode, dim, count = (
         (None, 0, None)
         if backend == "torch"
@@ -184,7 +169,7 @@ def load_teacher(
                 "fix: use --backend torch (sentence-transformers)"
             )
         encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
-    name = str(spec) if str(spec) in teacher_assets.KNOWN_TEACHERS else folder.name
+    name = str(spec) if str(spec) in KNOWN_TEACHERS else folder.name
     model_fp, tokenizer_fp = folder_fingerprints(folder)
     return Teacher(
         name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length, count
@@ -248,3 +233,26 @@ def compute_teacher_vectors(
         if own_bar:
             bar.close()
     return out
+
+
+def count_truncated(texts: list[str], teachers: Sequence[Teacher], batch: int = 4096) -> dict:
+    """{teacher name: texts it cuts at its token limit}, by tokenising only (teachers that cannot
+    tell are left out). Such a text's vector describes its first tokens only."""
+    counts = {}
+    for teacher in teachers:
+        if teacher.count_truncated is None:
+            continue
+        n = sum(teacher.count_truncated(texts[i : i + batch]) for i in range(0, len(texts), batch))
+        counts[teacher.name] = int(n)
+        if n:
+            limit = f"{teacher.max_length} tokens" if teacher.max_length else "its max_seq_length"
+            log.warning(
+                "%d of %d texts are longer than teacher %s reads (%s): their vectors describe "
+                "the start of the text only; fix: a larger --max-length (up to the teacher's "
+                "position limit) or shorter texts/documents",
+                n,
+                len(texts),
+                teacher.name,
+                limit,
+            )
+    return counts

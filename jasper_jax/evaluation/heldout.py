@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jasper_jax.data.pipeline import unit_rows
 from jasper_jax.evaluation import retrieval
 from jasper_jax.fidelity import fidelity_metrics
+from jasper_jax.vectors import unit_rows
 
 TARGET = "teacher target"  # the concatenated, renormalised teacher vectors
 

@@ -13,11 +13,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
+from safetensors import safe_open
 
-from jasper_jax.data.pipeline import unit_rows
+from jasper_jax.data.teacher_assets import resolve_model_folder
+from jasper_jax.data.teachers import load_teacher
+from jasper_jax.encode import TextEncoder, check_finite_model
 from jasper_jax.errors import UserError
+from jasper_jax.evaluation.teacher_cache import cached_encode
 from jasper_jax.models.embedder import POOLED
+from jasper_jax.models.loading import load_model
+from jasper_jax.run_folder import is_workdir, load_workdir_model
+from jasper_jax.vectors import unit_rows
 
 TEACHER_OUTPUT = "embedding"
 
@@ -85,15 +93,11 @@ def check_finite_rows(rows: np.ndarray, model: str) -> None:
 
 def count_tree(tree: Any) -> int:
     """Number of scalars in a nested dict of arrays."""
-    import jax
-
     return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
 
 def folder_parameter_count(folder: Path) -> int:
     """Scalars in a folder's safetensors files (headers only; position-id buffers excluded)."""
-    from safetensors import safe_open
-
     total = 0
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(path), framework="numpy") as handle:
@@ -108,10 +112,6 @@ def student_model(path: str | Path, name: str = "student", batch_size: int = 64)
 
     Raises UserError for a path that is neither, naming what was looked for.
     """
-    from jasper_jax.encode import TextEncoder, check_finite_model
-    from jasper_jax.models.loading import load_model
-    from jasper_jax.workdir import is_workdir, load_workdir_model
-
     path = Path(path)
     if is_workdir(path):
         model = load_workdir_model(path)[0]
@@ -148,9 +148,6 @@ def teacher_model(spec: str, batch_size: int = 64, cache_dir: Path | None = None
 
     cache_dir: where its encodings are kept between evaluations (`teacher_cache`); None: none.
     """
-    from jasper_jax.data.teachers import load_teacher, resolve_teacher_folder
-    from jasper_jax.evaluation.teacher_cache import cached_encode
-
     teacher = load_teacher(spec, batch_size=batch_size)
     identity = {k: v for k, v in teacher.describe().items() if k != "folder"}  # content, not place
 
@@ -165,7 +162,7 @@ def teacher_model(spec: str, batch_size: int = 64, cache_dir: Path | None = None
         )
         return {TEACHER_OUTPUT: rows}
 
-    count = folder_parameter_count(resolve_teacher_folder(spec))
+    count = folder_parameter_count(resolve_model_folder(spec, what="teacher"))
     return EvalModel(
         teacher.name,
         "teacher",

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from jasper_jax.encode import TextEncoder
 from jasper_jax.errors import UserError
+from jasper_jax.run_folder import load_any_model
 
 PASSAGE_ALIASES = ("passage", "document")
 
@@ -75,9 +77,6 @@ class MtebEncoder:
     @classmethod
     def from_path(cls, path: str | Path, *, head: str | None = None, **kwargs: Any) -> MtebEncoder:
         """An exported folder or a workdir (latest checkpoint)."""
-        from jasper_jax.encode import TextEncoder
-        from jasper_jax.workdir import load_any_model
-
         model = load_any_model(path)
         return cls(TextEncoder(model), head=head, model_name=Path(path).name, **kwargs)
 
@@ -134,7 +133,7 @@ class MtebEncoder:
 def run_mteb(model: MtebEncoder, tasks: Sequence[str], output: str | Path) -> Any:
     """Runs mteb tasks by name (mteb 2.x `mteb.evaluate`, else 1.x `MTEB(...).run`)."""
     try:
-        import mteb
+        import mteb  # optional dependency: only this function needs it
     except ImportError as e:
         raise UserError("mteb is not installed; pip install mteb (it downloads the tasks)") from e
     selected = mteb.get_tasks(tasks=list(tasks))

@@ -13,6 +13,7 @@ import numpy as np
 
 from jasper_jax.evaluation import retrieval
 from jasper_jax.fidelity import fidelity_metrics
+from jasper_jax.vectors import unit_rows
 
 PREFIX_DIMS = (32, 64, 128, 256, 512, 768, 1024, 2048, 4096)
 QUANTS = ("float32", "binary")
@@ -39,8 +40,7 @@ def prefix_dims(dim: int) -> list[int]:
 
 def truncate(x: np.ndarray, dim: int) -> np.ndarray:
     """First `dim` columns of [N, D] rows, re-normalised to unit length."""
-    x = x[:, :dim]
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return unit_rows(x[:, :dim])
 
 
 def variant_metrics(

@@ -8,13 +8,17 @@ training builds it: each teacher's unit vectors, concatenated, normalised again)
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from jasper_jax.data.corpus import load_corpus
+from jasper_jax.data.eval_records import load_eval_arrays
 from jasper_jax.errors import UserError
 from jasper_jax.evaluation import retrieval
 from jasper_jax.evaluation.models import EvalModel, student_model, teacher_model
@@ -22,6 +26,8 @@ from jasper_jax.evaluation.report import markdown_report, plot_quality
 from jasper_jax.evaluation.robustness import Encoded, robustness_rows
 from jasper_jax.evaluation.teacher_cache import resolve_cache_dir
 from jasper_jax.paths import write_text_atomic
+from jasper_jax.run_folder import is_workdir, read_model_json
+from jasper_jax.vectors import unit_rows
 
 log = logging.getLogger(__name__)
 DEFAULT_TEACHERS = ("all-mpnet-base-v2", "all-MiniLM-L6-v2")  # the embedded default's order
@@ -44,20 +50,15 @@ class EvalSettings:
 def heldout_texts(settings: EvalSettings) -> tuple[list[str], np.ndarray | None, str]:
     """(texts, stored target [N, T] or None, description) for the fidelity part."""
     if settings.data == EMBEDDED_DATA:
-        from jasper_jax.data.corpus import load_corpus
-
         texts = load_corpus("embedded", split="validation")[: settings.texts]
         return texts, None, "bundled corpus, validation split"
-    from jasper_jax.data.pipeline import load_eval_arrays
-
     texts, target, _ = load_eval_arrays(settings.data, limit=settings.texts)
     return texts, target, f"teacher dataset {settings.data}"
 
 
 def combined_target(per_teacher: Sequence[np.ndarray]) -> np.ndarray:
     """[N, sum d_k]: unit teacher rows concatenated and normalised again (SPEC 1)."""
-    x = np.concatenate(per_teacher, axis=1)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return unit_rows(np.concatenate(per_teacher, axis=1))
 
 
 def encode_all(
@@ -74,11 +75,7 @@ def teacher_specs(model_path: Path, teachers: Sequence[str] | None) -> list[str]
     """--teachers, else the teachers a workdir's model.json records, else the embedded pair."""
     if teachers:
         return list(teachers)
-    from jasper_jax.workdir import is_workdir
-
     if is_workdir(model_path):
-        from jasper_jax.workdir import read_model_json
-
         recorded = read_model_json(model_path).get("teachers") or []
         names = [t.get("name") if isinstance(t, dict) else str(t) for t in recorded]
         if names and all(names):
@@ -106,8 +103,6 @@ def evaluate(
     settings: EvalSettings = EvalSettings(),
 ) -> dict:
     """Scores the student at `model_path` and each teacher; returns the JSON-ready result."""
-    import jax
-
     model_path = Path(model_path)
     student = student_model(model_path, batch_size=settings.batch_size)  # fail fast on bad input
     specs = teacher_specs(model_path, teachers)
@@ -151,8 +146,6 @@ def evaluate(
 
 def default_output_dir(model_path: Path) -> Path:
     """WORKDIR/eval for a workdir (where `export` looks for it); FOLDER-eval beside a folder."""
-    from jasper_jax.workdir import is_workdir
-
     model_path = Path(model_path)
     if is_workdir(model_path):
         return model_path / "eval"
@@ -161,8 +154,6 @@ def default_output_dir(model_path: Path) -> Path:
 
 def write_results(result: dict, output: Path) -> dict[str, Path]:
     """eval.json, eval.md and quality.png in `output`; returns their paths."""
-    import json
-
     output.mkdir(parents=True, exist_ok=True)
     paths = {k: output / n for k, n in (("json", "eval.json"), ("md", "eval.md"))}
     write_text_atomic(paths["json"], json.dumps(result, indent=2) + "\n")
@@ -179,6 +170,7 @@ def write_results(result: dict, output: Path) -> dict[str, Path]:
 
 
 def check_settings(settings: EvalSettings) -> None:
+    """Refuses counts below what the scores need, naming the flag."""
     for field in ("texts", "queries", "speed_texts", "batch_size"):
         if getattr(settings, field) < 1:
             raise UserError(f"--{field.replace('_', '-')} must be at least 1")

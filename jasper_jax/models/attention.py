@@ -26,6 +26,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
 from jasper_jax.errors import UserError
 from jasper_jax.models.layers import Dtype, attention_bias, dot_product_attention
@@ -143,41 +144,26 @@ def blockwise_attention(
     group = heads // kv_heads
     bq, bk = min(block_size, q_len), min(block_size, k_len)
     nq, nk = -(-q_len // bq), -(-k_len // bk)
-
-    def blocks(x: jax.Array, n: int, size: int) -> jax.Array:
-        """[B, L, ...] -> [n, B, size, ...], zero-padded at the end."""
-        x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
-
-    q_blocks = blocks(q.reshape(batch, q_len, kv_heads, group, head_dim), nq, bq)
-    k_blocks, v_blocks = blocks(k, nk, bk), blocks(v, nk, bk)
-    mask_blocks = blocks(key_mask.astype(jnp.int32), nk, bk)
+    q_blocks = _split_blocks(q.reshape(batch, q_len, kv_heads, group, head_dim), nq, bq)
+    k_blocks, v_blocks = _split_blocks(k, nk, bk), _split_blocks(v, nk, bk)
+    mask_blocks = _split_blocks(key_mask.astype(jnp.int32), nk, bk)
     if bias is not None:
         bias = _padded_bias(bias.astype(jnp.float32), nq * bq, nk * bk)
     norm = jnp.sqrt(jnp.float32(head_dim))
     internal_pad = nk * bk != k_len
 
     def key_step(carry, xs, q_blk, q_pos, q_index):
-        m, total, acc = carry  # m, total: [B, Hkv, G, bq]; acc: [B, Hkv, G, bq, D]
         k_blk, v_blk, mask_blk, k_index = xs
         k_pos = k_index * bk + jnp.arange(bk)
-        s = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
         allowed = mask_blk[:, None, None, None, :].astype(bool)
         if causal:
             allowed = allowed & (k_pos[None, :] <= q_pos[:, None])
         add = jnp.where(allowed, 0.0, _NEG).astype(jnp.float32)
         if bias is not None:
             add = add + _bias_block(bias, q_index * bq, k_index * bk, bq, bk, kv_heads, group)
-        s = s / norm + add
-        m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))
-        p = jnp.exp(s - m_new[..., None])
-        if internal_pad:  # keys beyond k_len do not exist (not even as masked padding)
-            p = p * (k_pos < k_len)
-        correction = jnp.exp(m - m_new)
-        pv = jnp.einsum(
-            "bhgqk,bkhd->bhgqd", p.astype(dtype), v_blk, preferred_element_type=jnp.float32
-        )
-        return (m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv), None
+        # Keys beyond k_len do not exist (not even as masked padding).
+        exists = (k_pos < k_len) if internal_pad else None
+        return _online_softmax_step(carry, q_blk, k_blk, v_blk, add, norm, exists, dtype), None
 
     @jax.checkpoint
     def query_block(q_blk, q_index):
@@ -197,6 +183,32 @@ def blockwise_attention(
     # [nq, B, Hkv, G, bq, D] -> [B, nq * bq, heads, D]
     out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(batch, nq * bq, heads, head_dim)
     return out[:, :q_len]
+
+
+def _split_blocks(x: jax.Array, n: int, size: int) -> jax.Array:
+    """[B, L, ...] -> [n, B, size, ...], zero-padded at the end."""
+    x = jnp.pad(x, [(0, 0), (0, n * size - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(x.shape[0], n, size, *x.shape[2:]), 1, 0)
+
+
+def _online_softmax_step(carry, q_blk, k_blk, v_blk, add, norm, exists, dtype: Dtype):
+    """One key block of the running (max, sum, weighted values) softmax of one query block.
+
+    carry: (m, total: [B, Hkv, G, bq], acc: [B, Hkv, G, bq, D]), float32.
+    q_blk: [B, bq, Hkv, G, D]; k_blk, v_blk: [B, bk, Hkv, D]; add: float32 mask + bias,
+    broadcastable to the scores [B, Hkv, G, bq, bk]; norm: sqrt(head_dim); exists: [bk] keys
+    inside k_len, or None when the blocks hold no key beyond it.
+    """
+    m, total, acc = carry
+    s = jnp.einsum("bqhgd,bkhd->bhgqk", q_blk, k_blk, preferred_element_type=jnp.float32)
+    s = s / norm + add
+    m_new = jax.lax.stop_gradient(jnp.maximum(m, s.max(-1)))
+    p = jnp.exp(s - m_new[..., None])
+    if exists is not None:
+        p = p * exists
+    correction = jnp.exp(m - m_new)
+    pv = jnp.einsum("bhgqk,bkhd->bhgqd", p.astype(dtype), v_blk, preferred_element_type=jnp.float32)
+    return m_new, total * correction + p.sum(-1), acc * correction[..., None] + pv
 
 
 def _padded_bias(bias: jax.Array, q_total: int, k_total: int) -> jax.Array:
@@ -251,8 +263,6 @@ def _flash(q, k, v, key_mask, causal, dtype, bias) -> jax.Array:
 
 def _pallas_tpu(q, k, v, key_mask, causal, dtype) -> jax.Array:
     """Pallas TPU flash attention; padding through segment ids, lengths padded to 128."""
-    from jax.experimental.pallas.ops.tpu import flash_attention as fa
-
     batch, q_len, heads, head_dim = q.shape
     k_len = k.shape[1]
     group = heads // k.shape[2]

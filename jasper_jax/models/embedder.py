@@ -19,8 +19,9 @@ from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.bert import BertConfig, BertEncoder
 from jasper_jax.models.layers import Dense
 from jasper_jax.models.mpnet import MPNetConfig, MPNetEncoder
-from jasper_jax.models.pooling import POOLING_MODES, l2_normalize, pool, span_mean_pool
+from jasper_jax.models.pooling import POOLING_MODES, pool, span_mean_pool
 from jasper_jax.models.qwen2 import Qwen2Config, Qwen2Encoder
+from jasper_jax.vectors import l2_normalize
 
 EncoderConfig = BertConfig | MPNetConfig | Qwen2Config
 ENCODERS = {"bert": BertEncoder, "mpnet": MPNetEncoder, "qwen2": Qwen2Encoder}

@@ -9,6 +9,7 @@ found or reported missing, and every HF tensor is either used or reported unexpe
 
 from __future__ import annotations
 
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 from flax import traverse_util
+from safetensors import safe_open
 
 from jasper_jax.errors import UnsupportedModel, UserError
 
@@ -111,8 +113,6 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
     folder = Path(folder)
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        from safetensors import safe_open
-
         out = {}
         for f in files:
             try:
@@ -132,7 +132,7 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
             "Hugging Face / sentence-transformers folder that contains the weights"
         )
     try:
-        import torch
+        import torch  # optional (the `teachers` extra): only pytorch `.bin` checkpoints need it
     except ImportError as e:
         raise UserError(
             f"{bins[0]} is a pytorch checkpoint; install torch==2.13.0 to convert it, or save "
@@ -149,8 +149,6 @@ def read_state_dict(folder: Path) -> dict[str, np.ndarray]:
 def _torch_load(torch: Any, path: Path) -> dict:
     """A pytorch checkpoint read as plain tensors only: torch's weights-only unpickler refuses
     any other object (a pickle can run code when loaded), which we report as the user's fix."""
-    import pickle
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

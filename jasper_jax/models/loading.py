@@ -12,7 +12,9 @@ import re
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
+from flax import traverse_util
 
 from jasper_jax.errors import UnsupportedModel, UserError
 from jasper_jax.models import hf_io
@@ -46,9 +48,6 @@ class LoadedModel:
 def first_non_finite(params: Any) -> str | None:
     """The path ("encoder/layer_0/.../kernel") of the first parameter holding NaN or inf, or
     None when all are finite: such weights give NaN vectors for every input."""
-    import flax.linen as nn
-    from flax import traverse_util
-
     flat = traverse_util.flatten_dict(nn.meta.unbox(params))  # boxed: logical-axis metadata
     for path, value in sorted(flat.items()):
         if not np.isfinite(np.asarray(value)).all():
@@ -153,8 +152,6 @@ def load_model(folder: str | Path) -> LoadedModel:
         default_head=default or POOLED,
         normalize_pooled=normalizes_pooled(_modules(folder)),
     )
-    import flax.linen as nn
-
     abstract = nn.meta.unbox(abstract_params(config))
     encoder_params, _ = hf_io.params_from_state_dict(state, abstract["encoder"], prefix)
     params = {"encoder": encoder_params}

@@ -58,9 +58,3 @@ def pool(hidden: jax.Array, mask: jax.Array, mode: str) -> jax.Array:
     if mode not in fns:
         raise ValueError(f"pooling {mode!r} is not supported; choose one of {POOLING_MODES}")
     return fns[mode](hidden, mask)
-
-
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-    """Unit rows in float32; a zero row stays zero."""
-    x = x.astype(jnp.float32)
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))

@@ -1,15 +1,15 @@
 """orbax checkpoints of a run: train state + per-process data-iterator state, keep N, identity.
 
 `WORKDIR/run.json` records what run the checkpoints belong to; a workdir holding another run's
-checkpoints is refused rather than mixed or overwritten. A stage hand-off reads only the params
-of another workdir's latest checkpoint.
+checkpoints is refused rather than mixed or overwritten. The folder's format, and reading the
+params of a checkpoint (stage hand-off, encode, export), live in `jasper_jax.run_folder`.
 
 Integrity: each checkpoint holds, besides "state" and "data", an "integrity" item with the
-fingerprint of every state array (`fingerprint.py`), computed on device at save. Every restore
-recomputes and compares them. A checkpoint that fails (damaged bytes, unreadable files) is
-moved aside to `checkpoints/damaged-STEP-TIME` with a warning, and the previous one is used;
-with none left the run stops with one line. Checkpoints written before integrity items existed
-restore unverified, with a warning.
+fingerprint of every state array (`run_folder.integrity_record`), computed on device at save.
+Every restore recomputes and compares them. A checkpoint that fails (damaged bytes, unreadable
+files) is moved aside to `checkpoints/damaged-STEP-TIME` with a warning, and the previous one is
+used; with none left the run stops with one line. Checkpoints written before integrity items
+existed restore unverified, with a warning.
 """
 
 from __future__ import annotations
@@ -21,21 +21,21 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from jasper_jax.errors import UserError, one_line
 from jasper_jax.paths import PathLike, as_path, read_json, write_json_atomic
-from jasper_jax.train import fingerprint
+from jasper_jax.run_folder import (
+    CHECKPOINT_DIR,
+    INTEGRITY,
+    RUN_FILE,
+    DamagedCheckpoint,
+    integrity_record,
+    verify,
+)
 
 log = logging.getLogger(__name__)
-RUN_FILE = "run.json"
-MODEL_FILE = "model.json"  # the student's architecture, tokenizer folder, teachers
-CHECKPOINT_DIR = "checkpoints"
-INTEGRITY = "integrity"  # checkpoint item: {"algorithm", "arrays": {key path: fingerprint}}
 DAMAGED_PREFIX = "damaged-"
-
-
-class DamagedCheckpoint(Exception):
-    """A checkpoint whose files cannot be read or whose arrays fail their fingerprints."""
 
 
 def _differences(old: dict, new: dict) -> list[str]:
@@ -160,8 +160,6 @@ class Checkpointer:
 
     def _set_aside(self, step: int, reason: str) -> None:
         """Moves a damaged checkpoint out of orbax's sight (a later save may reuse its step)."""
-        from jax.experimental import multihost_utils
-
         source = self.workdir / CHECKPOINT_DIR / str(step)
         target = source.parent / f"{DAMAGED_PREFIX}{step}-{time.strftime('%Y%m%d-%H%M%S')}"
         if jax.process_index() == 0:
@@ -176,95 +174,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
-
-
-def load_params(workdir: PathLike, step: int | None = None) -> tuple[Any, int]:
-    """Params (host numpy tree) of another run's checkpoint: the latest, or `step`.
-
-    Used for stage hand-off (weights only, fresh optimiser) and for export/eval.
-    """
-    directory = as_path(workdir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        raise UserError(
-            f"{workdir} has no {CHECKPOINT_DIR}/ folder: run the previous stage first, or "
-            "point init_from / --workdir at a finished stage's workdir"
-        )
-    manager = ocp.CheckpointManager(
-        directory,
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            INTEGRITY: ocp.JsonCheckpointHandler(),
-        },
-        options=ocp.CheckpointManagerOptions(create=False),
-    )
-    try:
-        steps = manager.all_steps()
-        if not steps or (step is not None and step not in steps):
-            raise UserError(
-                f"{directory} has no checkpoint {step if step is not None else ''} "
-                f"(available steps: {sorted(steps)})"
-            )
-        # The latest that verifies (falling back past damaged ones), or exactly `step`.
-        candidates = sorted(steps, reverse=True) if step is None else [step]
-        damaged = []
-        for candidate in candidates:
-            try:
-                state = _read_verified(manager, candidate)
-            except DamagedCheckpoint as e:
-                damaged.append(f"step {candidate}: {e}")
-                log.warning("checkpoint %s is damaged (%s)", directory / str(candidate), e)
-                continue
-            if damaged:
-                log.warning("using checkpoint %s instead", directory / str(candidate))
-            return jax.device_get(state["params"]), candidate
-    finally:
-        manager.close()
-    raise UserError(
-        f"no good checkpoint in {directory} ({'; '.join(damaged)}); restore it from a backup, "
-        "pass --step of an intact one, or re-run the stage"
-    )
-
-
-def _read_verified(manager: ocp.CheckpointManager, step: int) -> Any:
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    except Exception as e:  # orbax raises many types for truncated or damaged files
-        raise DamagedCheckpoint(f"cannot be read: {one_line(e)}") from e
-    verify(manager, step, restored["state"])
-    return restored["state"]
-
-
-def integrity_record(state: Any) -> dict:
-    """What a checkpoint records about its state: every array's fingerprint."""
-    return {"algorithm": fingerprint.ALGORITHM, "arrays": fingerprint.tree_fingerprints(state)}
-
-
-def verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """Compares a restored state with the fingerprints its checkpoint recorded.
-
-    Raises:
-      DamagedCheckpoint: a fingerprint differs (or the record is unreadable).
-    """
-    if not (as_path(manager.directory) / str(step) / INTEGRITY).exists():
-        log.warning(
-            "checkpoint %s has no integrity record (written by an older jasper-jax): restored "
-            "unverified",
-            as_path(manager.directory) / str(step),
-        )
-        return
-    try:
-        record = manager.restore(
-            step, args=ocp.args.Composite(**{INTEGRITY: ocp.args.JsonRestore()})
-        )[INTEGRITY]
-        recorded = dict(record["arrays"])
-    except Exception as e:
-        raise DamagedCheckpoint(f"its integrity record cannot be read: {one_line(e)}") from e
-    if record.get("algorithm") != fingerprint.ALGORITHM:
-        raise DamagedCheckpoint(f"unknown fingerprint algorithm {record.get('algorithm')!r}")
-    actual = fingerprint.tree_fingerprints(state)
-    bad = fingerprint.mismatches(recorded, actual)
-    if bad:
-        raise DamagedCheckpoint(
-            f"{len(bad)} of {len(recorded)} arrays differ from their recorded fingerprints "
-            f"(e.g. {bad[0]})"
-        )

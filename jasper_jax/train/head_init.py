@@ -35,6 +35,7 @@ import scipy.linalg
 
 from jasper_jax import sharding
 from jasper_jax.errors import UserError
+from jasper_jax.vectors import l2_normalize
 
 _HIGHEST = jax.lax.Precision.HIGHEST  # TPU matmuls default to bf16 passes: a sum of 1e5 rows
 # of products needs full float32.
@@ -81,8 +82,7 @@ def _batch_moments(features: jax.Array, target: jax.Array, valid: jax.Array, shi
     x = features.astype(jnp.float32) - shift
     x = jnp.concatenate([x, jnp.ones((x.shape[0], 1), jnp.float32)], axis=1)
     x = x * valid[:, None].astype(jnp.float32)
-    t = target.astype(jnp.float32)
-    t = t * jax.lax.rsqrt(jnp.maximum(jnp.sum(t * t, axis=1, keepdims=True), 1e-24))
+    t = l2_normalize(target)
     gram = jnp.einsum("bi,bj->ij", x, x, precision=_HIGHEST)
     cross = jnp.einsum("bi,bd->id", x, t, precision=_HIGHEST)
     return gram, cross, jnp.sum(valid.astype(jnp.int32))

@@ -13,9 +13,10 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import traverse_util
+
+from jasper_jax.settings import OptimSettings, Settings
 
 Path = tuple[str, ...]
 _LAYER = re.compile(r"^(layer|layers)_(\d+)$")
@@ -74,13 +75,13 @@ def is_trainable(path: Path, trainable: str, num_layers: int, last_layers: int) 
     return False
 
 
-def trainable_paths(params: Any, config: ml_collections.ConfigDict) -> frozenset[Path]:
+def trainable_paths(params: Any, s: Settings) -> frozenset[Path]:
     num_layers = encoder_layer_count(params.get("encoder", {}))
     flat = traverse_util.flatten_dict(params)
     return frozenset(
         path
         for path in flat
-        if is_trainable(path, config.trainable, num_layers, config.model.trainable_last_layers)
+        if is_trainable(path, s.trainable, num_layers, s.model.trainable_last_layers)
     )
 
 
@@ -97,7 +98,7 @@ def merge_params(a: Any, b: Any) -> Any:
     return traverse_util.unflatten_dict(flat)
 
 
-def learning_rate_schedule(optim: ml_collections.ConfigDict, steps: int) -> optax.Schedule:
+def learning_rate_schedule(optim: OptimSettings, steps: int) -> optax.Schedule:
     """Linear warm-up over `warmup_fraction` of the steps, then cosine decay to 0."""
     warmup = int(round(optim.warmup_fraction * steps))
     return optax.warmup_cosine_decay_schedule(
@@ -105,14 +106,14 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, steps: int) -> opta
     )
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(s: Settings) -> optax.GradientTransformation:
     """AdamW with clipping; no weight decay on biases and norm scales (1-D parameters)."""
-    o = config.optim
+    o = s.optim
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     return optax.chain(
         optax.clip_by_global_norm(o.clip_norm),
         optax.adamw(
-            learning_rate_schedule(o, config.train.steps),
+            learning_rate_schedule(o, s.train.steps),
             b1=o.b1,
             b2=o.b2,
             weight_decay=o.weight_decay,

@@ -16,6 +16,7 @@ import optax
 from jasper_jax.chunk_loss import chunk_alignment_loss
 from jasper_jax.losses import LossConfig, distillation_loss
 from jasper_jax.models.embedder import Embedder
+from jasper_jax.settings import LossSettings
 from jasper_jax.train.state import Path, TrainState, merge_params, split_params
 
 # forward(params, batch, rng) -> (student vectors per head, teacher target(s))
@@ -53,6 +54,33 @@ def text_forward(
         return {"document": document, "chunks": chunk_vectors}, teacher
 
     return forward
+
+
+def loss_config(w: LossSettings) -> LossConfig:
+    """The distillation loss's weights and knobs from the `loss` settings."""
+    return LossConfig(
+        cosine_weight=w.cosine,
+        similarity_weight=w.similarity,
+        resim_weight=w.relative_similarity,
+        margin=w.margin,
+        mrl_dims=tuple(w.mrl_dims) or None,
+        infonce_weight=w.infonce,
+        infonce_temperature=w.infonce_temperature,
+        infonce_symmetric=True,
+        gor_weight=w.gor,
+        block_size=w.resim_block_size or None,
+    )
+
+
+def chunk_loss_config(w: LossSettings) -> LossConfig:
+    """Weights of the chunk-alignment term (chunk mode: `data.max_chunks` > 0)."""
+    return LossConfig(
+        cosine_weight=w.chunk_cosine,
+        similarity_weight=w.chunk_similarity,
+        resim_weight=w.chunk_relative_similarity,
+        margin=w.margin,
+        block_size=w.resim_block_size or None,
+    )
 
 
 def _all_finite(tree: Any) -> jax.Array:

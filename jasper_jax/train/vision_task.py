@@ -19,15 +19,23 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
+from flax import traverse_util
 
-from jasper_jax.data.image_pipeline import target_key
+from jasper_jax.data.caption_dataset import load_caption_eval
+from jasper_jax.data.eval_records import load_eval_arrays
+from jasper_jax.data.image_pipeline import make_image_pipeline, target_key
+from jasper_jax.encode import TextEncoder
+from jasper_jax.encode_images import ImageEncoder
 from jasper_jax.errors import UserError
+from jasper_jax.fidelity import fidelity_metrics
 from jasper_jax.models.loading import LoadedModel
 from jasper_jax.models.multimodal import MultimodalConfig, MultimodalEmbedder, init_params
 from jasper_jax.models.siglip import SiglipVisionConfig
-from jasper_jax.train.setup import attention_settings, embedder_config_to_dict
+from jasper_jax.models.siglip_hf import load_siglip_folder
+from jasper_jax.run_folder import is_workdir, load_workdir_model
+from jasper_jax.settings import Settings
+from jasper_jax.train.text_task import attention_settings, embedder_config_to_dict
 
 RETRIEVAL_GROUP = 100  # recall@1 among this many candidate captions (chance 1%)
 VISION_FIELDS = (
@@ -40,24 +48,20 @@ VISION_FIELDS = (
 )
 
 
-def vision_config(c: ml_collections.ConfigDict) -> tuple[SiglipVisionConfig, dict | None]:
+def vision_config(s: Settings) -> tuple[SiglipVisionConfig, dict | None]:
     """(tower config, HF params or None): from `model.vision.init_hf` when set, else the fields."""
-    v = c.model.vision
+    v = s.model.vision
     if v.init_hf:
-        from jasper_jax.models.siglip_hf import load_siglip_folder
-
         config, params = load_siglip_folder(Path(v.init_hf).expanduser())
         params.pop("head", None)  # the bridge reads patch tokens; the pooling head is unused
         return dataclasses.replace(config, vision_use_head=False), params
-    fields = {name: int(v[name]) for name in VISION_FIELDS}
+    fields = {name: int(getattr(v, name)) for name in VISION_FIELDS}
     return SiglipVisionConfig(**fields, vision_use_head=False), None
 
 
 def word_embedding_std(encoder_params: dict) -> float | None:
     """Std of the student's token-embedding table (BERT `word_embeddings`, Qwen2
     `embed_tokens`), or None when it has neither."""
-    from flax import traverse_util
-
     for path, value in traverse_util.flatten_dict(encoder_params).items():
         if any(name in ("word_embeddings", "embed_tokens") for name in path):
             return float(np.std(np.asarray(value, np.float32)))
@@ -95,27 +99,25 @@ class VisionTask:
     batch_keys: tuple[str, ...]
 
     @classmethod
-    def from_config(cls, c: ml_collections.ConfigDict) -> VisionTask:
-        from jasper_jax.workdir import is_workdir, load_workdir_model
-
-        if not c.init_from or not is_workdir(c.init_from):
+    def from_settings(cls, s: Settings) -> VisionTask:
+        if not s.init_from or not is_workdir(s.init_from):
             raise UserError(
-                f"config field init_from: {c.init_from!r} is not a training workdir; stage 4 "
+                f"config field init_from: {s.init_from!r} is not a training workdir; stage 4 "
                 "starts from the frozen stage-3 student: set --config.init_from=STAGE3_WORKDIR"
             )
-        if not c.data.train_dir:
+        if not s.data.train_dir:
             raise UserError("config field data.train_dir is empty: point it at a caption dataset")
-        text, meta = load_workdir_model(c.init_from)
-        heads = tuple(int(d) for d in c.model.heads)
+        text, meta = load_workdir_model(s.init_from)
+        heads = tuple(int(d) for d in s.model.heads)
         if heads != tuple(text.config.heads):
             raise UserError(
-                f"config field model.heads {heads} differs from the heads of {c.init_from} "
+                f"config field model.heads {heads} differs from the heads of {s.init_from} "
                 f"{tuple(text.config.heads)}; stage 4 keeps the student's heads"
             )
-        vision, vision_params = vision_config(c)
-        config = MultimodalConfig(text.config, vision, int(c.model.image_tokens))
+        vision, vision_params = vision_config(s)
+        config = MultimodalConfig(text.config, vision, int(s.model.image_tokens))
         model = MultimodalEmbedder(
-            config, dtype=jnp.dtype(c.dtype), remat=c.model.remat, attention=attention_settings(c)
+            config, dtype=jnp.dtype(s.dtype), remat=s.model.remat, attention=attention_settings(s)
         )
         keys = ("pixels", "attention_mask", *(target_key(h) for h in text.config.head_names))
         return cls(config, text, meta, vision_params, model, keys)
@@ -137,7 +139,7 @@ class VisionTask:
             source += f" + post_layernorm scale {scale:.3g} (word-embedding std)"
         return params, source
 
-    def describe(self, c: ml_collections.ConfigDict) -> dict:
+    def describe(self, s: Settings) -> dict:
         """model.json: the student's entries (so text encoding works as for stage 3) plus the
         tower and the bridge, read by `encode_images.load_image_model`."""
         return {
@@ -145,9 +147,9 @@ class VisionTask:
             "embedder": embedder_config_to_dict(self.config.text),
             "vision": self.config.vision.to_hf_dict(),
             "image_tokens": self.config.image_tokens,
-            "text_from": str(Path(c.init_from).resolve()),
-            "stage": c.stage,
-            "config": c.name,
+            "text_from": str(Path(s.init_from).resolve()),
+            "stage": s.stage,
+            "config": s.name,
         }
 
     def identity(self) -> dict:
@@ -159,27 +161,25 @@ class VisionTask:
             "image_tokens": self.config.image_tokens,
         }
 
-    def pipeline(self, c: ml_collections.ConfigDict):
-        from jasper_jax.data.image_pipeline import make_image_pipeline
-
+    def pipeline(self, s: Settings):
         return make_image_pipeline(
-            c.data.train_dir,
-            batch_size=c.data.batch_size,
+            s.data.train_dir,
+            batch_size=s.data.batch_size,
             image_size=self.config.vision.image_size,
             image_tokens=self.config.image_tokens,
             heads=self.config.text.head_names,
-            seed=c.seed,
+            seed=s.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
-            worker_count=c.data.worker_count,
+            worker_count=s.data.worker_count,
         )
 
-    def forward(self, c: ml_collections.ConfigDict):
+    def forward(self, s: Settings):
         """(params, batch, rng) -> (image vectors per head, caption vectors per head).
 
         The batch's attention_mask (all ones) only counts image tokens for tokens/s.
         """
-        model, heads, dropout = self.model, self.config.text.head_names, c.model.dropout
+        model, heads, dropout = self.model, self.config.text.head_names, s.model.dropout
 
         def forward(params, batch, rng):
             images = model.apply(
@@ -194,21 +194,17 @@ class VisionTask:
 
         return forward
 
-    def evaluate(self, c, params, mesh) -> dict[str, dict[str, float]]:
+    def evaluate(self, s: Settings, params, mesh) -> dict[str, dict[str, float]]:
         """Held-out image->caption recall@1 among 100 captions per head (also per tag), and the
         text side: caption vectors vs the stored stage-3 ones, fidelity on `data.text_eval_dir`."""
-        from jasper_jax.data.caption_dataset import load_caption_eval
-        from jasper_jax.encode import TextEncoder
-        from jasper_jax.encode_images import ImageEncoder
-
         results: dict[str, dict[str, float]] = {}
         text_params = {k: params[k] for k in ("encoder", "heads")}
         text_model = dataclasses.replace(self.text, params=text_params)
-        text_encoder = TextEncoder(text_model, dtype=c.dtype, mesh=mesh)
+        text_encoder = TextEncoder(text_model, dtype=s.dtype, mesh=mesh)
         heads = self.config.text.head_names
-        if c.data.eval_dir:
-            data = load_caption_eval(c.data.eval_dir, limit=c.data.eval_images)
-            encoder = ImageEncoder(self.config, params, dtype=c.dtype, mesh=mesh)
+        if s.data.eval_dir:
+            data = load_caption_eval(s.data.eval_dir, limit=s.data.eval_images)
+            encoder = ImageEncoder(self.config, params, dtype=s.dtype, mesh=mesh)
             images = encoder.encode_heads(data["images"], heads=heads)
             captions = text_encoder.encode_heads(data["captions"], heads=heads)
             tags = np.array(data["tags"])
@@ -228,16 +224,13 @@ class VisionTask:
                 for tag in sorted(set(tags[: len(hits)]) - {""}):
                     scores[f"recall_at_1_{tag}"] = float(hits[tags[: len(hits)] == tag].mean())
                 results[f"image_to_caption/{head}"] = scores
-        if c.data.text_eval_dir:
-            results.update(text_fidelity(c, text_encoder, heads))
+        if s.data.text_eval_dir:
+            results.update(text_fidelity(s, text_encoder, heads))
         return results
 
 
-def text_fidelity(c, encoder, heads: Sequence[str]) -> dict[str, dict[str, float]]:
+def text_fidelity(s: Settings, encoder, heads: Sequence[str]) -> dict[str, dict[str, float]]:
     """Per head `text/<head>`: fidelity of the student's text vectors to `data.text_eval_dir`."""
-    from jasper_jax.data.pipeline import load_eval_arrays
-    from jasper_jax.fidelity import fidelity_metrics
-
-    texts, teacher, _ = load_eval_arrays(c.data.text_eval_dir, limit=c.data.eval_texts)
-    vectors = encoder.encode_heads(texts, heads=heads, prompt=c.data.prompt or None)
+    texts, teacher, _ = load_eval_arrays(s.data.text_eval_dir, limit=s.data.eval_texts)
+    vectors = encoder.encode_heads(texts, heads=heads, prompt=s.data.prompt or None)
     return {f"text/{name}": fidelity_metrics(v, teacher) for name, v in vectors.items()}

@@ -15,6 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jasper_jax.config import load_settings
+from jasper_jax.data.caption_dataset import build_caption_dataset, shapes_examples
+from jasper_jax.encode import TextEncoder
+from jasper_jax.errors import UserError
+from jasper_jax.run_folder import load_any_model
+from jasper_jax.settings import Settings
+from jasper_jax.train.loop import train_and_evaluate
+from jasper_jax.train.vision_task import text_fidelity
+
 log = logging.getLogger("jasper_jax.demo")
 CONFIG = "configs/embedded_default.py:4"
 QUICK = {
@@ -33,10 +42,8 @@ QUICK = {
 }
 
 
-def stage4_config(workdir: Path, stage3_dir: Path, quick: bool, **overrides: Any):
+def stage4_settings(workdir: Path, stage3_dir: Path, quick: bool, **overrides: Any) -> Settings:
     """The embedded default's stage-4 config with the demo's data dirs (and quick budget)."""
-    from jasper_jax.config import load_config
-
     fields = {
         **(QUICK if quick else {}),
         "init_from": stage3_dir,
@@ -47,33 +54,27 @@ def stage4_config(workdir: Path, stage3_dir: Path, quick: bool, **overrides: Any
     text_eval = workdir / "data" / "validation"
     if (text_eval / "dataset").is_dir():
         fields["data.text_eval_dir"] = text_eval
-    return load_config(CONFIG, [f"--config.{k}={v}" for k, v in fields.items()])
+    return load_settings(CONFIG, fields)
 
 
-def build_image_data(c) -> None:
+def build_image_data(s: Settings) -> None:
     """Caption datasets for the train and held-out shapes images (kept if already built)."""
-    from jasper_jax.data.caption_dataset import build_caption_dataset, shapes_examples
-
-    size = c.model.vision.image_size
+    size = s.model.vision.image_size
     for split, count, out in (
-        ("train", c.data.train_images, c.data.train_dir),
-        ("validation", c.data.eval_images, c.data.eval_dir),
+        ("train", s.data.train_images, s.data.train_dir),
+        ("validation", s.data.eval_images, s.data.eval_dir),
     ):
-        log.info("captioning %d %s shapes images with %s", count, split, c.init_from)
-        examples = shapes_examples(split, count, seed=c.seed, image_size=size)
-        build_caption_dataset(examples, c.init_from, out, progress=False)
+        log.info("captioning %d %s shapes images with %s", count, split, s.init_from)
+        examples = shapes_examples(split, count, seed=s.seed, image_size=size)
+        build_caption_dataset(examples, s.init_from, out, progress=False)
 
 
-def text_scores_before(c) -> dict[str, dict[str, float]]:
+def text_scores_before(s: Settings) -> dict[str, dict[str, float]]:
     """The stage-3 student's text fidelity on the same held-out texts stage 4 evaluates."""
-    from jasper_jax.encode import TextEncoder
-    from jasper_jax.train.vision_task import text_fidelity
-    from jasper_jax.workdir import load_any_model
-
-    if not c.data.text_eval_dir:
+    if not s.data.text_eval_dir:
         return {}
-    model = load_any_model(c.init_from)
-    return text_fidelity(c, TextEncoder(model, dtype=c.dtype), model.config.head_names)
+    model = load_any_model(s.init_from)
+    return text_fidelity(s, TextEncoder(model, dtype=s.dtype), model.config.head_names)
 
 
 def format_table(before: dict, after: dict, seconds: float) -> str:
@@ -111,17 +112,14 @@ def run_stage4(workdir: Path, stage3_dir: Path, quick: bool) -> dict:
 
     Returns {"status", "step", "eval", "text_before", "seconds": {...}, "table": markdown}.
     """
-    from jasper_jax.errors import UserError
-    from jasper_jax.train.loop import train_and_evaluate
-
     workdir, stage3_dir = Path(workdir), Path(stage3_dir)
-    c = stage4_config(workdir, stage3_dir, quick)
+    s = stage4_settings(workdir, stage3_dir, quick)
     start = time.perf_counter()
-    build_image_data(c)
+    build_image_data(s)
     data_seconds = time.perf_counter() - start
-    before = text_scores_before(c)
+    before = text_scores_before(s)
     start = time.perf_counter()
-    result = train_and_evaluate(c, workdir / "stage4")
+    result = train_and_evaluate(s, workdir / "stage4")
     train_seconds = time.perf_counter() - start
     if result["status"] != "finished":
         raise UserError(f"stage 4 stopped ({result['status']}); re-run to resume")

@@ -5,7 +5,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from jasper_jax.errors import UserError
+from jasper_jax.evaluation.report import markdown_report
+from jasper_jax.paths import read_json
+
 log = logging.getLogger(__name__)
+EVAL_JSON = Path("eval") / "eval.json"  # where `jasper-jax eval --model WORKDIR` writes
 
 _HUB_NAMES = {
     "all_minilm_l6_v2": "sentence-transformers/all-MiniLM-L6-v2",
@@ -106,7 +111,7 @@ def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
 
     Args:
       meta: model.json of the run (+ "step").
-      summary: from `export.write_text_model` (+ "vision").
+      summary: from `st_folder.write_text_model` (+ "vision").
       evaluation: the eval.json of `jasper-jax eval` for this workdir, or None.
     """
     base = hub_name(meta.get("tokenizer_folder", ""))
@@ -142,11 +147,22 @@ def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
 
 def _evaluation_section(evaluation: dict) -> list[str]:
     """The eval.json tables; an eval.json of another layout is left out (it is optional)."""
-    from jasper_jax.evaluation.report import markdown_report
-
     try:
         report = markdown_report(evaluation)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         log.warning("model card without evaluation: eval.json is not as expected (%r)", e)
         return []
     return ["## Evaluation (jasper-jax eval)", "", report, ""]
+
+
+def workdir_evaluation(workdir: str | Path) -> dict | None:
+    """The workdir's eval.json for the model card; a damaged one is left out, not fatal."""
+    path = Path(workdir) / EVAL_JSON
+    if not path.is_file():
+        return None
+    try:
+        evaluation = read_json(path)
+    except UserError as e:
+        log.warning("model card without evaluation: %s", e)
+        return None
+    return evaluation if isinstance(evaluation, dict) else None

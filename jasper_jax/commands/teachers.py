@@ -16,12 +16,13 @@ Long documents with chunk vectors (chunk alignment), documents made of consecuti
 from __future__ import annotations
 
 import argparse
-import logging
 
+from jasper_jax.data.chunk_vectors import load_tokenizer
+from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
+from jasper_jax.data.corpus import load_corpus
+from jasper_jax.data.teacher_assets import resolve_model_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
 from jasper_jax.errors import UserError
-
-log = logging.getLogger(__name__)
 
 
 def add_teachers_args(parser: argparse.ArgumentParser) -> None:
@@ -124,18 +125,13 @@ def teachers_main(args: argparse.Namespace) -> int:
 def _documents(args: argparse.Namespace) -> list[str]:
     """The corpus's texts joined into documents of --documents MIN:MAX tokens (counted with the
     chunk tokenizer, else the first teacher's)."""
-    from jasper_jax.data.chunk_vectors import load_tokenizer
-    from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
-    from jasper_jax.data.corpus import load_corpus
-    from jasper_jax.data.teachers import resolve_teacher_folder
-
     try:
         low, high = (int(x) for x in args.documents.split(":"))
     except ValueError as e:
         raise UserError(
             f"--documents {args.documents!r}: write MIN:MAX tokens, e.g. 128:480"
         ) from e
-    folder = args.chunk_tokenizer or resolve_teacher_folder(args.teacher[0])
+    folder = args.chunk_tokenizer or resolve_model_folder(args.teacher[0], what="teacher")
     flag = "--chunk-tokenizer" if args.chunk_tokenizer else "--teacher"
     backend = plain_tokenizer(load_tokenizer(folder, flag))
     count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)

@@ -14,7 +14,13 @@ from __future__ import annotations
 
 import argparse
 
+from jasper_jax.data.caption_dataset import (
+    build_caption_dataset,
+    manifest_examples,
+    shapes_examples,
+)
 from jasper_jax.data.shapes import SPLITS
+from jasper_jax.errors import UserError
 
 
 def add_captions_args(parser: argparse.ArgumentParser) -> None:
@@ -35,13 +41,6 @@ def add_captions_args(parser: argparse.ArgumentParser) -> None:
 
 def captions_main(args: argparse.Namespace) -> int:
     """Run the sub-command; returns the exit code (``UserError`` propagates to the CLI)."""
-    from jasper_jax.data.caption_dataset import (
-        build_caption_dataset,
-        manifest_examples,
-        shapes_examples,
-    )
-    from jasper_jax.errors import UserError
-
     if args.shapes is not None and args.shapes < 1:
         raise UserError(f"--shapes {args.shapes}: must be a positive number of images")
     if args.image_size < 8:

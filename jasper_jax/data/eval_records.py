@@ -1,0 +1,50 @@
+"""Held-out readers: a teacher dataset's records in corpus order, with unit teacher vectors,
+for evaluation (fidelity, retrieval, chunk alignment) and demos."""
+
+from __future__ import annotations
+
+import pathlib
+
+import numpy as np
+
+from jasper_jax.data.pipeline import require_chunks
+from jasper_jax.data.teacher_dataset import open_teacher_dataset
+from jasper_jax.vectors import unit_rows
+
+
+def sorted_records(data_dir: str | pathlib.Path, limit: int | None = None) -> list[dict]:
+    """All (or the first ``limit``) records of a teacher dataset, in corpus order."""
+    source, _ = open_teacher_dataset(data_dir)
+    records = source.__getitems__(list(range(len(source))))
+    records.sort(key=lambda record: int(record["index"]))
+    return records[:limit] if limit else records
+
+
+def load_eval_arrays(
+    data_dir: str | pathlib.Path, limit: int | None = None
+) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """All (or the first ``limit`` by corpus row) texts with unit teacher vectors, for evaluation.
+
+    Returns: (texts, teacher float32 [N, D] unit rows, index int64 [N]), sorted by ``index``.
+    """
+    records = sorted_records(data_dir, limit)
+    texts = [record["text"].decode("utf-8") for record in records]
+    teacher = unit_rows(np.stack([record["teacher"] for record in records]))
+    index = np.array([record["index"] for record in records], dtype=np.int64)
+    return texts, teacher, index
+
+
+def load_eval_chunks(
+    data_dir: str | pathlib.Path, limit: int | None = None
+) -> tuple[list[str], list[np.ndarray], np.ndarray]:
+    """Held-out chunks of a chunk-mode teacher dataset, documents in corpus order.
+
+    Returns: (documents, character spans [n_i, 2] per document, unit chunk teacher vectors
+    [sum n_i, D] float32 in the same order).
+    """
+    require_chunks(open_teacher_dataset(data_dir)[1], data_dir)
+    records = sorted_records(data_dir, limit)
+    documents = [record["text"].decode("utf-8") for record in records]
+    spans = [np.asarray(record["chunk_spans"], np.int64).reshape(-1, 2) for record in records]
+    vectors = unit_rows(np.concatenate([record["chunk_teacher"] for record in records]))
+    return documents, spans, vectors
