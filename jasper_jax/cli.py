@@ -16,101 +16,49 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
+from jasper_jax.commands import captions, demo, encode, evaluate, export, teachers, train
 from jasper_jax.errors import UserError, one_line
 
 Command = Callable[[argparse.Namespace], int]
 
 
-def _encode_args(p: argparse.ArgumentParser) -> Command:
-    p.add_argument("--model", required=True, help="local HF / sentence-transformers folder")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--input", help="UTF-8 text file, one text per line")
-    source.add_argument(
-        "--images",
-        nargs="+",
-        help="image files and/or folders of images (a model with a vision tower: stage 4)",
-    )
-    p.add_argument("--output", required=True, help=".npy file for the [N, dim] float32 vectors")
-    p.add_argument(
-        "--chunks",
-        default=None,
-        help="also write chunk vectors from the same pass: MODE:SIZE[:OVERLAP] (sentences:64, "
-        "tokens:128:32) or 'given' (spans from a .jsonl input's 'chunks'); --input may be "
-        ".jsonl; --max-length then defaults to the model's position limit",
-    )
-    p.add_argument("--head", default=None, help="output head: 'pooled', 'dense_<dim>' or '<dim>'")
-    p.add_argument("--prompt", default=None, help="text prepended to every input (e.g. a query)")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--max-length", type=int, default=None, help="tokens; default: the model's")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh shape")
-
-    def run(args: argparse.Namespace) -> int:
-        from jasper_jax.commands.encode import encode_main
-
-        return encode_main(args)
-
-    return run
-
-
-def _train_args(p: argparse.ArgumentParser) -> Command:
-    from jasper_jax.commands.train import add_distributed_args
-
-    p.add_argument("--config", required=True, help="configs/NAME.py[:STAGE] or NAME[:STAGE]")
-    p.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, run.json")
-    add_distributed_args(p)
-
-    def run(args: argparse.Namespace) -> int:
-        from jasper_jax.commands.train import train_main
-
-        return train_main(args)
-
-    return run
-
-
-def _teachers_args(p: argparse.ArgumentParser) -> Command:
-    from jasper_jax.commands.teachers import add_teachers_args, teachers_main
-
-    add_teachers_args(p)
-    return teachers_main
-
-
-def _captions_args(p: argparse.ArgumentParser) -> Command:
-    from jasper_jax.commands.captions import add_captions_args, captions_main
-
-    add_captions_args(p)
-    return captions_main
-
-
-def _demo_args(p: argparse.ArgumentParser) -> Command:
-    from jasper_jax.commands.demo import add_demo_args, demo_main
-
-    add_demo_args(p)
-    return demo_main
-
-
-def _export_args(p: argparse.ArgumentParser) -> Command:
-    from jasper_jax.commands.export import add_export_args, export_main
-
-    add_export_args(p)
-    return export_main
-
-
-def _eval_args(p: argparse.ArgumentParser) -> Command:
-    from jasper_jax.commands.evaluate import add_eval_args, eval_main
-
-    add_eval_args(p)
-    return eval_main
-
-
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Command]]] = {
-    "captions": ("caption vectors of images from the frozen student (stage 4)", _captions_args),
-    "demo": ("the embedded default end to end: teacher vectors, stages 1-4, a table", _demo_args),
-    "encode": ("encode texts (or images) into L2-normalised vectors (.npy)", _encode_args),
-    "eval": ("score a student vs its teachers: fidelity, retrieval, robustness", _eval_args),
-    "export": ("export a workdir as a Hugging Face / sentence-transformers folder", _export_args),
-    "teachers": ("precompute teacher vectors into a TFDS dataset", _teachers_args),
-    "train": ("train one stage: --config FILE[:STAGE] [--config.a.b=v ...]", _train_args),
+# name -> (help, adds the command's flags, runs it)
+SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {
+    "captions": (
+        "caption vectors of images from the frozen student (stage 4)",
+        captions.add_captions_args,
+        captions.captions_main,
+    ),
+    "demo": (
+        "the embedded default end to end: teacher vectors, stages 1-4, a table",
+        demo.add_demo_args,
+        demo.demo_main,
+    ),
+    "encode": (
+        "encode texts (or images) into L2-normalised vectors (.npy)",
+        encode.add_encode_args,
+        encode.encode_main,
+    ),
+    "eval": (
+        "score a student vs its teachers: fidelity, retrieval, robustness",
+        evaluate.add_eval_args,
+        evaluate.eval_main,
+    ),
+    "export": (
+        "export a workdir as a Hugging Face / sentence-transformers folder",
+        export.add_export_args,
+        export.export_main,
+    ),
+    "teachers": (
+        "precompute teacher vectors into a TFDS dataset",
+        teachers.add_teachers_args,
+        teachers.teachers_main,
+    ),
+    "train": (
+        "train one stage: --config FILE[:STAGE] [--config.a.b=v ...]",
+        train.add_train_args,
+        train.train_main,
+    ),
 }
 
 
@@ -120,8 +68,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     runners = {}
-    for name, (help_text, add) in SUBCOMMANDS.items():
-        runners[name] = add(sub.add_parser(name, help=help_text, description=help_text))
+    for name, (help_text, add_args, run) in SUBCOMMANDS.items():
+        add_args(sub.add_parser(name, help=help_text, description=help_text))
+        runners[name] = run
     return parser, runners
 
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from jasper_jax import sharding
 from jasper_jax.errors import UserError
@@ -222,8 +223,6 @@ def position_limit(model: LoadedModel) -> int:
 
 
 def _load_tokenizer(folder):
-    from transformers import AutoTokenizer  # optional heavy dependency: imported on use
-
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError) as e:

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from etils import epath
 
 from jasper_jax.errors import UserError
@@ -97,8 +98,6 @@ def write_text_atomic(path: PathLike, text: str) -> None:
 def save_npy_atomic(path: str | Path, array: Any) -> None:
     """An .npy written beside the target, then renamed: an existing file is never left
     half-written (local paths)."""
-    import numpy as np
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(

@@ -77,6 +77,20 @@ def read_model_json(workdir: PathLike) -> dict[str, Any]:
     return meta
 
 
+def embedder_config_to_dict(config: EmbedderConfig) -> dict:
+    """model.json's "embedder" entry (read back by `embedder_config_from_dict`)."""
+    encoder = config.encoder.to_hf_dict()
+    if hasattr(config.encoder, "add_pooling_layer"):
+        encoder["add_pooling_layer"] = config.encoder.add_pooling_layer
+    return {
+        "encoder": encoder,
+        "pooling": config.pooling,
+        "heads": list(config.heads),
+        "default_head": config.default_head,
+        "normalize_pooled": config.normalize_pooled,
+    }
+
+
 def embedder_config_from_dict(d: dict) -> EmbedderConfig:
     """The student's architecture from model.json's "embedder" entry.
 

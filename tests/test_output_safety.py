@@ -60,7 +60,7 @@ def make_workdir(path: Path, params: dict, config) -> Path:
     import orbax.checkpoint as ocp
 
     from jasper_jax.data.teacher_assets import teacher_folder
-    from jasper_jax.train.text_task import embedder_config_to_dict
+    from jasper_jax.run_folder import embedder_config_to_dict
 
     path.mkdir(parents=True)
     meta = {

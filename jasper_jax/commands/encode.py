@@ -32,6 +32,31 @@ from jasper_jax.run_folder import load_any_model, load_image_model
 log = logging.getLogger(__name__)
 
 
+def add_encode_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="local HF / sentence-transformers folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--input", help="UTF-8 text file, one text per line")
+    source.add_argument(
+        "--images",
+        nargs="+",
+        help="image files and/or folders of images (a model with a vision tower: stage 4)",
+    )
+    p.add_argument("--output", required=True, help=".npy file for the [N, dim] float32 vectors")
+    p.add_argument(
+        "--chunks",
+        default=None,
+        help="also write chunk vectors from the same pass: MODE:SIZE[:OVERLAP] (sentences:64, "
+        "tokens:128:32) or 'given' (spans from a .jsonl input's 'chunks'); --input may be "
+        ".jsonl; --max-length then defaults to the model's position limit",
+    )
+    p.add_argument("--head", default=None, help="output head: 'pooled', 'dense_<dim>' or '<dim>'")
+    p.add_argument("--prompt", default=None, help="text prepended to every input (e.g. a query)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--max-length", type=int, default=None, help="tokens; default: the model's")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh shape")
+
+
 def encode_main(args: argparse.Namespace) -> int:
     """`jasper-jax encode`: texts (or, with --images / --chunks, the other two modes)."""
     check_output_path(args.output)

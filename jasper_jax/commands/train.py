@@ -16,6 +16,12 @@ from jasper_jax.train.loop import train_and_evaluate
 log = logging.getLogger(__name__)
 
 
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="configs/NAME.py[:STAGE] or NAME[:STAGE]")
+    p.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, run.json")
+    add_distributed_args(p)
+
+
 def add_distributed_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
         "multi-host (a TPU pod slice initialises itself; these are for CPU/GPU)"

@@ -11,6 +11,8 @@ import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 
+from matplotlib.figure import Figure
+
 
 @dataclasses.dataclass(frozen=True)
 class Row:
@@ -44,15 +46,12 @@ def markdown_table(rows: Sequence[Row]) -> str:
 def plot_learning(rows: Sequence[Row], path: Path, title: str = "") -> Path:
     """Spearman and nDCG@10 of each student output over the stages (teachers as dashed
     lines); writes a PNG at `path`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     students = [r for r in rows if not r.reference]
     steps = list(dict.fromkeys(r.model for r in students))
     outputs = list(dict.fromkeys(r.output for r in students))
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    # A pyplot-free Figure: no global backend or figure registry is touched.
+    fig = Figure(figsize=(15, 4.6))
+    axes = fig.subplots(1, 3)
     metrics = (("cosine", "held-out cosine to target"), ("spearman", "held-out Spearman"))
     metrics += (("ndcg_at_10", "retrieval nDCG@10"),)
     references = [r for r in rows if r.reference]
@@ -89,5 +88,4 @@ def plot_learning(rows: Sequence[Row], path: Path, title: str = "") -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

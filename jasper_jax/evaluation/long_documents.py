@@ -20,7 +20,17 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from jasper_jax.data.chunking import ChunkingConfig, Span, chunk_texts, group_texts, join_sentences
+from jasper_jax.data.chunking import (
+    ChunkingConfig,
+    Span,
+    chunk_texts,
+    group_texts,
+    join_sentences,
+    plain_tokenizer,
+)
+from jasper_jax.data.corpus import load_embedded_records
+from jasper_jax.encode import TextEncoder, resolve_head
+from jasper_jax.encode_chunks import ChunkEncoder
 from jasper_jax.evaluation.retrieval import rank_of_relevant, retrieval_metrics
 
 
@@ -46,8 +56,6 @@ def long_document_task(
 ) -> LongDocumentTask:
     """The task on the held-out synsets; lengths and chunk sizes in ``tokenizer``'s tokens (an
     HF fast tokenizer; the student's, so chunks match what the student is trained on)."""
-    from jasper_jax.data.chunking import plain_tokenizer
-    from jasper_jax.data.corpus import load_embedded_records
 
     records = load_embedded_records("validation")
     examples: dict[str, list[str]] = {}
@@ -110,8 +118,6 @@ def score_rows(
 
 def student_rows(model, task: LongDocumentTask, batch_size: int = 16, attention=None) -> dict:
     """Rows for a loaded student (``LoadedModel``): its default output, one pass per document."""
-    from jasper_jax.encode import TextEncoder, resolve_head
-    from jasper_jax.encode_chunks import ChunkEncoder
 
     kwargs = {"attention": attention} if attention is not None else {}
     encoder = TextEncoder(model, batch_size=batch_size, **kwargs)

@@ -5,6 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import matplotlib
+from matplotlib.figure import Figure
+
 
 def _fmt(value: Any, digits: int = 4) -> str:
     if value is None:
@@ -88,13 +91,10 @@ def markdown_report(result: dict) -> str:
 
 def plot_quality(result: dict, path: Path) -> None:
     """PNG: nDCG@10 and Spearman against bytes per vector, float (solid) and binary (dashed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    # A pyplot-free Figure: no global backend or figure registry is touched.
+    fig = Figure(figsize=(12, 4.5))
+    axes = fig.subplots(1, 2)
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
     series = [(m["name"], out) for m in result["models"] for out in _outputs(m)]
     for i, (name, output) in enumerate(series):
         model = next(m for m in result["models"] if m["name"] == name)
@@ -120,7 +120,6 @@ def plot_quality(result: dict, path: Path) -> None:
     axes[1].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _outputs(model: dict) -> list[str]:

@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from jasper_jax.data.corpus import load_embedded_records
 from jasper_jax.errors import UserError
 
 
@@ -39,7 +40,6 @@ def wordnet_task(max_queries: int | None = 1000, max_documents: int | None = Non
     `max_queries` cuts them. `max_documents` keeps every relevant definition and fills up with
     the other definitions in corpus order.
     """
-    from jasper_jax.data.corpus import load_embedded_records
 
     records = load_embedded_records("validation")
     glosses = {r["synset"]: r["text"] for r in records if r["kind"] == "gloss"}

@@ -29,6 +29,7 @@ from jasper_jax.models.embedder import (
 )
 from jasper_jax.models.loading import LoadedModel, load_model
 from jasper_jax.models.rope import RopeScaling
+from jasper_jax.run_folder import embedder_config_to_dict
 from jasper_jax.settings import Settings
 from jasper_jax.train.step import text_forward
 
@@ -36,19 +37,6 @@ from jasper_jax.train.step import text_forward
 def teacher_dim_of(data_dir: str) -> int:
     source, _ = open_teacher_dataset(data_dir)
     return int(source[0]["teacher"].shape[-1])
-
-
-def embedder_config_to_dict(config: EmbedderConfig) -> dict:
-    encoder = config.encoder.to_hf_dict()
-    if hasattr(config.encoder, "add_pooling_layer"):
-        encoder["add_pooling_layer"] = config.encoder.add_pooling_layer
-    return {
-        "encoder": encoder,
-        "pooling": config.pooling,
-        "heads": list(config.heads),
-        "default_head": config.default_head,
-        "normalize_pooled": config.normalize_pooled,
-    }
 
 
 def attention_settings(s: Settings) -> AttentionSettings:

@@ -33,9 +33,9 @@ from jasper_jax.models.loading import LoadedModel
 from jasper_jax.models.multimodal import MultimodalConfig, MultimodalEmbedder, init_params
 from jasper_jax.models.siglip import SiglipVisionConfig
 from jasper_jax.models.siglip_hf import load_siglip_folder
-from jasper_jax.run_folder import is_workdir, load_workdir_model
+from jasper_jax.run_folder import embedder_config_to_dict, is_workdir, load_workdir_model
 from jasper_jax.settings import Settings
-from jasper_jax.train.text_task import attention_settings, embedder_config_to_dict
+from jasper_jax.train.text_task import attention_settings
 
 RETRIEVAL_GROUP = 100  # recall@1 among this many candidate captions (chance 1%)
 VISION_FIELDS = (
