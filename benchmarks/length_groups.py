@@ -24,12 +24,12 @@ import numpy as np
 
 from benchmarks.common import report
 from benchmarks.train_step import TEACHER_DIM, build_jax_step
-from jasper_jax.demo.main import spread_sample
 from jasper_jax.data.corpus import load_corpus
 from jasper_jax.data.pipeline import make_text_pipeline
 from jasper_jax.data.teacher_assets import teacher_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
 from jasper_jax.data.teachers import Teacher
+from jasper_jax.demo.main import spread_sample
 
 
 def random_teacher() -> Teacher:
