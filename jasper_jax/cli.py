@@ -75,7 +75,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # force: a library imported above may already have put a handler on the root logger, which
+    # would make this call a no-op and hide every INFO line (progress, losses, ETA).
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
+    )
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser, runners = build_parser()

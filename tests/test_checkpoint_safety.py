@@ -246,11 +246,14 @@ def test_damaged_run_record_is_one_line(tiny_setup, reference_run, tmp_path, cap
     assert _steps(workdir) == [2, 4, 6]  # nothing removed
 
 
-def _fail_with(error: BaseException):
+def _export_failing_with(monkeypatch, error: BaseException) -> None:
+    """`jasper-jax export` runs a command that raises `error`."""
+
     def run(args):
         raise error
 
-    return run
+    help_text, add_args, _ = cli.SUBCOMMANDS["export"]
+    monkeypatch.setitem(cli.SUBCOMMANDS, "export", (help_text, add_args, run))
 
 
 @pytest.mark.parametrize(
@@ -265,18 +268,14 @@ def _fail_with(error: BaseException):
     ],
 )
 def test_expected_failures_are_one_line_exit_2(monkeypatch, capsys, error, words):
-    from jasper_jax.commands import export as export_command
-
-    monkeypatch.setattr(export_command, "export_main", _fail_with(error))
+    _export_failing_with(monkeypatch, error)
     code = cli.main(["export", "--workdir", "w", "--output", "o"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and words in err[0], err
 
 
 def test_a_bug_keeps_its_traceback_and_says_so(monkeypatch, capsys):
-    from jasper_jax.commands import export as export_command
-
-    monkeypatch.setattr(export_command, "export_main", _fail_with(KeyError("oops")))
+    _export_failing_with(monkeypatch, KeyError("oops"))
     assert cli.main(["export", "--workdir", "w", "--output", "o"]) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and "KeyError" in err and "a bug in jasper-jax" in err
