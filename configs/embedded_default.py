@@ -107,6 +107,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Chunk alignment (dewey): > 0 reads a chunk-mode teacher dataset and aligns up to this many
     # chunks per document besides the document vector; 0 is plain distillation.
     c.data.max_chunks = 0
+    # The demo's long documents (set by get_config("long")): how they are cut, their lengths
+    # in student tokens, how many the demo builds from consecutive train texts.
+    c.data.chunking = ""
+    c.data.document_tokens = ()
+    c.data.train_documents = 0
 
     c.loss = ml_collections.ConfigDict()
     c.loss.cosine = 10.0
