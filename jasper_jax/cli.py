@@ -74,12 +74,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
     return parser, runners
 
 
+def _configure_logging() -> None:
+    """INFO lines (progress, losses, ETA) on stderr with a timestamp.
+
+    Not `logging.basicConfig`: a library imported above (orbax logs through the root logger at
+    import) has already given the root a plain stderr handler, which makes basicConfig a no-op
+    and leaves the root at WARNING. Plain handlers get our format; other handlers (a test's log
+    capture) are left alone.
+    """
+    root = logging.getLogger()
+    if not root.handlers:
+        root.addHandler(logging.StreamHandler())
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.setLevel(logging.INFO)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    # force: a library imported above may already have put a handler on the root logger, which
-    # would make this call a no-op and hide every INFO line (progress, losses, ETA).
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", force=True
-    )
+    _configure_logging()
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     parser, runners = build_parser()
