@@ -134,8 +134,9 @@ def load_config(spec: str, overrides: Overrides = ()) -> ml_collections.ConfigDi
 
 
 def load_settings(spec: str, overrides: Overrides = ()) -> Settings:
-    """`to_settings(load_config(spec, overrides))`: what drivers pass to the train loop."""
-    return to_settings(load_config(spec, overrides))
+    """The settings of `load_config(spec, overrides)` (validated there, once): what drivers
+    pass to the train loop."""
+    return _typed(load_config(spec, overrides))
 
 
 def to_settings(config: ml_collections.ConfigDict) -> Settings:
@@ -145,6 +146,11 @@ def to_settings(config: ml_collections.ConfigDict) -> Settings:
       UserError: a wrong field, or a field no part of jasper-jax reads (a typo in a config file).
     """
     validate_config(config)
+    return _typed(config)
+
+
+def _typed(config: ml_collections.ConfigDict) -> Settings:
+    """`Settings` of an already validated config."""
     try:
         return from_mapping(Settings, config.to_dict())
     except ValueError as e:
