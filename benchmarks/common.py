@@ -1,13 +1,86 @@
-"""Shared by the benchmarks: printing a table and appending it to `benchmarks/results.md`."""
+"""Shared by the benchmarks: the machine's load, printing a table, appending it to results.md.
+
+A speed figure is only worth keeping when nothing else used the CPU while it was taken. At
+import this module notes the load average, the CPU time the whole machine has spent
+(`/proc/stat`) and the CPU time of this process; `report` compares them again, so it knows how
+many cores *other* processes used during the run. A busy run is printed but not appended to
+`results.md`, unless `JASPER_BENCH_ALLOW_BUSY=1` (and then the row says it was busy).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import platform
+import resource
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results.md")
+# Cores other processes may use during a run before it counts as busy.
+BUSY_CORES = 0.25
+# 1-minute load average at the start above which the machine was not quiet to begin with.
+BUSY_LOAD = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSnapshot:
+    """Wall time, the machine's busy CPU seconds, and this process tree's CPU seconds."""
+
+    wall: float
+    machine_busy: float
+    own: float
+    load: float
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all processes spent not idle since boot (user+nice+system+irq+softirq+steal)."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return float("nan")
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def snapshot() -> CpuSnapshot:
+    own = 0.0
+    for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+        usage = resource.getrusage(who)
+        own += usage.ru_utime + usage.ru_stime
+    return CpuSnapshot(time.monotonic(), _machine_busy_seconds(), own, os.getloadavg()[0])
+
+
+START = snapshot()
+
+
+@dataclasses.dataclass(frozen=True)
+class Load:
+    """How quiet the machine was between two snapshots."""
+
+    load_before: float
+    load_after: float
+    other_cores: float  # mean cores used by processes other than this one (and its children)
+
+    @property
+    def busy(self) -> bool:
+        return self.load_before > BUSY_LOAD or self.other_cores > BUSY_CORES
+
+    def line(self) -> str:
+        state = "BUSY" if self.busy else "quiet"
+        return (
+            f"load average {self.load_before:.2f} before, {self.load_after:.2f} after (this "
+            f"run's own work included); other processes used {self.other_cores:.2f} cores "
+            f"during the run: {state}"
+        )
+
+
+def load_since(start: CpuSnapshot = START) -> Load:
+    now = snapshot()
+    wall = max(now.wall - start.wall, 1e-9)
+    others = (now.machine_busy - start.machine_busy) - (now.own - start.own)
+    return Load(start.load, now.load, max(others, 0.0) / wall)
 
 
 def machine() -> str:
@@ -27,10 +100,19 @@ def table(headers: list[str], rows: list[list[object]]) -> str:
     return "\n".join(lines)
 
 
-def report(title: str, headers: list[str], rows: list[list[object]], note: str = "") -> None:
-    """Prints the table and appends it, dated and with the machine, to results.md."""
+def report(title: str, headers: list[str], rows: list[list[object]], note: str = "") -> bool:
+    """Prints the table with the machine's load; appends it, dated, to results.md when the
+    machine was quiet (or `JASPER_BENCH_ALLOW_BUSY=1`). Returns whether it was appended."""
+    load = load_since()
     text = table(headers, rows)
-    print(f"\n{title}\n{text}\n{note}")
+    print(f"\n{title}\n{text}\n{note}\n{load.line()}")
+    if load.busy and os.environ.get("JASPER_BENCH_ALLOW_BUSY") != "1":
+        print(
+            "not appended to results.md: the machine was busy, so these figures are not the "
+            "project's speed; re-run on a quiet machine (or set JASPER_BENCH_ALLOW_BUSY=1)"
+        )
+        return False
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     with RESULTS.open("a", encoding="utf-8") as f:
-        f.write(f"\n## {title}\n{stamp}; {machine()}\n\n{text}\n{note}\n")
+        f.write(f"\n## {title}\n{stamp}; {machine()}\n\n{text}\n{note}\n{load.line()}\n")
+    return True

@@ -10,77 +10,97 @@ from __future__ import annotations
 
 import argparse
 import errno
+import importlib
 import logging
 import pickle
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-from jasper_jax.commands import captions, demo, encode, evaluate, export, teachers, train
 from jasper_jax.errors import UserError, one_line
 
-Command = Callable[[argparse.Namespace], int]
-
-
-# name -> (help, adds the command's flags, runs it)
-SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Command]] = {
+# name -> (help, the module that has `add_args(parser)` and `main(args) -> int`). A module is
+# imported only when its command runs (or its flags are needed): `--help` does not load JAX.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "captions": (
         "caption vectors of images from the frozen student (stage 4)",
-        captions.add_captions_args,
-        captions.captions_main,
+        "jasper_jax.commands.captions",
     ),
     "demo": (
         "the embedded default end to end: teacher vectors, stages 1-4, a table",
-        demo.add_demo_args,
-        demo.demo_main,
+        "jasper_jax.commands.demo",
     ),
     "encode": (
         "encode texts (or images) into L2-normalised vectors (.npy)",
-        encode.add_encode_args,
-        encode.encode_main,
+        "jasper_jax.commands.encode",
     ),
     "eval": (
         "score a student vs its teachers: fidelity, retrieval, robustness",
-        evaluate.add_eval_args,
-        evaluate.eval_main,
+        "jasper_jax.commands.evaluate",
     ),
     "export": (
         "export a workdir as a Hugging Face / sentence-transformers folder",
-        export.add_export_args,
-        export.export_main,
+        "jasper_jax.commands.export",
     ),
     "teachers": (
         "precompute teacher vectors into a TFDS dataset",
-        teachers.add_teachers_args,
-        teachers.teachers_main,
+        "jasper_jax.commands.teachers",
     ),
     "train": (
         "train one stage: --config FILE[:STAGE] [--config.a.b=v ...]",
-        train.add_train_args,
-        train.train_main,
+        "jasper_jax.commands.train",
     ),
 }
+COMPILE_CACHE_MODULE = "jasper_jax.compile_cache"  # imports JAX: loaded once a command runs
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Command]]:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every sub-command, with the flags (so the module) of `command` only; of
+    every command when `command` is None, of none when it is "" (`jasper-jax --help`)."""
     parser = argparse.ArgumentParser(
         prog="jasper-jax", description="Jasper/Stella embedding distillation in JAX/Flax."
     )
+    _add_compile_cache_flag(parser, default=None)
     sub = parser.add_subparsers(dest="command", required=True)
-    runners = {}
-    for name, (help_text, add_args, run) in SUBCOMMANDS.items():
-        add_args(sub.add_parser(name, help=help_text, description=help_text))
-        runners[name] = run
-    return parser, runners
+    for name, (help_text, module) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_compile_cache_flag(p, default=argparse.SUPPRESS)  # keeps a value given before
+        if command is None or command == name:
+            importlib.import_module(module).add_args(p)
+    return parser
+
+
+def _add_compile_cache_flag(parser: argparse.ArgumentParser, default: object) -> None:
+    """`--compile-cache DIR|off`, before or after the sub-command's name."""
+    parser.add_argument(
+        "--compile-cache",
+        metavar="DIR|off",
+        default=default,
+        help="persistent XLA compilation cache, so a second run does not compile again "
+        "(default: $JASPER_JAX_COMPILE_CACHE, else $JASPER_JAX_CACHE/xla, else "
+        "~/.cache/jasper-jax/xla; off: none)",
+    )
+
+
+def _command_in(argv: Sequence[str]) -> str:
+    """The sub-command named in `argv` (its first word that is one, past the top-level flags'
+    values), or "" when there is none (`jasper-jax --help`: parsing reports it)."""
+    words = iter(argv)
+    for word in words:
+        if word == "--compile-cache":
+            next(words, None)
+        elif word in SUBCOMMANDS:
+            return word
+    return ""
 
 
 def _configure_logging() -> None:
     """INFO lines (progress, losses, ETA) on stderr with a timestamp.
 
-    Not `logging.basicConfig`: a library imported above (orbax logs through the root logger at
-    import) has already given the root a plain stderr handler, which makes basicConfig a no-op
-    and leaves the root at WARNING. Plain handlers get our format; other handlers (a test's log
-    capture) are left alone.
+    Not `logging.basicConfig`: a library imported earlier (orbax logs through the root logger at
+    import) may have given the root a plain stderr handler, which makes basicConfig a no-op and
+    leaves the root at WARNING (the commands' modules, imported after this, find our handler).
+    Plain handlers get our format; other handlers (a test's log capture) are left alone.
     """
     root = logging.getLogger()
     if not root.handlers:
@@ -95,14 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging()
     for noisy in ("absl", "orbax", "jax._src", "tensorflow_datasets", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    parser, runners = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(_command_in(argv))
     args, rest = parser.parse_known_args(argv)
     if args.command == "train":
         args.overrides = rest
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
-        return runners[args.command](args)
+        importlib.import_module(COMPILE_CACHE_MODULE).enable(args.compile_cache)
+        return importlib.import_module(SUBCOMMANDS[args.command][1]).main(args)
     except KeyboardInterrupt:
         print(f"jasper-jax {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -1,6 +1,6 @@
 """Batch text encoding with a loaded model: tokenise, bucket by length, run sharded, unsort.
 
-Texts are sorted by token count and padded to a few bucket lengths (powers of two) so a whole
+Texts are sorted by token count and padded to a few bucket lengths (`bucket_length`) so a whole
 corpus compiles a handful of programs; every batch has the same row count (short batches are
 padded with empty rows), sharded over the mesh's (data, fsdp) axes.
 """
@@ -58,12 +58,18 @@ def check_finite_model(params: Any, model: str) -> None:
         )
 
 
-def bucket_length(n: int, max_length: int, smallest: int = 16) -> int:
-    """Smallest power of two >= n (at least `smallest`), capped at `max_length`."""
-    length = smallest
-    while length < n:
-        length *= 2
-    return min(length, max_length)
+def bucket_length(n: int, max_length: int, granularity: int = 8) -> int:
+    """The padded length of a batch whose longest row has `n` tokens, capped at `max_length`.
+
+    Multiples of `granularity` up to 8 x granularity tokens, then four steps per doubling
+    (80, 96, 112, 128, 160, ...): a row is padded by under a quarter of its length, and a corpus
+    up to 512 tokens compiles at most 20 programs. (Powers of two wasted 40% of the work on
+    short texts: a 17-token batch ran at 32.)
+    """
+    step = granularity
+    while step * 8 < n:
+        step *= 2
+    return min(-(-n // step) * step, max_length)
 
 
 def resolve_head(config: EmbedderConfig, head: str | None) -> str:
@@ -176,15 +182,19 @@ class TextEncoder:
         order = np.argsort([len(x) for x in tok.ids], kind="stable")
         out: dict[str, np.ndarray] = {}
         bar = tqdm(total=len(texts), unit="text", disable=not progress, desc="encode")
+        fn, pending = self._fn(heads), None
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            ids, mask = self.pad([tok.ids[i] for i in rows], max_length)
-            for name, vecs in self._fn(heads)(self.params, ids, mask).items():
-                vecs = np.asarray(vecs)[: len(rows)]
-                out.setdefault(name, np.zeros((len(texts), vecs.shape[-1]), np.float32))[rows] = (
-                    vecs
-                )
-            bar.update(len(rows))
+            # Dispatch this batch before reading the last one: the host pads and places the next
+            # batch while the device computes (jax dispatches asynchronously).
+            running = (rows, fn(self.params, *self.pad([tok.ids[i] for i in rows], max_length)))
+            if pending is not None:
+                _collect(*pending, out, len(texts))
+                bar.update(len(pending[0]))
+            pending = running
+        if pending is not None:
+            _collect(*pending, out, len(texts))
+            bar.update(len(pending[0]))
         bar.close()
         return out
 
@@ -215,6 +225,15 @@ class TextEncoder:
             return jax.make_array_from_callback(x.shape, self._in_sharding, lambda i: x[i])
 
         return put(ids), put(mask)
+
+
+def _collect(
+    rows: np.ndarray, result: dict[str, jax.Array], out: dict[str, np.ndarray], n: int
+) -> None:
+    """Copies a batch's vectors (its first len(rows) rows; the rest are padding) into `out`."""
+    for name, vecs in result.items():
+        vecs = np.asarray(vecs)[: len(rows)]
+        out.setdefault(name, np.zeros((n, vecs.shape[-1]), np.float32))[rows] = vecs
 
 
 def position_limit(model: LoadedModel) -> int:

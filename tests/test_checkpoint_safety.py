@@ -19,6 +19,7 @@ import pytest
 from flax import traverse_util
 
 from jasper_jax import cli, fingerprint, locks
+from jasper_jax.commands import export as export_command
 from jasper_jax.errors import UserError
 from jasper_jax.run_folder import CHECKPOINT_DIR, RUN_FILE, load_params
 from jasper_jax.train.loop import train_and_evaluate
@@ -252,8 +253,7 @@ def _export_failing_with(monkeypatch, error: BaseException) -> None:
     def run(args):
         raise error
 
-    help_text, add_args, _ = cli.SUBCOMMANDS["export"]
-    monkeypatch.setitem(cli.SUBCOMMANDS, "export", (help_text, add_args, run))
+    monkeypatch.setattr(export_command, "main", run)
 
 
 @pytest.mark.parametrize(

@@ -117,3 +117,15 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "does not exist" in proc.stderr
+
+
+def test_bucket_lengths_bound_padding_and_programs():
+    from jasper_jax.encode import bucket_length
+
+    lengths = [bucket_length(n, 512) for n in range(1, 513)]
+    for n, padded in enumerate(lengths, start=1):
+        assert n <= padded <= 512 and padded % 8 == 0
+        assert padded - n < max(8, n / 4), (n, padded)  # under a quarter of a row past 8 tokens
+    assert len(set(lengths)) == 20  # programs one corpus up to 512 tokens can compile
+    assert bucket_length(17, 512) == 24 and bucket_length(65, 512) == 80
+    assert bucket_length(300, 256) == 256  # the cap wins

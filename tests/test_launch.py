@@ -73,7 +73,7 @@ def cli_args(words: list[str]):
     """`jasper-jax ...` words parsed by the real CLI parser, as `jasper_jax.cli.main` does:
     (namespace, the words left for `train` as --config.* overrides)."""
     assert words[0] == "jasper-jax", words
-    args, rest = build_parser()[0].parse_known_args(words[1:])
+    args, rest = build_parser().parse_known_args(words[1:])
     return args, rest
 
 

@@ -77,7 +77,7 @@ def record_commands(nb, parameters: dict) -> list[list[str]]:
         if args[1:3] == ["clone", "--depth"]:
             Path(args[-1]).mkdir()
         if args[1:3] == ["-m", "jasper_jax.cli"]:
-            parsed, rest = build_parser()[0].parse_known_args(args[3:])
+            parsed, rest = build_parser().parse_known_args(args[3:])
             assert rest == [], args
             if parsed.command == "demo":
                 Path(parsed.workdir).mkdir(parents=True)
@@ -102,7 +102,7 @@ def cli_commands(calls: list[list[str]]) -> dict[str, object]:
     for args in calls:
         if args[1:3] == ["-m", "jasper_jax.cli"]:
             assert args[0] == sys.executable  # the kernel's own Python
-            parsed = build_parser()[0].parse_args(args[3:])
+            parsed = build_parser().parse_args(args[3:])
             assert parsed.command not in out, "one call per sub-command"
             out[parsed.command] = parsed
     return out

@@ -3,7 +3,8 @@ and small functions. Read from the source (ast), so nothing is imported.
 
 Layers, highest first (a module may import its own layer or lower, never higher):
   cli -> commands -> demo, config -> train / evaluation / export -> data / encode* / run_folder
-  -> models -> settings, losses, sharding, paths, errors, locks, fidelity, fingerprint.
+  -> models -> settings, losses, sharding, paths, errors, locks, fidelity, fingerprint,
+  compile_cache.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ LAYERS = {
     "jasper_jax.fidelity": 1,
     "jasper_jax.fingerprint": 1,
     "jasper_jax.vectors": 1,
+    "jasper_jax.compile_cache": 1,
     "jasper_jax": 0,  # the package's __init__ (version only)
 }
 # Packages of one layer that must not know each other: training is not evaluation.

@@ -195,3 +195,41 @@ def test_texts_cut_at_a_teachers_max_length_are_counted(tmp_path, real_texts):
     assert again.truncated == result.truncated  # read back from the finished dataset
     # At the folder's own limit (256 tokens) none of these texts is cut.
     assert load_teacher("all-MiniLM-L6-v2").count_truncated(texts) == 0
+
+
+@pytest.mark.parametrize("slow", ["jax", "torch"])
+def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, caplog):
+    import time
+
+    from jasper_jax.data import teachers
+
+    real = {"jax": teachers._jax_encoder, "torch": teachers._torch_encoder}
+    slow_calls = []
+
+    def slowed(*args, **kwargs):
+        encode, dim, count = real[slow](*args, **kwargs)
+
+        def encode_slowly(texts):
+            slow_calls.append(len(texts))
+            time.sleep(0.05 * len(texts))
+            return encode(texts)
+
+        return encode_slowly, dim, count
+
+    monkeypatch.setattr(teachers, f"_{slow}_encoder", slowed)
+    sample = real_texts[: teachers.MIN_SAMPLE]
+    with caplog.at_level("INFO", logger="jasper_jax.data.teachers"):
+        teacher = load_teacher("all-MiniLM-L6-v2", sample=sample)
+    fast = {"jax": "torch", "torch": "jax"}[slow]
+    assert "teacher all-MiniLM-L6-v2: jax " in caplog.text
+    assert f"texts/s on {len(sample)} sample texts; using {fast}" in caplog.text
+    timed_calls = len(slow_calls)
+    assert timed_calls == 2  # warm-up and timed pass
+    teacher.encode(real_texts[:4])
+    assert len(slow_calls) == timed_calls  # the chosen encoder is not the slowed one
+    # Small builds time nothing and take our port, as before.
+    assert teachers.timing_sample(real_texts) == []
+    caplog.clear()
+    with caplog.at_level("INFO", logger="jasper_jax.data.teachers"):
+        load_teacher("all-MiniLM-L6-v2", sample=sample[:10])
+    assert "texts/s" not in caplog.text

@@ -23,7 +23,7 @@ from jasper_jax.data.shapes import SPLITS
 from jasper_jax.errors import UserError
 
 
-def add_captions_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``captions`` sub-command's flags to ``parser``."""
     parser.add_argument(
         "--student", required=True, help="frozen text student: a stage-3 training workdir"
@@ -39,7 +39,7 @@ def add_captions_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset")
 
 
-def captions_main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Run the sub-command; returns the exit code (``UserError`` propagates to the CLI)."""
     if args.shapes is not None and args.shapes < 1:
         raise UserError(f"--shapes {args.shapes}: must be a positive number of images")

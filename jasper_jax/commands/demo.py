@@ -11,7 +11,7 @@ from jasper_jax.demo.main import run_demo
 from jasper_jax.locks import FolderLock
 
 
-def add_demo_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", default="runs/demo", help="where data, checkpoints, results go")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="a tiny budget for a smoke run (~2 min)")
@@ -26,7 +26,7 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def demo_main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     # One demo per workdir; its stages and teacher builds lock their own sub-folders too.
     with FolderLock(args.workdir, "demo"):
         return run_demo(

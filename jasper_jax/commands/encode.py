@@ -32,7 +32,7 @@ from jasper_jax.run_folder import load_any_model, load_image_model
 log = logging.getLogger(__name__)
 
 
-def add_encode_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="local HF / sentence-transformers folder")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--input", help="UTF-8 text file, one text per line")
@@ -57,7 +57,7 @@ def add_encode_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh shape")
 
 
-def encode_main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """`jasper-jax encode`: texts (or, with --images / --chunks, the other two modes)."""
     check_output_path(args.output)
     if args.batch_size < 1:

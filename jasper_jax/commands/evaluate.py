@@ -15,7 +15,7 @@ from jasper_jax.evaluation.runner import (
 )
 
 
-def add_eval_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     """The flags of `jasper-jax eval`."""
     p.add_argument("--model", required=True, help="exported folder or training workdir")
     p.add_argument(
@@ -44,7 +44,7 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def eval_main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Scores the model and its teachers, writes eval.json / eval.md / quality.png, prints a
     summary table."""
     settings = EvalSettings(

@@ -7,7 +7,7 @@ import argparse
 from jasper_jax.export import export_workdir
 
 
-def add_export_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     """The flags of `jasper-jax export`."""
     p.add_argument("--workdir", required=True, help="a `jasper-jax train` workdir")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -27,7 +27,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def export_main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Exports, then prints one line: step, output, heads, default head, vision tower."""
     summary = export_workdir(
         args.workdir,

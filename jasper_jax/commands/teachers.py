@@ -25,7 +25,7 @@ from jasper_jax.data.teacher_dataset import build_teacher_dataset
 from jasper_jax.errors import UserError
 
 
-def add_teachers_args(parser: argparse.ArgumentParser) -> None:
+def add_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``teachers`` sub-command's flags to ``parser``."""
     parser.add_argument(
         "--corpus",
@@ -81,7 +81,7 @@ def add_teachers_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def teachers_main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     """Run the sub-command; returns the exit code (``UserError`` propagates to the CLI)."""
     corpus = args.corpus
     if args.documents:

@@ -16,7 +16,7 @@ from jasper_jax.train.loop import train_and_evaluate
 log = logging.getLogger(__name__)
 
 
-def add_train_args(p: argparse.ArgumentParser) -> None:
+def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="configs/NAME.py[:STAGE] or NAME[:STAGE]")
     p.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, run.json")
     add_distributed_args(p)
@@ -63,7 +63,7 @@ def split_overrides(argv_rest: list[str]) -> list[str]:
     return argv_rest
 
 
-def train_main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
     settings = load_settings(args.config, split_overrides(args.overrides))
     initialize_distributed(args)
     result = train_and_evaluate(settings, args.workdir)

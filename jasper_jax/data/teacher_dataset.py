@@ -168,8 +168,7 @@ def build_teacher_dataset(
       dtype: "float32" or "float16" storage of the teacher vectors.
       limit: keep only the first ``limit`` texts.
       chunk_size: rows per resumable unit of work.
-      backend: how named teachers run: "auto", "jax" or "torch" (see ``load_teacher``).
-      max_length: tokens per text for named teachers (None: each folder's max_seq_length).
+      backend, max_length: how named teachers run, tokens per text (see ``load_teacher``).
       chunking: chunk mode, splitting each text with e.g. ``"sentences:64"`` (see
         ``ChunkingConfig``), sizes counted by ``chunk_tokenizer`` (default: first teacher's).
       chunk_spans: chunk mode with the caller's character spans, one list per text.
@@ -185,7 +184,8 @@ def build_teacher_dataset(
             f"chunk_spans has {len(chunk_spans)} lists for {len(texts)} non-empty texts "
             f"({skipped} empty skipped); fix: drop empty texts and give one list per text"
         )
-    loaded = [load_build_teacher(t, prompt, batch_size, backend, max_length) for t in teachers]
+    load = lambda t: load_build_teacher(t, prompt, batch_size, backend, max_length, texts)
+    loaded = [load(t) for t in teachers]  # `auto` backends timed on a sample of the texts
     if not loaded:
         raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
     plan = make_plan(texts, skipped, loaded, dtype, num_shards, chunk_size)

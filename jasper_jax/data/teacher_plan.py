@@ -31,7 +31,7 @@ from jasper_jax.data.dataset_build import (
     refuse_foreign_dataset,
     write_plan,
 )
-from jasper_jax.data.teachers import Teacher, load_teacher
+from jasper_jax.data.teachers import Teacher, load_teacher, timing_sample
 from jasper_jax.errors import UserError, one_line
 
 FORMAT_VERSION = 1
@@ -74,14 +74,15 @@ def corpus_texts(corpus: str | Sequence[str], limit: int | None) -> tuple[list[s
     return texts, skipped
 
 
-def load_build_teacher(spec, prompt, batch_size, backend, max_length) -> Teacher:
+def load_build_teacher(spec, prompt, batch_size, backend, max_length, texts=()) -> Teacher:
     """A loaded teacher (a ``Teacher`` passes through); a folder whose files do not load (a
     damaged weights file) is a UserError naming it, in one line (libraries raise many types
     with long messages)."""
     if isinstance(spec, Teacher):
         return spec
     try:
-        return load_teacher(spec, prompt, batch_size, backend, max_length)
+        sample = timing_sample(texts)
+        return load_teacher(spec, prompt, batch_size, backend, max_length, sample)
     except UserError as err:
         if "\n" not in str(err):
             raise

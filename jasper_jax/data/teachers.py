@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import logging
 import pathlib
+import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 import tqdm
 
@@ -145,14 +148,17 @@ def load_teacher(
     batch_size: int = 64,
     backend: str = "auto",
     max_length: int | None = None,
+    sample: Sequence[str] = (),
 ) -> Teacher:
     """Load a teacher; ``prompt`` is prefixed to every text.
 
-    backend: "jax" runs our Flax port of the folder (BERT / Qwen2 sentence-transformers models;
-    about 4x faster than torch on CPU, and the only choice on TPU); "torch" runs
-    sentence-transformers; "auto" takes jax where the architecture is supported, else torch.
+    backend: "jax" runs our Flax port of the folder (BERT / MPNet / Qwen2 sentence-transformers
+    models; the only choice on TPU); "torch" runs sentence-transformers (CPU); "auto" takes jax
+    where the architecture is supported, else torch, and on a CPU-only machine with a ``sample``
+    of at least ``MIN_SAMPLE`` texts times both on it and keeps the faster (see ``_faster``).
     max_length: tokens each text is cut to; None keeps the folder's ``max_seq_length`` (long
     documents want the model's position limit, e.g. 512 for BERT/MPNet teachers).
+    sample: texts like the ones to encode (a spread over the corpus), for ``auto``'s timing.
     """
     if backend not in BACKENDS:
         raise UserError(f"teacher backend {backend!r}: choose one of {BACKENDS}")
@@ -169,11 +175,64 @@ def load_teacher(
                 "fix: use --backend torch (sentence-transformers)"
             )
         encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
+    elif backend == "auto" and _can_time_both(sample):
+        sides = {
+            "jax": (encode, dim, count),
+            "torch": _torch_encoder(spec, folder, prompt, batch_size, max_length),
+        }
+        encode, dim, count = sides[_faster(str(spec), sides, list(sample), batch_size)]
     name = str(spec) if str(spec) in KNOWN_TEACHERS else folder.name
     model_fp, tokenizer_fp = folder_fingerprints(folder)
     return Teacher(
         name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length, count
     )
+
+
+# Sample texts below which `auto` does not time the two backends (timing noise, and small jobs
+# should not pay for a second model load).
+MIN_SAMPLE = 64
+
+
+# Texts from which `auto` times the backends; smaller builds take jax without timing.
+TIMING_FROM = 4096
+
+
+def timing_sample(texts: Sequence[str], size: int = 128) -> list[str]:
+    """`size` texts spread over a corpus of at least TIMING_FROM texts (else none): enough to
+    time a backend, about 1% of a big build's work per backend."""
+    if len(texts) < TIMING_FROM:
+        return []
+    return list(texts[:: len(texts) // size][:size])
+
+
+def _can_time_both(sample: Sequence[str]) -> bool:
+    """Timing is worth it on a CPU-only machine (elsewhere jax runs on the accelerator and torch
+    here would not) where sentence-transformers is installed, with enough sample texts."""
+    return (
+        len(sample) >= MIN_SAMPLE
+        and jax.default_backend() == "cpu"
+        and importlib.util.find_spec("sentence_transformers") is not None
+    )
+
+
+def _faster(name: str, sides: dict[str, tuple], sample: list[str], batch_size: int) -> str:
+    """The backend ("jax" or "torch") that encodes `sample` faster, timed after a warm-up pass
+    (which also compiles the jax programs the sample's lengths need, kept for the real run)."""
+    rates = {}
+    for backend, (encode, _, _) in sides.items():
+        encode(sample if backend == "jax" else sample[:batch_size])
+        start = time.perf_counter()
+        encode(sample)
+        rates[backend] = len(sample) / (time.perf_counter() - start)
+    best = max(rates, key=rates.__getitem__)
+    log.info(
+        "teacher %s: %s on %d sample texts; using %s",
+        name,
+        ", ".join(f"{b} {r:.0f} texts/s" for b, r in rates.items()),
+        len(sample),
+        best,
+    )
+    return best
 
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:
