@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("results.md")
-# Cores other processes may use during a run before it counts as busy.
+# Cores other processes may use during a run before it counts as busy. (The load average is
+# printed too, but it also holds this process's own recent work and decays over minutes: a run
+# started just after another benchmark would read busy with nothing else running.)
 BUSY_CORES = 0.25
-# 1-minute load average at the start above which the machine was not quiet to begin with.
-BUSY_LOAD = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,7 @@ class Load:
 
     @property
     def busy(self) -> bool:
-        return self.load_before > BUSY_LOAD or self.other_cores > BUSY_CORES
+        return self.other_cores > BUSY_CORES
 
     def line(self) -> str:
         state = "BUSY" if self.busy else "quiet"

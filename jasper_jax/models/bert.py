@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jasper_jax.models.attention import AttentionSettings, attend
-from jasper_jax.models.layers import Dense, Dropout, Dtype, LayerNorm, remat_layer
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm, remat_layer
 from jasper_jax.models.layers import partitioned as _p
 
 _ACTIVATIONS = {
@@ -91,7 +91,7 @@ class BertEmbeddings(nn.Module):
         )(jnp.zeros((1, seq), jnp.int32))
         x = inputs_embeds.astype(jnp.float32) + position + token_type
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(x)
-        return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class BertSelfAttention(nn.Module):
@@ -173,7 +173,7 @@ class BertOutput(nn.Module):
     def __call__(self, y, residual, *, deterministic: bool):
         cfg = self.config
         y = Dense(cfg.hidden_size, (self.in_axis, "embed"), dtype=self.dtype, name="dense")(y)
-        y = Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
+        y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
         return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(y + residual)
 
 

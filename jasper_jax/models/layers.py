@@ -77,27 +77,6 @@ class LayerNorm(nn.Module):
         return y.astype(self.dtype)
 
 
-class Dropout(nn.Module):
-    """Inverted dropout drawing 16 random bits per element from the "dropout" rng stream.
-
-    `flax.linen.Dropout` draws a float32 uniform (32 bits) per element; with the default
-    threefry generator the hashing is most of the cost on CPU, and 16 bits halve it. A unit is
-    dropped when its bits fall below round(rate * 2^16) (rate exact to 1e-5) and kept units are
-    scaled by 2^16 / (kept count), so the expectation is exactly the input.
-    """
-
-    rate: float
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, deterministic: bool) -> jax.Array:
-        if deterministic or self.rate == 0.0:
-            return x
-        cut = round(self.rate * 65536)
-        bits = jax.random.bits(self.make_rng("dropout"), x.shape, jnp.uint16)
-        keep = bits >= jnp.uint16(cut)
-        return jnp.where(keep, x * (65536 / (65536 - cut)), 0).astype(x.dtype)
-
-
 class RMSNorm(nn.Module):
     """RMSNorm with `scale` (HF `weight`), computed in float32 as Qwen2 does."""
 

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jasper_jax.models.attention import AttentionSettings, attend
 from jasper_jax.models.bert import BertEncoder, BertIntermediate, BertOutput
-from jasper_jax.models.layers import Dense, Dropout, Dtype, LayerNorm
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm
 from jasper_jax.models.layers import partitioned as _p
 
 
@@ -96,7 +96,7 @@ class MPNetEmbeddings(nn.Module):
         )(positions)
         x = inputs_embeds.astype(jnp.float32) + position
         x = LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(x)
-        return Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
+        return nn.Dropout(cfg.hidden_dropout_prob)(x, deterministic=deterministic)
 
 
 class MPNetSelfAttention(nn.Module):
@@ -134,7 +134,7 @@ class MPNetAttention(nn.Module):
     def __call__(self, x, mask, position_bias, *, deterministic: bool):
         cfg = self.config
         y = MPNetSelfAttention(cfg, self.dtype, self.attention, name="attn")(x, mask, position_bias)
-        y = Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
+        y = nn.Dropout(cfg.hidden_dropout_prob)(y, deterministic=deterministic)
         return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(y + x)
 
 
