@@ -198,7 +198,7 @@ def test_texts_cut_at_a_teachers_max_length_are_counted(tmp_path, real_texts):
 
 
 @pytest.mark.parametrize("slow", ["jax", "torch"])
-def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, caplog):
+def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, caplog, tmp_path):
     import time
 
     from jasper_jax.data import teachers
@@ -206,17 +206,21 @@ def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, 
     real = {"jax": teachers._jax_encoder, "torch": teachers._torch_encoder}
     slow_calls = []
 
-    def slowed(*args, **kwargs):
-        encode, dim, count = real[slow](*args, **kwargs)
+    def slowed(backend):
+        def load(*args, **kwargs):
+            encode, dim, count = real[backend](*args, **kwargs)
 
-        def encode_slowly(texts):
-            slow_calls.append(len(texts))
-            time.sleep(0.05 * len(texts))
-            return encode(texts)
+            def encode_slowly(texts):
+                slow_calls.append(len(texts))
+                time.sleep(0.05 * len(texts))
+                return encode(texts)
 
-        return encode_slowly, dim, count
+            return encode_slowly, dim, count
 
-    monkeypatch.setattr(teachers, f"_{slow}_encoder", slowed)
+        return load
+
+    monkeypatch.setenv("JASPER_JAX_CACHE", str(tmp_path))  # no choice remembered yet
+    monkeypatch.setattr(teachers, f"_{slow}_encoder", slowed(slow))
     sample = real_texts[: teachers.MIN_SAMPLE]
     with caplog.at_level("INFO", logger="jasper_jax.data.teachers"):
         teacher = load_teacher("all-MiniLM-L6-v2", sample=sample)
@@ -227,6 +231,15 @@ def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, 
     assert timed_calls == 2  # warm-up and timed pass
     teacher.encode(real_texts[:4])
     assert len(slow_calls) == timed_calls  # the chosen encoder is not the slowed one
+    # The choice is remembered: a later build (a resumed one) uses it without timing, even when
+    # the other side would now be faster, so its vectors are the same as the first build's.
+    monkeypatch.setattr(teachers, f"_{slow}_encoder", real[slow])
+    monkeypatch.setattr(teachers, f"_{fast}_encoder", slowed(fast))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="jasper_jax.data.teachers"):
+        load_teacher("all-MiniLM-L6-v2", sample=sample)
+    assert f"{fast}, as timed before on this machine" in caplog.text
+    assert "texts/s" not in caplog.text
     # Small builds time nothing and take our port, as before.
     assert teachers.timing_sample(real_texts) == []
     caplog.clear()

@@ -12,8 +12,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import importlib.util
+import json
 import logging
+import os
 import pathlib
+import platform
 import time
 from collections.abc import Callable, Sequence
 
@@ -21,7 +24,7 @@ import jax
 import numpy as np
 import tqdm
 
-from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, resolve_model_folder
+from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, cache_root, resolve_model_folder
 from jasper_jax.encode import TextEncoder, resolve_head, tokenize
 from jasper_jax.errors import UnsupportedModel, UserError, one_line
 from jasper_jax.models.embedder import POOLED
@@ -155,7 +158,8 @@ def load_teacher(
     backend: "jax" runs our Flax port of the folder (BERT / MPNet / Qwen2 sentence-transformers
     models; the only choice on TPU); "torch" runs sentence-transformers (CPU); "auto" takes jax
     where the architecture is supported, else torch, and on a CPU-only machine with a ``sample``
-    of at least ``MIN_SAMPLE`` texts times both on it and keeps the faster (see ``_faster``).
+    of at least ``MIN_SAMPLE`` texts times both on it and keeps the faster, once per teacher and
+    machine (see ``remembered_backend``).
     max_length: tokens each text is cut to; None keeps the folder's ``max_seq_length`` (long
     documents want the model's position limit, e.g. 512 for BERT/MPNet teachers).
     sample: texts like the ones to encode (a spread over the corpus), for ``auto``'s timing.
@@ -168,21 +172,26 @@ def load_teacher(
         if backend == "torch"
         else _jax_encoder(folder, prompt, batch_size, max_length)
     )
-    if encode is None:
+    ported = encode is not None
+    if not ported:
         if backend == "jax":
             raise UserError(
                 f"teacher {str(spec)!r}: its architecture is not one jasper-jax implements; "
                 "fix: use --backend torch (sentence-transformers)"
             )
         encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
-    elif backend == "auto" and _can_time_both(sample):
-        sides = {
-            "jax": (encode, dim, count),
-            "torch": _torch_encoder(spec, folder, prompt, batch_size, max_length),
-        }
-        encode, dim, count = sides[_faster(str(spec), sides, list(sample), batch_size)]
-    name = str(spec) if str(spec) in KNOWN_TEACHERS else folder.name
     model_fp, tokenizer_fp = folder_fingerprints(folder)
+    if backend == "auto" and ported and _can_time_both(sample):
+        sides = {"jax": (encode, dim, count)}
+        load_torch = lambda: _torch_encoder(spec, folder, prompt, batch_size, max_length)
+
+        def measure() -> str:
+            sides["torch"] = load_torch()
+            return _faster(str(spec), sides, list(sample), batch_size)
+
+        choice = remembered_backend(f"{model_fp}:{tokenizer_fp}", str(spec), measure)
+        encode, dim, count = sides[choice] if choice in sides else load_torch()
+    name = str(spec) if str(spec) in KNOWN_TEACHERS else folder.name
     return Teacher(
         name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length, count
     )
@@ -213,6 +222,31 @@ def _can_time_both(sample: Sequence[str]) -> bool:
         and jax.default_backend() == "cpu"
         and importlib.util.find_spec("sentence_transformers") is not None
     )
+
+
+def remembered_backend(key: str, name: str, measure: Callable[[], str]) -> str:
+    """The backend `auto` runs a teacher with on this machine: timed once (`measure`), then read
+    back from ``cache_root()/teacher-backends.json`` (by the teacher's fingerprints and the
+    machine), so every later build, a resumed one included, encodes with the same backend and
+    gives the same vectors. Delete the file to time again."""
+    path = cache_root() / "teacher-backends.json"
+    key = f"{key}:{platform.machine()}:{os.cpu_count()}:{jax.default_backend()}"
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if known.get(key) in ("jax", "torch"):
+        log.info("teacher %s: %s, as timed before on this machine (%s)", name, known[key], path)
+        return known[key]
+    known[key] = measure()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(partial, path)
+    except OSError as e:  # a read-only cache costs a timing per build, nothing else
+        log.warning("could not remember the backend choice in %s: %s", path, e)
+    return known[key]
 
 
 def _faster(name: str, sides: dict[str, tuple], sample: list[str], batch_size: int) -> str:
