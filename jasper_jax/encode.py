@@ -182,19 +182,15 @@ class TextEncoder:
         order = np.argsort([len(x) for x in tok.ids], kind="stable")
         out: dict[str, np.ndarray] = {}
         bar = tqdm(total=len(texts), unit="text", disable=not progress, desc="encode")
-        fn, pending = self._fn(heads), None
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
-            # Dispatch this batch before reading the last one: the host pads and places the next
-            # batch while the device computes (jax dispatches asynchronously).
-            running = (rows, fn(self.params, *self.pad([tok.ids[i] for i in rows], max_length)))
-            if pending is not None:
-                _collect(*pending, out, len(texts))
-                bar.update(len(pending[0]))
-            pending = running
-        if pending is not None:
-            _collect(*pending, out, len(texts))
-            bar.update(len(pending[0]))
+            ids, mask = self.pad([tok.ids[i] for i in rows], max_length)
+            for name, vecs in self._fn(heads)(self.params, ids, mask).items():
+                vecs = np.asarray(vecs)[: len(rows)]
+                out.setdefault(name, np.zeros((len(texts), vecs.shape[-1]), np.float32))[rows] = (
+                    vecs
+                )
+            bar.update(len(rows))
         bar.close()
         return out
 
@@ -225,15 +221,6 @@ class TextEncoder:
             return jax.make_array_from_callback(x.shape, self._in_sharding, lambda i: x[i])
 
         return put(ids), put(mask)
-
-
-def _collect(
-    rows: np.ndarray, result: dict[str, jax.Array], out: dict[str, np.ndarray], n: int
-) -> None:
-    """Copies a batch's vectors (its first len(rows) rows; the rest are padding) into `out`."""
-    for name, vecs in result.items():
-        vecs = np.asarray(vecs)[: len(rows)]
-        out.setdefault(name, np.zeros((n, vecs.shape[-1]), np.float32))[rows] = vecs
 
 
 def position_limit(model: LoadedModel) -> int:
