@@ -21,9 +21,10 @@ from pathlib import Path
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
+from jasper_jax.paths import is_remote, user_cache_root
+
 log = logging.getLogger(__name__)
 ENV = "JASPER_JAX_COMPILE_CACHE"
-ROOT_ENV = "JASPER_JAX_CACHE"  # the root of all jasper-jax caches (teachers, encodings)
 OFF = ("off", "none")
 # Below this, compiling is about as fast as reading the entry back. The text encoder's programs
 # take seconds on CPU; the small helpers (normalise, slicing) stay out of the folder.
@@ -34,10 +35,7 @@ MAX_BYTES = 4 << 30
 
 def default_folder() -> Path:
     """Where the cache goes when no folder is given (see the module docstring)."""
-    if os.environ.get(ROOT_ENV):
-        return Path(os.environ[ROOT_ENV]).expanduser() / "xla"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "jasper-jax" / "xla"
+    return user_cache_root() / "xla"
 
 
 def resolve(folder: str | None) -> Path | None:
@@ -47,7 +45,7 @@ def resolve(folder: str | None) -> Path | None:
         return default_folder()
     if value.strip().lower() in OFF:
         return None
-    if "://" in value:
+    if is_remote(value):
         log.warning("compilation cache off: %s is not a local folder", value)
         return None
     return Path(value).expanduser()

@@ -36,6 +36,14 @@ def process_tag() -> str:
     return f"{os.getpid()}@{host_name()}~"
 
 
+def user_cache_root() -> Path:
+    """Root of the per-user caches (compiled programs, held-out teacher encodings):
+    `$JASPER_JAX_CACHE`, else `$XDG_CACHE_HOME/jasper-jax` (default `~/.cache/jasper-jax`)."""
+    if os.environ.get("JASPER_JAX_CACHE"):
+        return Path(os.environ["JASPER_JAX_CACHE"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "jasper-jax"
+
+
 def is_remote(path: PathLike) -> bool:
     return "://" in str(path)
 

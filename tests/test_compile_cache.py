@@ -64,7 +64,7 @@ def restore_jax_cache():
 
 
 def test_off_writes_nothing(tmp_path, monkeypatch, restore_jax_cache):
-    monkeypatch.setenv(compile_cache.ROOT_ENV, str(tmp_path))
+    monkeypatch.setenv("JASPER_JAX_CACHE", str(tmp_path))
     for value in ("off", "None", " OFF "):
         assert compile_cache.enable(value) is None
     monkeypatch.setenv(compile_cache.ENV, "off")
@@ -75,9 +75,9 @@ def test_off_writes_nothing(tmp_path, monkeypatch, restore_jax_cache):
 
 def test_default_folder_follows_the_environment(tmp_path, monkeypatch):
     monkeypatch.delenv(compile_cache.ENV, raising=False)
-    monkeypatch.setenv(compile_cache.ROOT_ENV, str(tmp_path / "root"))
+    monkeypatch.setenv("JASPER_JAX_CACHE", str(tmp_path / "root"))
     assert compile_cache.resolve(None) == tmp_path / "root" / "xla"
-    monkeypatch.delenv(compile_cache.ROOT_ENV)
+    monkeypatch.delenv("JASPER_JAX_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert compile_cache.resolve(None) == tmp_path / "xdg" / "jasper-jax" / "xla"
     monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "mine"))

@@ -16,27 +16,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from jasper_jax.paths import save_npy_atomic
+from jasper_jax.paths import save_npy_atomic, user_cache_root
 
 log = logging.getLogger(__name__)
-CACHE_ENV = "JASPER_JAX_CACHE"
 OFF = "off"
 
 
 def default_cache_dir() -> Path:
     """Where teacher encodings go when no folder is given (see the module docstring)."""
-    if os.environ.get(CACHE_ENV):
-        root = Path(os.environ[CACHE_ENV])
-    else:
-        xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-        root = Path(xdg) / "jasper-jax"
-    return root / "teacher-encodings"
+    return user_cache_root() / "teacher-encodings"
 
 
 def resolve_cache_dir(option: str | None) -> Path | None:
