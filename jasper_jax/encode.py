@@ -7,7 +7,6 @@ padded with empty rows), sharded over the mesh's (data, fsdp) axes.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,13 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
 from jasper_jax import sharding
 from jasper_jax.errors import UserError
 from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.embedder import POOLED, Embedder, EmbedderConfig, abstract_params
 from jasper_jax.models.loading import LoadedModel, first_non_finite
+from jasper_jax.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -86,30 +85,6 @@ def resolve_head(config: EmbedderConfig, head: str | None) -> str:
     return head
 
 
-@dataclasses.dataclass
-class Tokenized:
-    """Token ids per text (no padding) and how many texts were cut at max_length."""
-
-    ids: list[list[int]]
-    truncated: int
-
-
-def tokenize(
-    tokenizer: Any, texts: Sequence[str], max_length: int, prompt: str | None
-) -> Tokenized:
-    """Tokenises like sentence-transformers: the prompt is prepended to the text; truncation keeps
-    the special tokens. A text is counted truncated when tokens were cut off (a fast tokenizer
-    reports the overflow exactly; a slow one counts texts that fill `max_length`)."""
-    if prompt:
-        texts = [prompt + t for t in texts]
-    enc = tokenizer(list(texts), truncation=True, max_length=max_length, padding=False)
-    ids = [list(x) for x in enc["input_ids"]]
-    encodings = getattr(enc, "encodings", None)
-    if encodings:
-        return Tokenized(ids, sum(bool(e.overflowing) for e in encodings))
-    return Tokenized(ids, sum(len(x) >= max_length for x in ids))
-
-
 class TextEncoder:
     """Encodes texts into L2-normalised float32 vectors with one loaded model.
 
@@ -118,6 +93,7 @@ class TextEncoder:
       dtype: compute dtype, "float32" or "bfloat16" (parameters stay float32).
       mesh: device mesh; defaults to data parallelism over all devices.
       batch_size: rows per step, rounded up to a multiple of the mesh's batch axes.
+      tokenizer: None: the model folder's (`jasper_jax.tokenizer.load_tokenizer`).
       attention: the encoder's attention implementation (e.g. blockwise for long texts in
         bounded memory); None: the default ("auto").
     """
@@ -129,7 +105,7 @@ class TextEncoder:
         dtype: str = "float32",
         mesh: jax.sharding.Mesh | None = None,
         batch_size: int = 64,
-        tokenizer: Any = None,
+        tokenizer: Tokenizer | None = None,
         attention: AttentionSettings | None = None,
     ):
         if dtype not in DTYPES:
@@ -141,11 +117,16 @@ class TextEncoder:
         self.module = Embedder(
             model.config, dtype=DTYPES[dtype], attention=attention or AttentionSettings()
         )
-        self.tokenizer = tokenizer or _load_tokenizer(model.folder)
+        self.text_tokenizer = tokenizer or load_tokenizer(model.folder)
         shardings = sharding.param_shardings(abstract_params(model.config), self.mesh)
         self.params = jax.device_put(model.params, shardings)
         self._in_sharding = sharding.batch_sharding(self.mesh, 2)
         self._fns: dict[str, Any] = {}
+
+    @property
+    def tokenizer(self) -> Any:
+        """The transformers tokenizer of the model (imported on first use: offsets for chunks)."""
+        return self.text_tokenizer.hf
 
     def _fn(self, heads: tuple[str, ...]):
         if heads not in self._fns:
@@ -177,7 +158,7 @@ class TextEncoder:
         """texts -> {head: [len(texts), dim] float32 unit vectors}, one encoder pass per batch."""
         heads = tuple(resolve_head(self.model.config, h) for h in heads)
         max_length = self.token_limit(max_length)
-        tok = tokenize(self.tokenizer, texts, max_length, prompt)
+        tok = self.text_tokenizer.tokenize(texts, max_length, prompt)
         self.last_truncated = tok.truncated
         order = np.argsort([len(x) for x in tok.ids], kind="stable")
         out: dict[str, np.ndarray] = {}
@@ -203,13 +184,13 @@ class TextEncoder:
         self, texts: Sequence[str], prompt: str | None = None, max_length: int | None = None
     ) -> int:
         """How many of `texts` an `encode` with these arguments would cut (tokenising only)."""
-        return tokenize(self.tokenizer, texts, self.token_limit(max_length), prompt).truncated
+        return self.text_tokenizer.tokenize(texts, self.token_limit(max_length), prompt).truncated
 
     def pad(self, rows: list[list[int]], max_length: int) -> tuple[jax.Array, jax.Array]:
         """Token id rows -> (ids, mask) int32 [batch_size, bucket length], sharded over the
         mesh's batch axes; rows past `len(rows)` are empty padding."""
         length = bucket_length(max(len(r) for r in rows), max_length)
-        pad_id = self.tokenizer.pad_token_id or 0
+        pad_id = self.text_tokenizer.pad_token_id or 0
         ids = np.full((self.batch_size, length), pad_id, np.int32)
         mask = np.zeros((self.batch_size, length), np.int32)
         for i, r in enumerate(rows):
@@ -226,10 +207,3 @@ class TextEncoder:
 def position_limit(model: LoadedModel) -> int:
     """Tokens the encoder's position embeddings reach (2**30 when the config names no limit)."""
     return getattr(model.config.encoder, "max_position_embeddings", 1 << 30)
-
-
-def _load_tokenizer(folder):
-    try:
-        return AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a tokenizer from {folder}: {e}") from e

@@ -25,21 +25,12 @@ import numpy as np
 import tqdm
 
 from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, cache_root, resolve_model_folder
-from jasper_jax.encode import TextEncoder, resolve_head, tokenize
+from jasper_jax.encode import TextEncoder, resolve_head
 from jasper_jax.errors import UnsupportedModel, UserError, one_line
 from jasper_jax.models.embedder import POOLED
 from jasper_jax.models.loading import load_model
+from jasper_jax.tokenizer import TOKENIZER_FILES, from_hf
 
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "sentencepiece.bpe.model",
-    "spiece.model",
-    "merges.txt",
-    "vocab.json",
-)
 _LARGE_FILE = 16 << 20  # hash only the ends of weight files: a full hash of GBs takes minutes
 log = logging.getLogger(__name__)
 
@@ -82,7 +73,7 @@ def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
         relative = path.relative_to(folder).as_posix()
         if relative.startswith(".") or path.name in ("README.md", "desktop.ini"):
             continue
-        target = tokenizer if path.name in _TOKENIZER_FILES else model
+        target = tokenizer if path.name in TOKENIZER_FILES else model
         target.update(relative.encode() + b"\0" + str(path.stat().st_size).encode() + b"\0")
         with open(path, "rb") as handle:
             if path.stat().st_size <= _LARGE_FILE:
@@ -136,8 +127,10 @@ def _torch_encoder(
         vectors = model.encode(texts, batch_size=batch_size, prompt=prompt, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
+    tokenizer = from_hf(model.tokenizer)
+
     def count(texts: list[str]) -> int:
-        return tokenize(model.tokenizer, texts, model.max_seq_length, prompt).truncated
+        return tokenizer.tokenize(texts, model.max_seq_length, prompt).truncated
 
     return encode, int(model.get_embedding_dimension()), count
 
