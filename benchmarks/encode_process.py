@@ -2,15 +2,20 @@
 
 Three figures, one run each, same texts, same model folder, same CPU:
 - whole process: `jasper-jax encode` (a fresh process: import, load, compile, encode, write
-  .npy), first with an empty compilation cache (cold) and then again (warm: the programs come
-  from the cache), against a fresh Python process that imports sentence-transformers, loads the
-  same folder, encodes with `normalize_embeddings=True` and writes the .npy;
+  .npy), first with an empty cache root (cold: every program compiles, the tokenizer is built
+  through transformers) and then again (warm: both come from the cache), against a fresh Python
+  process that imports sentence-transformers, loads the same folder, encodes with
+  `normalize_embeddings=True` and writes the .npy;
 - steady state: texts/s of both encoders inside one process after a warm-up pass;
 - the share of the machine's matmul speed our steady state reaches: useful FLOPs per text
   (matmuls on the real, unpadded tokens; embeddings and elementwise work not counted) x texts/s,
   over the fp32 FLOP/s XLA reaches on a 2048 x 2048 matmul in this process.
 
+`--dtype bfloat16` runs both encoders in bfloat16 and adds their cosine to sentence-transformers'
+float32 vectors (the matmul reference stays fp32).
+
     python -m benchmarks.encode_process [--model all-MiniLM-L6-v2] [--n 3000] [--batch 64]
+        [--dtype float32]
 """
 
 from __future__ import annotations
@@ -23,16 +28,18 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from benchmarks.common import report  # noqa: E402
 
 REFERENCE = """
-import sys, numpy as np
+import sys, numpy as np, torch
 from sentence_transformers import SentenceTransformer
-folder, inp, out, batch = sys.argv[1:5]
+folder, inp, out, batch, dtype = sys.argv[1:6]
 texts = open(inp, encoding="utf-8").read().split("\\n")[:-1]
-model = SentenceTransformer(folder, device="cpu")
+model = SentenceTransformer(folder, device="cpu", model_kwargs={"dtype": getattr(torch, dtype)})
 np.save(out, model.encode(texts, batch_size=int(batch), normalize_embeddings=True))
 """
 
@@ -69,20 +76,26 @@ def useful_flops(encoder_config, token_counts: list[int]) -> float:
     return float(sum(layers * n * (per_token + 4 * n * h) for n in token_counts))
 
 
-def steady(folder: Path, texts: list[str], batch: int) -> tuple[float, float, list[int]]:
-    """(ours texts/s, sentence-transformers texts/s, token counts) after a warm-up pass each."""
+def steady(
+    folder: Path, texts: list[str], batch: int, dtype: str
+) -> tuple[float, float, list[int]]:
+    """(ours texts/s, sentence-transformers texts/s, token counts) after a warm-up pass each,
+    both computing in `dtype`."""
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from jasper_jax.encode import TextEncoder
     from jasper_jax.models.loading import load_model
 
-    ours = TextEncoder(load_model(folder), batch_size=batch)
+    ours = TextEncoder(load_model(folder), batch_size=batch, dtype=dtype)
     ours.encode(texts)
     start = time.perf_counter()
     ours.encode(texts)
     ours_rate = len(texts) / (time.perf_counter() - start)
-    counts = [len(x) for x in ours.tokenizer(texts, truncation=True)["input_ids"]]
-    st = SentenceTransformer(str(folder), device="cpu")
+    counts = [len(x) for x in ours.text_tokenizer.tokenize(texts, ours.token_limit()).ids]
+    st = SentenceTransformer(
+        str(folder), device="cpu", model_kwargs={"dtype": getattr(torch, dtype)}
+    )
     st.encode(texts, batch_size=batch)
     start = time.perf_counter()
     st.encode(texts, batch_size=batch, normalize_embeddings=True)
@@ -95,6 +108,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--split", default="train", help="embedded corpus split of the texts")
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="compute dtype of both encoders (fidelity is measured against float32 either way)",
+    )
     args = parser.parse_args()
 
     from jasper_jax.data.corpus import load_corpus
@@ -106,41 +125,46 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp, "texts.txt")
         inp.write_text("".join(t + "\n" for t in texts), encoding="utf-8")
-        ours = [
-            "jasper-jax",
-            "--compile-cache",
-            str(Path(tmp, "xla")),
-            "encode",
-            "--model",
-            str(folder),
-            "--input",
-            str(inp),
-            "--output",
-            str(Path(tmp, "ours.npy")),
-            "--batch-size",
-            str(args.batch),
-        ]
-        cold = timed(ours)
-        warm = timed(ours)
+        # An empty cache root for our runs: the first compiles every program and builds the
+        # tokenizer through transformers (cold); the second finds both in the cache (warm).
+        env = {**os.environ, "JASPER_JAX_CACHE": str(Path(tmp, "cache"))}
+        ours = ["jasper-jax", "encode", "--model", str(folder), "--input", str(inp)]
+        ours += ["--output", str(Path(tmp, "ours.npy")), "--batch-size", str(args.batch)]
+        ours += ["--dtype", args.dtype]
+        cold = timed(ours, env)
+        warm = timed(ours, env)
         ref_cmd = [sys.executable, "-c", REFERENCE, str(folder), str(inp), str(Path(tmp, "st"))]
-        ref = timed([*ref_cmd, str(args.batch)])
-    ours_rate, st_rate, counts = steady(folder, texts, args.batch)
+        ref = timed([*ref_cmd, str(args.batch), args.dtype])
+        fidelity = ""
+        if args.dtype != "float32":
+            exact = [*ref_cmd[:-1], str(Path(tmp, "exact")), str(args.batch), "float32"]
+            timed(exact)
+            want = np.load(Path(tmp, "exact.npy"))
+            cos = {
+                name: np.sum(np.load(Path(tmp, f"{name}.npy")) * want, axis=1)
+                for name in ("ours", "st")
+            }
+            fidelity = "; cosine to sentence-transformers float32, mean / min: " + ", ".join(
+                f"{name} {c.mean():.6f} / {c.min():.6f}" for name, c in cos.items()
+            )
+    ours_rate, st_rate, counts = steady(folder, texts, args.batch, args.dtype)
     peak = matmul_flops_per_second()
     per_text = useful_flops(load_model(folder).config.encoder, counts) / len(texts)
     share = ours_rate * per_text / peak
     rows = [
-        ["whole process, cold compile cache (s)", cold, ref, ref / cold],
-        ["whole process, warm compile cache (s)", warm, ref, ref / warm],
+        ["whole process, cold caches (s)", cold, ref, ref / cold],
+        ["whole process, warm caches (s)", warm, ref, ref / warm],
         ["steady state (texts/s)", ours_rate, st_rate, ours_rate / st_rate],
     ]
     report(
-        f"Encode, {args.model}, {args.n} embedded-corpus texts ({args.split}), batch {args.batch}",
+        f"Encode, {args.model}, {args.n} embedded-corpus texts ({args.split}), batch "
+        f"{args.batch}, {args.dtype}",
         ["measure", "jasper-jax", "sentence-transformers", "ratio (jasper-jax faster by)"],
         rows,
         note=(
             f"mean {sum(counts) / len(counts):.1f} tokens per text; useful matmul FLOPs per "
             f"text {per_text / 1e6:.1f} M; XLA fp32 matmul 2048^2: {peak / 1e9:.0f} GFLOP/s; "
-            f"steady state reaches {share:.0%} of it"
+            f"steady state reaches {share:.0%} of it{fidelity}"
         ),
     )
 
