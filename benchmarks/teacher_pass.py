@@ -7,7 +7,7 @@ split), the same two teachers, built with `build_teacher_dataset` twice: with `b
 encoding, writing. Nothing is cached between the two (the teacher-encoding cache is pointed at
 an empty folder).
 
-    python -m benchmarks.teacher_pass [--texts 12000]
+    python -m benchmarks.teacher_pass [--texts 12000] [--backends auto,torch]
 """
 
 from __future__ import annotations
@@ -26,6 +26,12 @@ from benchmarks.common import report  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--texts", type=int, default=12000)
+    parser.add_argument(
+        "--backends",
+        default="auto,torch",
+        help="comma-separated, the reference (sentence-transformers: torch) last; add jax for "
+        "our port alone",
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -38,7 +44,7 @@ def main() -> None:
         s = load_settings("configs/embedded_default.py:1")
         texts = spread_sample(load_corpus(s.data.corpus, split="train"), args.texts)
         rows = []
-        for backend in ("auto", "torch"):
+        for backend in args.backends.split(","):
             start = time.perf_counter()
             build_teacher_dataset(
                 texts, list(s.teachers), Path(tmp, backend), backend=backend, progress=False

@@ -240,6 +240,14 @@ def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, 
         load_teacher("all-MiniLM-L6-v2", sample=sample)
     assert f"{fast}, as timed before on this machine" in caplog.text
     assert "texts/s" not in caplog.text
+    if fast == "torch":  # our port is not loaded only to be set aside again
+
+        def not_loaded(*args, **kwargs):
+            raise AssertionError("the jax port was loaded though torch was remembered")
+
+        monkeypatch.setattr(teachers, "_jax_encoder", not_loaded)
+        assert load_teacher("all-MiniLM-L6-v2", sample=sample).dim == 384
+        monkeypatch.setattr(teachers, "_jax_encoder", real["jax"])
     # Small builds time nothing and take our port, as before.
     assert teachers.timing_sample(real_texts) == []
     caplog.clear()

@@ -160,6 +160,13 @@ def load_teacher(
     if backend not in BACKENDS:
         raise UserError(f"teacher backend {backend!r}: choose one of {BACKENDS}")
     folder = resolve_model_folder(spec, what="teacher")
+    model_fp, tokenizer_fp = folder_fingerprints(folder)
+    key = f"{model_fp}:{tokenizer_fp}"
+    timed = backend == "auto" and _can_time_both(sample)
+    if timed and recalled_backend(key) == "torch":
+        # our port timed slower here before: do not load it only to learn that again
+        log.info("teacher %s: torch, as timed before on this machine (%s)", spec, _choices_file())
+        backend = "torch"
     encode, dim, count = (
         (None, 0, None)
         if backend == "torch"
@@ -173,8 +180,7 @@ def load_teacher(
                 "fix: use --backend torch (sentence-transformers)"
             )
         encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
-    model_fp, tokenizer_fp = folder_fingerprints(folder)
-    if backend == "auto" and ported and _can_time_both(sample):
+    if backend == "auto" and ported and timed:
         sides = {"jax": (encode, dim, count)}
         load_torch = lambda: _torch_encoder(spec, folder, prompt, batch_size, max_length)
 
@@ -182,7 +188,7 @@ def load_teacher(
             sides["torch"] = load_torch()
             return _faster(str(spec), sides, list(sample), batch_size)
 
-        choice = remembered_backend(f"{model_fp}:{tokenizer_fp}", str(spec), measure)
+        choice = remembered_backend(key, str(spec), measure)
         encode, dim, count = sides[choice] if choice in sides else load_torch()
     name = str(spec) if str(spec) in KNOWN_TEACHERS else folder.name
     return Teacher(
@@ -217,20 +223,40 @@ def _can_time_both(sample: Sequence[str]) -> bool:
     )
 
 
+def _choices_file() -> pathlib.Path:
+    return cache_root() / "teacher-backends.json"
+
+
+def _machine_key(key: str) -> str:
+    return f"{key}:{platform.machine()}:{os.cpu_count()}:{jax.default_backend()}"
+
+
+def recalled_backend(key: str) -> str | None:
+    """The backend `auto` timed faster for this teacher (fingerprints `key`) on this machine
+    before, or None."""
+    try:
+        known = json.loads(_choices_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    choice = known.get(_machine_key(key)) if isinstance(known, dict) else None
+    return choice if choice in ("jax", "torch") else None
+
+
 def remembered_backend(key: str, name: str, measure: Callable[[], str]) -> str:
     """The backend `auto` runs a teacher with on this machine: timed once (`measure`), then read
     back from ``cache_root()/teacher-backends.json`` (by the teacher's fingerprints and the
     machine), so every later build, a resumed one included, encodes with the same backend and
     gives the same vectors. Delete the file to time again."""
-    path = cache_root() / "teacher-backends.json"
-    key = f"{key}:{platform.machine()}:{os.cpu_count()}:{jax.default_backend()}"
+    choice = recalled_backend(key)
+    path = _choices_file()
+    if choice is not None:
+        log.info("teacher %s: %s, as timed before on this machine (%s)", name, choice, path)
+        return choice
+    key = _machine_key(key)
     try:
         known = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
-    if known.get(key) in ("jax", "torch"):
-        log.info("teacher %s: %s, as timed before on this machine (%s)", name, known[key], path)
-        return known[key]
     known[key] = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
