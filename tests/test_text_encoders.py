@@ -1,4 +1,7 @@
-"""Parity of our Flax BERT / Qwen2 encoders with transformers' torch models (same weights)."""
+"""Parity of our Flax BERT / MPNet / Qwen2 / Qwen3 encoders with transformers' torch models
+(same weights)."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -13,7 +16,7 @@ from jasper_jax.models import hf_io
 from jasper_jax.models.bert import BertConfig
 from jasper_jax.models.embedder import Embedder, EmbedderConfig, abstract_params
 from jasper_jax.models.mpnet import MPNetConfig, relative_position_bucket
-from jasper_jax.models.qwen2 import Qwen2Config
+from jasper_jax.models.qwen2 import Qwen2Config, Qwen3Config
 
 TOL = 1e-4
 
@@ -46,6 +49,31 @@ def tiny_qwen2(causal: bool):
     cfg._attn_implementation = "eager"
     ours = Qwen2Config.from_hf_dict({**cfg.to_dict(), "is_causal": causal})
     return transformers.Qwen2Model(cfg).eval(), ours
+
+
+def tiny_qwen3(causal: bool = True, attention_bias: bool = False):
+    """Head width 24 apart from hidden / heads = 16, as real Qwen3 checkpoints have."""
+    torch.manual_seed(4)
+    cfg = transformers.Qwen3Config(
+        vocab_size=130,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=24,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        attention_bias=attention_bias,
+    )
+    cfg._attn_implementation = "eager"
+    model = transformers.Qwen3Model(cfg).eval()
+    with torch.no_grad():  # q/k norms start at 1: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    d = cfg.to_dict() if causal else {**cfg.to_dict(), "is_causal": False}
+    return model, Qwen3Config.from_hf_dict(d)
 
 
 def tiny_mpnet():
@@ -150,6 +178,52 @@ def test_qwen2_pooled_matches_torch(causal):
     )
 
 
+@pytest.mark.parametrize(
+    ("causal", "pooling", "attention_bias"),
+    [(True, "last", False), (True, "mean", True), (False, "mean", False)],
+)
+def test_qwen3_pooled_matches_torch(causal, pooling, attention_bias):
+    model, enc = tiny_qwen3(causal, attention_bias)
+    assert enc.head_dim == 24 and enc.qk_norm and enc.is_causal == causal
+    ids, mask = mixed_batch(enc.vocab_size, seed=5)
+    t_mask = torch.tensor(mask)
+    if not causal:
+        t_mask = torch.zeros(4, 1, 12, 12).masked_fill(
+            ~t_mask[:, None, None, :].bool(), torch.finfo(torch.float32).min
+        )
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor(ids), attention_mask=t_mask).last_hidden_state
+    cfg, params = to_params(model, enc, pooling)
+    ours = Embedder(cfg).apply({"params": params}, ids, mask)["pooled"]
+    ref = unit(torch_pooled(hidden.numpy(), mask, pooling))
+    assert np.abs(np.asarray(ours) - ref).max() < TOL
+    # the q/k norms are applied: without them the result moves
+    no_norm = dataclasses.replace(enc, qk_norm=False)
+    trimmed = jax.tree_util.tree_map(lambda x: x, params)
+    for layer in trimmed["encoder"].values():
+        if isinstance(layer, dict) and "self_attn" in layer:
+            layer["self_attn"] = {
+                k: v for k, v in layer["self_attn"].items() if k not in ("q_norm", "k_norm")
+            }
+    other = Embedder(cfg.__class__(encoder=no_norm, pooling=pooling))
+    moved = np.asarray(other.apply({"params": trimmed}, ids, mask)["pooled"])
+    assert np.abs(moved - ref).max() > 1e-3
+
+
+def test_qwen3_folder_loads_and_round_trips(tmp_path):
+    from jasper_jax.models.loading import load_model
+
+    model, enc = tiny_qwen3()
+    model.save_pretrained(tmp_path)
+    loaded = load_model(tmp_path)
+    assert loaded.config.encoder == enc
+    back = Qwen3Config.from_hf_dict(enc.to_hf_dict())
+    assert back == enc and enc.to_hf_dict()["architectures"] == ["Qwen3Model"]
+    assert enc.to_hf_dict()["head_dim"] == 24
+    # a Qwen2 config written by us carries none of the Qwen3 fields
+    assert not {"qk_norm", "head_dim_override", "attention_bias"} & set(Qwen2Config().to_hf_dict())
+
+
 def test_heads_are_linear_maps_of_the_pooled_vector():
     model, enc = tiny_bert()
     cfg, params = to_params(model, enc, "mean")
@@ -195,9 +269,13 @@ def test_mismatched_checkpoint_is_a_clear_error():
         hf_io.params_from_state_dict(state, abstract["encoder"])
 
 
-@pytest.mark.parametrize("arch", ["bert", "qwen2"])
+@pytest.mark.parametrize("arch", ["bert", "qwen2", "qwen3"])
 def test_sharded_and_bf16_match_unsharded(arch):
-    model, enc = tiny_bert() if arch == "bert" else tiny_qwen2(causal=False)
+    model, enc = {
+        "bert": tiny_bert,
+        "qwen2": lambda: tiny_qwen2(causal=False),
+        "qwen3": tiny_qwen3,
+    }[arch]()
     cfg, params = to_params(model, enc, "mean", heads=(16,))
     params["heads"] = {"dense_16": {"kernel": np.eye(enc.hidden_size, 16, dtype=np.float32)}}
     params["heads"]["dense_16"]["bias"] = np.zeros(16, np.float32)

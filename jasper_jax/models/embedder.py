@@ -20,11 +20,16 @@ from jasper_jax.models.bert import BertConfig, BertEncoder
 from jasper_jax.models.layers import Dense
 from jasper_jax.models.mpnet import MPNetConfig, MPNetEncoder
 from jasper_jax.models.pooling import POOLING_MODES, pool, span_mean_pool
-from jasper_jax.models.qwen2 import Qwen2Config, Qwen2Encoder
+from jasper_jax.models.qwen2 import Qwen2Config, Qwen2Encoder, Qwen3Config
 from jasper_jax.vectors import l2_normalize
 
-EncoderConfig = BertConfig | MPNetConfig | Qwen2Config
-ENCODERS = {"bert": BertEncoder, "mpnet": MPNetEncoder, "qwen2": Qwen2Encoder}
+EncoderConfig = BertConfig | MPNetConfig | Qwen2Config | Qwen3Config
+ENCODERS = {
+    "bert": BertEncoder,
+    "mpnet": MPNetEncoder,
+    "qwen2": Qwen2Encoder,
+    "qwen3": Qwen2Encoder,  # the same module; Qwen3Config switches on its differences
+}
 POOLED = "pooled"  # the name under which the bare pooled vector is returned
 # What the heads read ([B, hidden], not normalised to unit length unless normalize_pooled):
 # the features a closed-form head fit regresses on (`jasper_jax.train.head_init`).

@@ -30,6 +30,7 @@ ANCHORS = {
     "bert": "embeddings.word_embeddings.weight",
     "mpnet": "embeddings.word_embeddings.weight",
     "qwen2": "embed_tokens.weight",
+    "qwen3": "embed_tokens.weight",
 }
 
 

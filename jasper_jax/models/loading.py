@@ -8,6 +8,7 @@ Reads `config.json` (architecture), the weights, `modules.json` with `1_Pooling/
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,23 @@ from jasper_jax.models import hf_io
 from jasper_jax.models.bert import BertConfig
 from jasper_jax.models.embedder import POOLED, EmbedderConfig, abstract_params, head_name
 from jasper_jax.models.mpnet import MPNetConfig
-from jasper_jax.models.qwen2 import Qwen2Config
+from jasper_jax.models.qwen2 import Qwen2Config, Qwen3Config
 from jasper_jax.paths import read_json
 
-ENCODER_CONFIGS = {"bert": BertConfig, "mpnet": MPNetConfig, "qwen2": Qwen2Config}
+ENCODER_CONFIGS = {
+    "bert": BertConfig,
+    "mpnet": MPNetConfig,
+    "qwen2": Qwen2Config,
+    "qwen3": Qwen3Config,
+}
+log = logging.getLogger(__name__)
 _ST_POOLING_KEYS = {
     "pooling_mode_mean_tokens": "mean",
     "pooling_mode_cls_token": "cls",
     "pooling_mode_lasttoken": "last",
 }
+# sentence-transformers >= 6 names the mode: `"pooling_mode": "lasttoken"`.
+_ST_POOLING_NAMES = {"mean": "mean", "cls": "cls", "lasttoken": "last"}
 _IDENTITY = ("torch.nn.modules.linear.Identity", "Identity", None)
 
 
@@ -61,7 +70,7 @@ def encoder_config_from_folder(folder: Path):
     if kind not in ENCODER_CONFIGS:
         raise UnsupportedModel(
             f"{folder}/config.json has model_type {kind!r}; supported architectures are "
-            f"{sorted(ENCODER_CONFIGS)} (BERT, MPNet and Qwen2-style encoders)"
+            f"{sorted(ENCODER_CONFIGS)} (BERT, MPNet, Qwen2- and Qwen3-style encoders)"
         )
     try:
         return ENCODER_CONFIGS[kind].from_hf_dict(d)
@@ -70,15 +79,31 @@ def encoder_config_from_folder(folder: Path):
 
 
 def _pooling_mode(folder: Path) -> str:
-    """Pooling from the sentence-transformers Pooling module; plain HF folders default to mean."""
+    """Pooling from the sentence-transformers Pooling module; plain HF folders default to mean.
+
+    Reads both spellings: boolean `pooling_mode_*_token(s)` keys (sentence-transformers before
+    6, and what TEI reads) and `"pooling_mode": "lasttoken"` (6 and later)."""
     for module in _modules(folder):
         if module.get("type", "").endswith("Pooling"):
-            cfg = read_json(folder / module["path"] / "config.json")
-            on = [mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key)]
-            if len(on) != 1:
+            where = folder / module["path"] / "config.json"
+            cfg = read_json(where)
+            if "pooling_mode" in cfg:
+                named = cfg["pooling_mode"]
+                named = list(named) if isinstance(named, list | tuple) else [named]
+                on = [_ST_POOLING_NAMES.get(str(n), str(n)) for n in named]
+            else:
+                on = [mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key)]
+            if len(on) != 1 or on[0] not in _ST_POOLING_KEYS.values():
                 raise UnsupportedModel(
-                    f"{folder / module['path']}/config.json enables pooling {on or 'none'}; "
-                    f"exactly one of {sorted(_ST_POOLING_KEYS)} is supported"
+                    f"{where} enables pooling {on or 'none'}; exactly one of "
+                    f"{sorted(set(_ST_POOLING_KEYS.values()))} is supported"
+                )
+            if cfg.get("include_prompt") is False:
+                log.warning(
+                    "%s pools without the prompt's tokens (include_prompt: false); jasper-jax "
+                    "pools every token, so vectors of prompted texts differ from "
+                    "sentence-transformers'",
+                    where,
                 )
             return on[0]
     return "mean"
@@ -158,7 +183,22 @@ def load_model(folder: str | Path) -> LoadedModel:
     if heads:
         params["heads"] = {head_name(d): h for d, h in heads.items()}
     prompts, default_prompt = _prompts(folder)
+    return LoadedModel(
+        config, params, folder, _max_seq_length(folder, enc), prompts, default_prompt
+    )
+
+
+def _max_seq_length(folder: Path, encoder: Any) -> int:
+    """Tokens sentence-transformers cuts a text to: `max_seq_length` in
+    `sentence_bert_config.json` (before version 6), else the tokenizer's `model_max_length`
+    (6 and later keep it there), capped at the position embeddings as sentence-transformers
+    caps it; the position limit when neither is set."""
+    limit = int(getattr(encoder, "max_position_embeddings", 512))
     st_cfg = folder / "sentence_bert_config.json"
-    max_len = read_json(st_cfg).get("max_seq_length") if st_cfg.exists() else None
-    max_len = int(max_len or getattr(enc, "max_position_embeddings", 512))
-    return LoadedModel(config, params, folder, max_len, prompts, default_prompt)
+    if st_cfg.exists() and read_json(st_cfg).get("max_seq_length"):
+        return int(read_json(st_cfg)["max_seq_length"])
+    tok_cfg = folder / "tokenizer_config.json"
+    model_max = read_json(tok_cfg).get("model_max_length") if tok_cfg.exists() else None
+    if isinstance(model_max, int | float) and 0 < model_max < 1e9:  # HF writes 1e30 for none
+        return min(int(model_max), limit)
+    return limit

@@ -1,8 +1,13 @@
-"""Qwen2-style decoder used as an encoder (the paper's student, stella_en_1.5B_v5).
+"""Qwen2- and Qwen3-style decoders used as encoders (the paper's student, stella_en_1.5B_v5;
+the Qwen3-Embedding teachers).
 
 GQA attention with RoPE, RMSNorm, SwiGLU MLP; causal or bidirectional attention by config
-(stella/Jasper use bidirectional attention with padding masked). Names mirror HF `Qwen2Model`:
-Flax `layers_5/self_attn/q_proj/kernel` is HF `layers.5.self_attn.q_proj.weight` transposed.
+(stella/Jasper use bidirectional attention with padding masked; Qwen3-Embedding is causal and
+pools the last token). Qwen3 adds an RMSNorm over each head's queries and keys before RoPE,
+drops the q/k/v biases and may set a head width apart from hidden / heads. Names mirror HF
+`Qwen2Model` / `Qwen3Model`: Flax `layers_5/self_attn/q_proj/kernel` is HF
+`layers.5.self_attn.q_proj.weight` transposed, `layers_5/self_attn/q_norm/scale` is
+`layers.5.self_attn.q_norm.weight`.
 """
 
 from __future__ import annotations
@@ -37,6 +42,9 @@ class Qwen2Config:
     is_causal: bool = False
     # RoPE scaling (linear, dynamic, yarn, llama3) to run beyond the trained length; None: plain.
     rope_scaling: RopeScaling | None = None
+    attention_bias: bool = True  # biases on q/k/v (and, for Qwen3, on o_proj)
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's queries and keys
+    head_dim_override: int | None = None  # HF `head_dim` where it is not hidden / heads
 
     model_type = "qwen2"
 
@@ -46,25 +54,56 @@ class Qwen2Config:
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+        return self.head_dim_override or self.hidden_size // self.num_attention_heads
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any]) -> Qwen2Config:
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names and k != "rope_scaling"}
+        own = {"rope_scaling", "qk_norm", "head_dim_override", "is_causal"}
+        names = {f.name for f in dataclasses.fields(cls)} - own
+        kwargs = {k: v for k, v in d.items() if k in names}
         rope = d.get("rope_parameters") or {}
         if "rope_theta" not in d and "rope_theta" in rope:
             kwargs["rope_theta"] = rope["rope_theta"]
         kwargs["rope_scaling"] = RopeScaling.from_hf(d)
-        kwargs["is_causal"] = bool(d.get("is_causal", False))
+        kwargs["is_causal"] = bool(d.get("is_causal", cls.is_causal))
+        if cls.model_type == "qwen2":
+            kwargs.pop("attention_bias", None)  # Qwen2 always has q/k/v biases
+        if d.get("head_dim") and d["head_dim"] != d["hidden_size"] // d["num_attention_heads"]:
+            kwargs["head_dim_override"] = int(d["head_dim"])
         return cls(**kwargs)
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d.pop("rope_scaling")
+        for name in ("rope_scaling", "qk_norm", "head_dim_override"):
+            d.pop(name)
+        if self.model_type == "qwen2":
+            d.pop("attention_bias")
+        if self.head_dim_override:
+            d["head_dim"] = self.head_dim_override
         if self.rope_scaling:
             d["rope_scaling"] = self.rope_scaling.to_hf()
-        return {"model_type": "qwen2", "architectures": ["Qwen2Model"], **d}
+        name = self.model_type.capitalize()
+        return {"model_type": self.model_type, "architectures": [f"{name}Model"], **d}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config(Qwen2Config):
+    """HF `Qwen3Config` (Qwen3-Embedding 0.6B/4B/8B): no q/k/v biases, q/k RMSNorm, causal
+    unless the config says `"is_causal": false`."""
+
+    vocab_size: int = 151669
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 8
+    max_position_embeddings: int = 40960
+    is_causal: bool = True
+    attention_bias: bool = False
+    qk_norm: bool = True
+    head_dim_override: int | None = 128
+
+    model_type = "qwen3"
 
 
 def rope_tables(positions: jax.Array, config: Qwen2Config):
@@ -102,8 +141,17 @@ class Qwen2Attention(nn.Module):
         hd, heads, kv = cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads
 
         def project(name, n_heads, axis):
-            y = Dense(n_heads * hd, ("embed", axis), dtype=self.dtype, name=name)(x)
-            return y.reshape(batch, seq, n_heads, hd)
+            y = Dense(
+                n_heads * hd,
+                ("embed", axis),
+                use_bias=cfg.attention_bias,
+                dtype=self.dtype,
+                name=name,
+            )(x)
+            y = y.reshape(batch, seq, n_heads, hd)
+            if cfg.qk_norm and name != "v_proj":  # Qwen3: per head, before RoPE
+                y = RMSNorm(cfg.rms_norm_eps, self.dtype, name=f"{name[0]}_norm")(y)
+            return y
 
         q = apply_rope(project("q_proj", heads, "heads"), cos, sin)
         k = apply_rope(project("k_proj", kv, "kv_heads"), cos, sin)
@@ -111,8 +159,9 @@ class Qwen2Attention(nn.Module):
         out = attend(
             q, k, v, mask, causal=cfg.is_causal, dtype=self.dtype, settings=self.attention
         ).reshape(batch, seq, heads * hd)
+        o_bias = cfg.attention_bias and cfg.model_type == "qwen3"  # Qwen2's o_proj has none
         return Dense(
-            cfg.hidden_size, ("heads", "embed"), use_bias=False, dtype=self.dtype, name="o_proj"
+            cfg.hidden_size, ("heads", "embed"), use_bias=o_bias, dtype=self.dtype, name="o_proj"
         )(out)
 
 
@@ -150,7 +199,7 @@ class Qwen2Layer(nn.Module):
 
 
 class Qwen2Encoder(nn.Module):
-    """Qwen2 up to the final-norm hidden state.
+    """Qwen2 / Qwen3 (by `config`) up to the final-norm hidden state.
 
     Args (call):
       input_ids: [batch, seq] int32, right-padded; positions are 0..seq-1.

@@ -48,9 +48,10 @@ def with_rope_scaling(encoder: Any, rope_scaling: str) -> Any:
     """The encoder config with model.rope_scaling applied ("" keeps the checkpoint's)."""
     if not rope_scaling:
         return encoder
-    if encoder.model_type != "qwen2":
+    if encoder.model_type not in ("qwen2", "qwen3"):
         raise UserError(
-            f"config field model.rope_scaling={rope_scaling!r} applies to Qwen2 students only; "
+            f"config field model.rope_scaling={rope_scaling!r} applies to Qwen2/Qwen3 students "
+            "only; "
             f"this student is {encoder.model_type!r}: set it to ''"
         )
     return dataclasses.replace(encoder, rope_scaling=RopeScaling.parse(rope_scaling))
