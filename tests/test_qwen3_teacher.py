@@ -130,3 +130,92 @@ def test_pooling_config_both_spellings(tmp_path, config, want):
             _pooling_mode(tmp_path)
     else:
         assert _pooling_mode(tmp_path) == want
+
+
+@pytest.mark.parametrize(
+    ("text", "want"),
+    [
+        ("all-MiniLM-L6-v2", ("all-MiniLM-L6-v2", None, None, None)),
+        ("/m/stella:head=8192", ("/m/stella", "8192", None, None)),
+        ("gs://b/m:head=dense_256:prompt_name=query", ("gs://b/m", "dense_256", "query", None)),
+        ("m:prompt=Instruct: find it\nQuery: ", ("m", None, None, "Instruct: find it\nQuery: ")),
+        ("m:head=24:prompt=", ("m", "24", None, "")),
+    ],
+)
+def test_teacher_spec_options(text, want):
+    from jasper_jax.data.teachers import parse_teacher_spec
+
+    got = parse_teacher_spec(text)
+    assert (got.source, got.head, got.prompt_name, got.prompt) == want
+
+
+@pytest.mark.parametrize(
+    "text", ["m:head=", "m:head=1:head=2", "m:head=1:dims=3", "m:prompt_name="]
+)
+def test_teacher_spec_bad_options(text):
+    from jasper_jax.data.teachers import parse_teacher_spec
+    from jasper_jax.errors import UserError
+
+    with pytest.raises(UserError, match="NAME_OR_FOLDER"):
+        parse_teacher_spec(text)
+
+
+@pytest.fixture(scope="module")
+def stella_like(qwen3_folder, tmp_path_factory) -> Path:
+    """The Qwen3 folder with two Dense heads, as stella ships them: `2_Dense_16` in
+    modules.json (what sentence-transformers runs) and `2_Dense_24` beside it."""
+    import json
+    import shutil
+
+    import torch
+    from sentence_transformers import models
+
+    folder = tmp_path_factory.mktemp("stella") / "model"
+    shutil.copytree(qwen3_folder, folder)
+    torch.manual_seed(8)
+    for dim in (16, 24):
+        dense = models.Dense(64, dim, bias=True, activation_function=torch.nn.Identity())
+        (folder / f"2_Dense_{dim}").mkdir()
+        dense.save(str(folder / f"2_Dense_{dim}"))
+    modules = json.loads((folder / "modules.json").read_text())
+    normalize = modules.pop()
+    dense_type = "sentence_transformers.base.modules.dense.Dense"
+    modules += [{"idx": 2, "name": "2", "path": "2_Dense_16", "type": dense_type}]
+    modules += [{**normalize, "idx": 3, "name": "3"}]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    return folder
+
+
+def test_teacher_head_and_prompt_options(stella_like):
+    from sentence_transformers import SentenceTransformer, models
+
+    from jasper_jax.data.teachers import load_teacher
+    from jasper_jax.errors import UserError
+
+    texts = varied_texts(30)
+    st = SentenceTransformer(str(stella_like), device="cpu")
+    assert st.get_embedding_dimension() == 16
+    default = load_teacher(str(stella_like), backend="jax")
+    assert default.dim == 16 and default.head is None
+    np.testing.assert_allclose(
+        _unit(default.encode(texts)), st.encode(texts, normalize_embeddings=True), atol=2e-5
+    )
+
+    chosen = load_teacher(f"{stella_like}:head=24:prompt_name=query")  # auto -> our port
+    assert chosen.dim == 24 and chosen.head == "dense_24" and chosen.prompt == QUERY_PROMPT
+    assert chosen.describe()["head"] == "dense_24" and "head" not in default.describe()
+    dense24 = models.Dense.load(str(stella_like / "2_Dense_24"))
+    reference = SentenceTransformer(modules=[st[0], st[1], dense24, models.Normalize()])
+    want = reference.encode(texts, prompt=QUERY_PROMPT, normalize_embeddings=True)
+    assert np.sum(_unit(chosen.encode(texts)) * want, axis=1).min() >= 0.9999
+
+    with pytest.raises(UserError, match="runs on our port only"):
+        load_teacher(f"{stella_like}:head=24", backend="torch")
+    with pytest.raises(UserError, match="does not exist in this model"):
+        load_teacher(f"{stella_like}:head=32")
+    with pytest.raises(UserError, match=r"prompt_name='passage' is not one of its prompts"):
+        load_teacher(f"{stella_like}:prompt_name=passage")
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

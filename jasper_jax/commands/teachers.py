@@ -22,6 +22,7 @@ from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
 from jasper_jax.data.corpus import load_corpus
 from jasper_jax.data.teacher_assets import resolve_model_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
+from jasper_jax.data.teachers import parse_teacher_spec
 from jasper_jax.errors import UserError
 
 
@@ -38,9 +39,15 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         action="append",
         required=True,
         help="teacher folder or known name (all-mpnet-base-v2, all-MiniLM-L6-v2); repeat for "
-        "several, concatenated in the given order",
+        "several, concatenated in the given order. Options after the name: :head=DIM (one of "
+        "the folder's 2_Dense_DIM heads, e.g. stella's 8192), :prompt_name=NAME (a prompt of "
+        "its config_sentence_transformers.json), :prompt=TEXT (last: the rest is the text)",
     )
-    parser.add_argument("--teacher-prompt", default=None, help="prefix added to every text")
+    parser.add_argument(
+        "--teacher-prompt",
+        default=None,
+        help="prefix added to every text, for teachers without a prompt option of their own",
+    )
     parser.add_argument("--output", required=True, help="output folder of the teacher dataset")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--shard-index", type=int, default=0, help="slice this run encodes")
@@ -131,7 +138,8 @@ def _documents(args: argparse.Namespace) -> list[str]:
         raise UserError(
             f"--documents {args.documents!r}: write MIN:MAX tokens, e.g. 128:480"
         ) from e
-    folder = args.chunk_tokenizer or resolve_model_folder(args.teacher[0], what="teacher")
+    first = parse_teacher_spec(args.teacher[0]).source
+    folder = args.chunk_tokenizer or resolve_model_folder(first, what="teacher")
     flag = "--chunk-tokenizer" if args.chunk_tokenizer else "--teacher"
     backend = plain_tokenizer(load_tokenizer(folder, flag))
     count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)

@@ -17,6 +17,7 @@ import logging
 import os
 import pathlib
 import platform
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -28,7 +29,7 @@ from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, cache_root, resolve_m
 from jasper_jax.encode import TextEncoder, resolve_head
 from jasper_jax.errors import UnsupportedModel, UserError, one_line
 from jasper_jax.models.embedder import POOLED
-from jasper_jax.models.loading import load_model
+from jasper_jax.models.loading import load_model, st_prompts
 from jasper_jax.tokenizer import TOKENIZER_FILES, from_hf
 
 _LARGE_FILE = 16 << 20  # hash only the ends of weight files: a full hash of GBs takes minutes
@@ -51,15 +52,65 @@ class Teacher:
     count_truncated: Callable[[list[str]], int] | None = dataclasses.field(
         default=None, repr=False, compare=False
     )
+    head: str | None = None  # a projection head chosen with `:head=` ("dense_8192")
 
     def describe(self) -> dict:
         """JSON-ready description stored in the dataset metadata (no callables)."""
         fields = dataclasses.asdict(self)
         fields.pop("encode")
         fields.pop("count_truncated")
-        if fields["max_length"] is None:  # identities of datasets built before the field
-            fields.pop("max_length")
+        for name in ("max_length", "head"):
+            if fields[name] is None:  # identities of datasets built before the field
+                fields.pop(name)
         return fields
+
+
+# Per-teacher options after the name or folder; `prompt=` comes last (its text may hold ':').
+SPEC_OPTIONS = ("head", "prompt_name", "prompt")
+_OPTION_START = re.compile(r":(head|prompt_name|prompt)=")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+    """A `--teacher` value: `NAME_OR_FOLDER[:head=DIM][:prompt_name=NAME][:prompt=TEXT]`.
+
+    head: a projection head of the folder (`8192` or `dense_8192`, e.g. one of stella's
+      `2_Dense_<dim>` folders) instead of the one its modules.json runs.
+    prompt_name: a prompt of the folder's `config_sentence_transformers.json` ("query").
+    prompt: the prompt text itself (everything after `prompt=`).
+    """
+
+    source: str
+    head: str | None = None
+    prompt_name: str | None = None
+    prompt: str | None = None
+
+
+def parse_teacher_spec(text: str) -> TeacherSpec:
+    """Splits a `--teacher` value into its source and options (see `TeacherSpec`).
+
+    Raises:
+      UserError: an unknown or repeated option, or an empty value.
+    """
+    start = _OPTION_START.search(text)
+    if start is None:
+        return TeacherSpec(text)
+    options: dict[str, str] = {}
+    rest = text[start.start() + 1 :]
+    while rest:
+        key, _, rest = rest.partition("=")
+        if key == "prompt":
+            value, rest = rest, ""
+        else:
+            value, _, rest = rest.partition(":")
+        if key not in SPEC_OPTIONS or key in options or (not value and key != "prompt"):
+            raise UserError(
+                f"--teacher {text!r}: bad option {key + '=' + value!r}; write "
+                "NAME_OR_FOLDER[:head=DIM][:prompt_name=NAME][:prompt=TEXT], each option once, "
+                "prompt= last"
+            )
+        options[key] = value
+    return TeacherSpec(text[: start.start()], **options)
 
 
 def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
@@ -86,20 +137,25 @@ def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
 
 
 def _jax_encoder(
-    folder: pathlib.Path, prompt: str | None, batch_size: int, max_length: int | None = None
+    folder: pathlib.Path,
+    prompt: str | None,
+    batch_size: int,
+    max_length: int | None = None,
+    head: str | None = None,
 ):
     """Our Flax encoder for the folder (parity with sentence-transformers: cosine >= 0.9999),
-    or None when its architecture or modules are not ones we implement."""
+    or None when its architecture or modules are not ones we implement; `head` chooses a
+    projection head (None: the one the folder's modules.json runs)."""
     try:
         model = load_model(folder)
     except UnsupportedModel:  # a damaged folder is reported, not handed to torch
         return None, 0, None
     encoder = TextEncoder(model, batch_size=batch_size)
-    head = resolve_head(model.config, None)
+    head = resolve_head(model.config, head)
     dim = model.config.hidden_size if head == POOLED else int(head.removeprefix("dense_"))
 
     def encode(texts: list[str]) -> np.ndarray:
-        return encoder.encode(texts, prompt=prompt, max_length=max_length)
+        return encoder.encode(texts, head=head, prompt=prompt, max_length=max_length)
 
     def count(texts: list[str]) -> int:
         return encoder.count_truncated(texts, prompt=prompt, max_length=max_length)
@@ -148,18 +204,32 @@ def load_teacher(
 ) -> Teacher:
     """Load a teacher; ``prompt`` is prefixed to every text.
 
-    backend: "jax" runs our Flax port of the folder (BERT / MPNet / Qwen2 sentence-transformers
-    models; the only choice on TPU); "torch" runs sentence-transformers (CPU); "auto" takes jax
-    where the architecture is supported, else torch, and on a CPU-only machine with a ``sample``
-    of at least ``MIN_SAMPLE`` texts times both on it and keeps the faster, once per teacher and
-    machine (see ``remembered_backend``).
+    spec: a bundled name or a folder, with options (`parse_teacher_spec`): `:head=8192` runs
+    that projection head (our port only), `:prompt_name=query` / `:prompt=TEXT` this teacher's
+    own prompt instead of ``prompt``.
+    backend: "jax" runs our Flax port of the folder (BERT / MPNet / Qwen2 / Qwen3
+    sentence-transformers models; the only choice on TPU); "torch" runs sentence-transformers
+    (CPU); "auto" takes jax where the architecture is supported, else torch, and on a CPU-only
+    machine with a ``sample`` of at least ``MIN_SAMPLE`` texts times both on it and keeps the
+    faster, once per teacher and machine (see ``remembered_backend``).
     max_length: tokens each text is cut to; None keeps the folder's ``max_seq_length`` (long
     documents want the model's position limit, e.g. 512 for BERT/MPNet teachers).
     sample: texts like the ones to encode (a spread over the corpus), for ``auto``'s timing.
     """
     if backend not in BACKENDS:
         raise UserError(f"teacher backend {backend!r}: choose one of {BACKENDS}")
+    parsed = parse_teacher_spec(str(spec))
+    spec = parsed.source
     folder = resolve_model_folder(spec, what="teacher")
+    prompt = _teacher_prompt(parsed, folder, prompt)
+    if parsed.head is not None:
+        if backend == "torch":
+            raise UserError(
+                f"teacher {str(spec)!r}: head={parsed.head} runs on our port only "
+                "(sentence-transformers runs the head its modules.json names); fix: use "
+                "--backend jax or auto"
+            )
+        backend = "jax"  # sentence-transformers cannot run another head: nothing to time
     model_fp, tokenizer_fp = folder_fingerprints(folder)
     key = f"{model_fp}:{tokenizer_fp}"
     timed = backend == "auto" and _can_time_both(sample)
@@ -170,7 +240,7 @@ def load_teacher(
     encode, dim, count = (
         (None, 0, None)
         if backend == "torch"
-        else _jax_encoder(folder, prompt, batch_size, max_length)
+        else _jax_encoder(folder, prompt, batch_size, max_length, parsed.head)
     )
     ported = encode is not None
     if not ported:
@@ -178,6 +248,7 @@ def load_teacher(
             raise UserError(
                 f"teacher {str(spec)!r}: its architecture is not one jasper-jax implements; "
                 "fix: use --backend torch (sentence-transformers)"
+                + (" without head=" if parsed.head else "")
             )
         encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
     if backend == "auto" and ported and timed:
@@ -191,9 +262,27 @@ def load_teacher(
         choice = remembered_backend(key, str(spec), measure)
         encode, dim, count = sides[choice] if choice in sides else load_torch()
     name = str(spec) if str(spec) in KNOWN_TEACHERS else folder.name
+    head = None if parsed.head is None else f"dense_{dim}"
     return Teacher(
-        name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length, count
+        name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length, count, head
     )
+
+
+def _teacher_prompt(parsed: TeacherSpec, folder: pathlib.Path, prompt: str | None) -> str | None:
+    """The teacher's own prompt (`prompt=`, or `prompt_name=` looked up in the folder's
+    sentence-transformers prompts), else the build's."""
+    if parsed.prompt is not None:
+        return parsed.prompt or None
+    if parsed.prompt_name is None:
+        return prompt
+    prompts, _ = st_prompts(folder)
+    if parsed.prompt_name not in prompts:
+        raise UserError(
+            f"teacher {parsed.source!r}: prompt_name={parsed.prompt_name!r} is not one of its "
+            f"prompts {sorted(prompts)} (config_sentence_transformers.json); fix: name one of "
+            "them, or give the text with prompt=..."
+        )
+    return prompts[parsed.prompt_name] or None
 
 
 # Sample texts below which `auto` does not time the two backends (timing noise, and small jobs

@@ -18,7 +18,7 @@ import numpy as np
 from safetensors import safe_open
 
 from jasper_jax.data.teacher_assets import resolve_model_folder
-from jasper_jax.data.teachers import load_teacher
+from jasper_jax.data.teachers import load_teacher, parse_teacher_spec
 from jasper_jax.encode import TextEncoder, check_finite_model
 from jasper_jax.errors import UserError
 from jasper_jax.evaluation.teacher_cache import cached_encode
@@ -162,7 +162,8 @@ def teacher_model(spec: str, batch_size: int = 64, cache_dir: Path | None = None
         )
         return {TEACHER_OUTPUT: rows}
 
-    count = folder_parameter_count(resolve_model_folder(spec, what="teacher"))
+    source = parse_teacher_spec(spec).source
+    count = folder_parameter_count(resolve_model_folder(source, what="teacher"))
     return EvalModel(
         teacher.name,
         "teacher",

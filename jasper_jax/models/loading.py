@@ -147,7 +147,8 @@ def _dense_heads(folder: Path, hidden: int) -> tuple[dict[int, dict], str | None
     return heads, default
 
 
-def _prompts(folder: Path) -> tuple[dict[str, str], str | None]:
+def st_prompts(folder: Path) -> tuple[dict[str, str], str | None]:
+    """({name: prompt text}, default prompt name) from `config_sentence_transformers.json`."""
     path = folder / "config_sentence_transformers.json"
     if not path.exists():
         return {}, None
@@ -182,7 +183,7 @@ def load_model(folder: str | Path) -> LoadedModel:
     params = {"encoder": encoder_params}
     if heads:
         params["heads"] = {head_name(d): h for d, h in heads.items()}
-    prompts, default_prompt = _prompts(folder)
+    prompts, default_prompt = st_prompts(folder)
     return LoadedModel(
         config, params, folder, _max_seq_length(folder, enc), prompts, default_prompt
     )
