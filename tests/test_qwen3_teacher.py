@@ -211,7 +211,9 @@ def test_teacher_head_and_prompt_options(stella_like):
 
     with pytest.raises(UserError, match="runs on our port only"):
         load_teacher(f"{stella_like}:head=24", backend="torch")
-    with pytest.raises(UserError, match="does not exist in this model"):
+    with pytest.raises(
+        UserError, match=r"head=32 does not exist in this model; its heads: \['16', '24'\]"
+    ):
         load_teacher(f"{stella_like}:head=32")
     with pytest.raises(UserError, match=r"prompt_name='passage' is not one of its prompts"):
         load_teacher(f"{stella_like}:prompt_name=passage")

@@ -151,7 +151,14 @@ def _jax_encoder(
     except UnsupportedModel:  # a damaged folder is reported, not handed to torch
         return None, 0, None
     encoder = TextEncoder(model, batch_size=batch_size)
-    head = resolve_head(model.config, head)
+    try:
+        head = resolve_head(model.config, head)
+    except UserError as err:  # resolve_head speaks of `encode --head`
+        dims = [name.removeprefix("dense_") for name in model.config.head_names]
+        raise UserError(
+            f"teacher {str(folder)!r}: head={head} does not exist in this model; its heads: "
+            f"{dims or 'none (pooled output only)'}; fix: choose one of them or drop head="
+        ) from err
     dim = model.config.hidden_size if head == POOLED else int(head.removeprefix("dense_"))
 
     def encode(texts: list[str]) -> np.ndarray:
