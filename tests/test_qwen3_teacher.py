@@ -143,7 +143,7 @@ def test_pooling_config_both_spellings(tmp_path, config, want):
     ],
 )
 def test_teacher_spec_options(text, want):
-    from jasper_jax.data.teachers import parse_teacher_spec
+    from jasper_jax.data.teacher_spec import parse_teacher_spec
 
     got = parse_teacher_spec(text)
     assert (got.source, got.head, got.prompt_name, got.prompt) == want
@@ -153,7 +153,7 @@ def test_teacher_spec_options(text, want):
     "text", ["m:head=", "m:head=1:head=2", "m:head=1:dims=3", "m:prompt_name="]
 )
 def test_teacher_spec_bad_options(text):
-    from jasper_jax.data.teachers import parse_teacher_spec
+    from jasper_jax.data.teacher_spec import parse_teacher_spec
     from jasper_jax.errors import UserError
 
     with pytest.raises(UserError, match="NAME_OR_FOLDER"):

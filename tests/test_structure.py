@@ -3,7 +3,7 @@ and small functions. Read from the source (ast), so nothing is imported.
 
 Layers, highest first (a module may import its own layer or lower, never higher):
   cli -> commands -> demo, config -> train / evaluation / export -> data / encode* / run_folder
-  -> models -> settings, losses, sharding, paths, errors, locks, fidelity, fingerprint,
+  -> models, tokenizer -> settings, losses, sharding, paths, errors, locks, fidelity, fingerprint,
   compile_cache.
 """
 
@@ -29,6 +29,7 @@ LAYERS = {
     "jasper_jax.encode_images": 3,
     "jasper_jax.run_folder": 3,
     "jasper_jax.models": 2,
+    "jasper_jax.tokenizer": 2,
     "jasper_jax.settings": 1,
     "jasper_jax.losses": 1,
     "jasper_jax.chunk_loss": 1,

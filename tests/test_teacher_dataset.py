@@ -201,7 +201,7 @@ def test_texts_cut_at_a_teachers_max_length_are_counted(tmp_path, real_texts):
 def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, caplog, tmp_path):
     import time
 
-    from jasper_jax.data import teachers
+    from jasper_jax.data import teacher_backends, teachers
 
     real = {"jax": teachers._jax_encoder, "torch": teachers._torch_encoder}
     slow_calls = []
@@ -221,8 +221,8 @@ def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, 
 
     monkeypatch.setenv("JASPER_JAX_CACHE", str(tmp_path))  # no choice remembered yet
     monkeypatch.setattr(teachers, f"_{slow}_encoder", slowed(slow))
-    sample = real_texts[: teachers.MIN_SAMPLE]
-    with caplog.at_level("INFO", logger="jasper_jax.data.teachers"):
+    sample = real_texts[: teacher_backends.MIN_SAMPLE]
+    with caplog.at_level("INFO", logger="jasper_jax.data"):
         teacher = load_teacher("all-MiniLM-L6-v2", sample=sample)
     fast = {"jax": "torch", "torch": "jax"}[slow]
     assert "teacher all-MiniLM-L6-v2: jax " in caplog.text
@@ -236,7 +236,7 @@ def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, 
     monkeypatch.setattr(teachers, f"_{slow}_encoder", real[slow])
     monkeypatch.setattr(teachers, f"_{fast}_encoder", slowed(fast))
     caplog.clear()
-    with caplog.at_level("INFO", logger="jasper_jax.data.teachers"):
+    with caplog.at_level("INFO", logger="jasper_jax.data"):
         load_teacher("all-MiniLM-L6-v2", sample=sample)
     assert f"{fast}, as timed before on this machine" in caplog.text
     assert "texts/s" not in caplog.text
@@ -249,8 +249,8 @@ def test_auto_backend_is_the_one_measured_faster(real_texts, slow, monkeypatch, 
         assert load_teacher("all-MiniLM-L6-v2", sample=sample).dim == 384
         monkeypatch.setattr(teachers, "_jax_encoder", real["jax"])
     # Small builds time nothing and take our port, as before.
-    assert teachers.timing_sample(real_texts) == []
+    assert teacher_backends.timing_sample(real_texts) == []
     caplog.clear()
-    with caplog.at_level("INFO", logger="jasper_jax.data.teachers"):
+    with caplog.at_level("INFO", logger="jasper_jax.data"):
         load_teacher("all-MiniLM-L6-v2", sample=sample[:10])
     assert "texts/s" not in caplog.text

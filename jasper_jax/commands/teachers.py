@@ -22,7 +22,7 @@ from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
 from jasper_jax.data.corpus import load_corpus
 from jasper_jax.data.teacher_assets import resolve_model_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
-from jasper_jax.data.teachers import parse_teacher_spec
+from jasper_jax.data.teacher_spec import parse_teacher_spec
 from jasper_jax.errors import UserError
 
 

@@ -31,7 +31,8 @@ from jasper_jax.data.dataset_build import (
     refuse_foreign_dataset,
     write_plan,
 )
-from jasper_jax.data.teachers import Teacher, load_teacher, timing_sample
+from jasper_jax.data.teacher_backends import timing_sample
+from jasper_jax.data.teachers import Teacher, load_teacher
 from jasper_jax.errors import UserError, one_line
 
 FORMAT_VERSION = 1

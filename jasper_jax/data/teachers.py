@@ -1,7 +1,7 @@
 """Teacher embedding models: load them, fingerprint them, and encode texts into target vectors.
 
 A teacher is a sentence-transformers folder (or a name from ``teacher_assets.KNOWN_TEACHERS``)
-run by our Flax port (BERT/MPNet/Qwen2) or by sentence-transformers on torch.
+run by our Flax port (BERT/MPNet/Qwen2/Qwen3) or by sentence-transformers on torch.
 :func:`compute_teacher_vectors` L2-normalises each teacher's vectors and concatenates them in the
 given order; the concatenation is NOT renormalised (each slice has unit norm, the row has norm
 sqrt(num_teachers)); the trainer renormalises it (SPEC 1.4).
@@ -11,25 +11,26 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
-import json
 import logging
-import os
 import pathlib
-import platform
-import re
-import time
 from collections.abc import Callable, Sequence
 
-import jax
 import numpy as np
 import tqdm
 
-from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, cache_root, resolve_model_folder
+from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, resolve_model_folder
+from jasper_jax.data.teacher_backends import (
+    can_time_both,
+    choices_file,
+    faster,
+    recalled_backend,
+    remembered_backend,
+)
+from jasper_jax.data.teacher_spec import TeacherSpec, parse_teacher_spec, teacher_prompt
 from jasper_jax.encode import TextEncoder, resolve_head
 from jasper_jax.errors import UnsupportedModel, UserError, one_line
 from jasper_jax.models.embedder import POOLED
-from jasper_jax.models.loading import load_model, st_prompts
+from jasper_jax.models.loading import load_model
 from jasper_jax.tokenizer import TOKENIZER_FILES, from_hf
 
 _LARGE_FILE = 16 << 20  # hash only the ends of weight files: a full hash of GBs takes minutes
@@ -65,54 +66,6 @@ class Teacher:
         return fields
 
 
-# Per-teacher options after the name or folder; `prompt=` comes last (its text may hold ':').
-SPEC_OPTIONS = ("head", "prompt_name", "prompt")
-_OPTION_START = re.compile(r":(head|prompt_name|prompt)=")
-
-
-@dataclasses.dataclass(frozen=True)
-class TeacherSpec:
-    """A `--teacher` value: `NAME_OR_FOLDER[:head=DIM][:prompt_name=NAME][:prompt=TEXT]`.
-
-    head: a projection head of the folder (`8192` or `dense_8192`, e.g. one of stella's
-      `2_Dense_<dim>` folders) instead of the one its modules.json runs.
-    prompt_name: a prompt of the folder's `config_sentence_transformers.json` ("query").
-    prompt: the prompt text itself (everything after `prompt=`).
-    """
-
-    source: str
-    head: str | None = None
-    prompt_name: str | None = None
-    prompt: str | None = None
-
-
-def parse_teacher_spec(text: str) -> TeacherSpec:
-    """Splits a `--teacher` value into its source and options (see `TeacherSpec`).
-
-    Raises:
-      UserError: an unknown or repeated option, or an empty value.
-    """
-    start = _OPTION_START.search(text)
-    if start is None:
-        return TeacherSpec(text)
-    options: dict[str, str] = {}
-    rest = text[start.start() + 1 :]
-    while rest:
-        key, _, rest = rest.partition("=")
-        if key == "prompt":
-            value, rest = rest, ""
-        else:
-            value, _, rest = rest.partition(":")
-        if key not in SPEC_OPTIONS or key in options or (not value and key != "prompt"):
-            raise UserError(
-                f"--teacher {text!r}: bad option {key + '=' + value!r}; write "
-                "NAME_OR_FOLDER[:head=DIM][:prompt_name=NAME][:prompt=TEXT], each option once, "
-                "prompt= last"
-            )
-        options[key] = value
-    return TeacherSpec(text[: start.start()], **options)
-
-
 def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
     """(model, tokenizer) SHA-256 fingerprints of a model folder's files.
 
@@ -134,6 +87,28 @@ def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
                 handle.seek(-(4 << 20), 2)
                 target.update(handle.read())
     return model.hexdigest(), tokenizer.hexdigest()
+
+
+def _first_backend(
+    parsed: TeacherSpec, backend: str, key: str, sample: Sequence[str]
+) -> tuple[str, bool]:
+    """(backend to load first, whether `auto` times both): a chosen head runs on our port only;
+    a teacher whose port timed slower here before goes straight to torch."""
+    if parsed.head is not None:
+        if backend == "torch":
+            raise UserError(
+                f"teacher {parsed.source!r}: head={parsed.head} runs on our port only "
+                "(sentence-transformers runs the head its modules.json names); fix: use "
+                "--backend jax or auto"
+            )
+        return "jax", False  # sentence-transformers cannot run another head: nothing to time
+    timed = backend == "auto" and can_time_both(sample)
+    if timed and recalled_backend(key) == "torch":
+        # do not load our port only to learn again that it is slower here
+        name = parsed.source
+        log.info("teacher %s: torch, as timed before on this machine (%s)", name, choices_file())
+        return "torch", True
+    return backend, timed
 
 
 def _jax_encoder(
@@ -228,22 +203,10 @@ def load_teacher(
     parsed = parse_teacher_spec(str(spec))
     spec = parsed.source
     folder = resolve_model_folder(spec, what="teacher")
-    prompt = _teacher_prompt(parsed, folder, prompt)
-    if parsed.head is not None:
-        if backend == "torch":
-            raise UserError(
-                f"teacher {str(spec)!r}: head={parsed.head} runs on our port only "
-                "(sentence-transformers runs the head its modules.json names); fix: use "
-                "--backend jax or auto"
-            )
-        backend = "jax"  # sentence-transformers cannot run another head: nothing to time
+    prompt = teacher_prompt(parsed, folder, prompt)
     model_fp, tokenizer_fp = folder_fingerprints(folder)
     key = f"{model_fp}:{tokenizer_fp}"
-    timed = backend == "auto" and _can_time_both(sample)
-    if timed and recalled_backend(key) == "torch":
-        # our port timed slower here before: do not load it only to learn that again
-        log.info("teacher %s: torch, as timed before on this machine (%s)", spec, _choices_file())
-        backend = "torch"
+    backend, timed = _first_backend(parsed, backend, key, sample)
     encode, dim, count = (
         (None, 0, None)
         if backend == "torch"
@@ -264,7 +227,7 @@ def load_teacher(
 
         def measure() -> str:
             sides["torch"] = load_torch()
-            return _faster(str(spec), sides, list(sample), batch_size)
+            return faster(str(spec), sides, list(sample), batch_size)
 
         choice = remembered_backend(key, str(spec), measure)
         encode, dim, count = sides[choice] if choice in sides else load_torch()
@@ -273,115 +236,6 @@ def load_teacher(
     return Teacher(
         name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length, count, head
     )
-
-
-def _teacher_prompt(parsed: TeacherSpec, folder: pathlib.Path, prompt: str | None) -> str | None:
-    """The teacher's own prompt (`prompt=`, or `prompt_name=` looked up in the folder's
-    sentence-transformers prompts), else the build's."""
-    if parsed.prompt is not None:
-        return parsed.prompt or None
-    if parsed.prompt_name is None:
-        return prompt
-    prompts, _ = st_prompts(folder)
-    if parsed.prompt_name not in prompts:
-        raise UserError(
-            f"teacher {parsed.source!r}: prompt_name={parsed.prompt_name!r} is not one of its "
-            f"prompts {sorted(prompts)} (config_sentence_transformers.json); fix: name one of "
-            "them, or give the text with prompt=..."
-        )
-    return prompts[parsed.prompt_name] or None
-
-
-# Sample texts below which `auto` does not time the two backends (timing noise, and small jobs
-# should not pay for a second model load).
-MIN_SAMPLE = 64
-
-
-# Texts from which `auto` times the backends; smaller builds take jax without timing.
-TIMING_FROM = 4096
-
-
-def timing_sample(texts: Sequence[str], size: int = 128) -> list[str]:
-    """`size` texts spread over a corpus of at least TIMING_FROM texts (else none): enough to
-    time a backend, about 1% of a big build's work per backend."""
-    if len(texts) < TIMING_FROM:
-        return []
-    return list(texts[:: len(texts) // size][:size])
-
-
-def _can_time_both(sample: Sequence[str]) -> bool:
-    """Timing is worth it on a CPU-only machine (elsewhere jax runs on the accelerator and torch
-    here would not) where sentence-transformers is installed, with enough sample texts."""
-    return (
-        len(sample) >= MIN_SAMPLE
-        and jax.default_backend() == "cpu"
-        and importlib.util.find_spec("sentence_transformers") is not None
-    )
-
-
-def _choices_file() -> pathlib.Path:
-    return cache_root() / "teacher-backends.json"
-
-
-def _machine_key(key: str) -> str:
-    return f"{key}:{platform.machine()}:{os.cpu_count()}:{jax.default_backend()}"
-
-
-def recalled_backend(key: str) -> str | None:
-    """The backend `auto` timed faster for this teacher (fingerprints `key`) on this machine
-    before, or None."""
-    try:
-        known = json.loads(_choices_file().read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    choice = known.get(_machine_key(key)) if isinstance(known, dict) else None
-    return choice if choice in ("jax", "torch") else None
-
-
-def remembered_backend(key: str, name: str, measure: Callable[[], str]) -> str:
-    """The backend `auto` runs a teacher with on this machine: timed once (`measure`), then read
-    back from ``cache_root()/teacher-backends.json`` (by the teacher's fingerprints and the
-    machine), so every later build, a resumed one included, encodes with the same backend and
-    gives the same vectors. Delete the file to time again."""
-    choice = recalled_backend(key)
-    path = _choices_file()
-    if choice is not None:
-        log.info("teacher %s: %s, as timed before on this machine (%s)", name, choice, path)
-        return choice
-    key = _machine_key(key)
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
-    known[key] = measure()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(partial, path)
-    except OSError as e:  # a read-only cache costs a timing per build, nothing else
-        log.warning("could not remember the backend choice in %s: %s", path, e)
-    return known[key]
-
-
-def _faster(name: str, sides: dict[str, tuple], sample: list[str], batch_size: int) -> str:
-    """The backend ("jax" or "torch") that encodes `sample` faster, timed after a warm-up pass
-    (which also compiles the jax programs the sample's lengths need, kept for the real run)."""
-    rates = {}
-    for backend, (encode, _, _) in sides.items():
-        encode(sample if backend == "jax" else sample[:batch_size])
-        start = time.perf_counter()
-        encode(sample)
-        rates[backend] = len(sample) / (time.perf_counter() - start)
-    best = max(rates, key=rates.__getitem__)
-    log.info(
-        "teacher %s: %s on %d sample texts; using %s",
-        name,
-        ", ".join(f"{b} {r:.0f} texts/s" for b, r in rates.items()),
-        len(sample),
-        best,
-    )
-    return best
 
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:

@@ -18,7 +18,8 @@ import numpy as np
 from safetensors import safe_open
 
 from jasper_jax.data.teacher_assets import resolve_model_folder
-from jasper_jax.data.teachers import load_teacher, parse_teacher_spec
+from jasper_jax.data.teacher_spec import parse_teacher_spec
+from jasper_jax.data.teachers import load_teacher
 from jasper_jax.encode import TextEncoder, check_finite_model
 from jasper_jax.errors import UserError
 from jasper_jax.evaluation.teacher_cache import cached_encode
