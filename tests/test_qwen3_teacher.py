@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.test_text_encoders import TINY_DECODER
 from tests.test_tokenizer import _byte_level_bpe
 from tests.text_samples import varied_texts
 
@@ -36,17 +37,8 @@ def qwen3_folder(tmp_path_factory) -> Path:
         padding_side="left",
     )
     torch.manual_seed(7)
-    config = transformers.Qwen3Config(
-        vocab_size=512,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        max_position_embeddings=256,
-        rope_theta=10000.0,
-    )
+    sizes = {**TINY_DECODER, "vocab_size": 512, "max_position_embeddings": 256}
+    config = transformers.Qwen3Config(**sizes, head_dim=24)
     hf = folder / "hf"
     transformers.Qwen3Model(config).save_pretrained(hf)
     tokenizer.save_pretrained(hf)

@@ -34,18 +34,22 @@ def tiny_bert():
     return transformers.BertModel(cfg).eval(), BertConfig.from_hf_dict(cfg.to_dict())
 
 
+# Sizes of the tiny Qwen2 / Qwen3 decoders (GQA: 4 query heads over 2 key/value heads).
+TINY_DECODER = dict(
+    vocab_size=130,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rope_theta=10000.0,
+)
+
+
 def tiny_qwen2(causal: bool):
     torch.manual_seed(1)
-    cfg = transformers.Qwen2Config(
-        vocab_size=130,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-    )
+    cfg = transformers.Qwen2Config(**TINY_DECODER)
     cfg._attn_implementation = "eager"
     ours = Qwen2Config.from_hf_dict({**cfg.to_dict(), "is_causal": causal})
     return transformers.Qwen2Model(cfg).eval(), ours
@@ -54,18 +58,7 @@ def tiny_qwen2(causal: bool):
 def tiny_qwen3(causal: bool = True, attention_bias: bool = False):
     """Head width 24 apart from hidden / heads = 16, as real Qwen3 checkpoints have."""
     torch.manual_seed(4)
-    cfg = transformers.Qwen3Config(
-        vocab_size=130,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        attention_bias=attention_bias,
-    )
+    cfg = transformers.Qwen3Config(**TINY_DECODER, head_dim=24, attention_bias=attention_bias)
     cfg._attn_implementation = "eager"
     model = transformers.Qwen3Model(cfg).eval()
     with torch.no_grad():  # q/k norms start at 1: make them matter
