@@ -170,16 +170,27 @@ def cache_file(folder: Path) -> Path | None:
     return paths.user_cache_root() / "tokenizers" / f"{digest.hexdigest()[:32]}.json"
 
 
-def _auto_tokenizer(folder: Path | None) -> Any:
-    if folder is None:
-        raise ValueError("this Tokenizer was built without a folder or a transformers tokenizer")
-    from transformers import AutoTokenizer  # imports torch: only when the cache cannot serve
+def auto_tokenizer(folder: str | Path, fix: str) -> Any:
+    """`AutoTokenizer` of a local folder (imports transformers, and torch through it). A folder
+    that does not load is one UserError line naming it and ending in `fix`; a disk error
+    (an OSError with an errno) propagates for the CLI to name the file."""
+    from transformers import AutoTokenizer  # only when the cache cannot serve
 
     try:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError) as err:
+    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ...
+        if isinstance(err, OSError) and err.errno is not None:
+            raise
         first = next((line for line in str(err).splitlines() if line.strip()), "")
         raise UserError(
-            f"cannot load a tokenizer from {str(folder)!r} ({first[:300]}); fix: pass a complete "
-            "model folder (with tokenizer.json or vocab files)"
+            f"cannot load a tokenizer from {str(folder)!r} ({type(err).__name__}: "
+            f"{first[:300]}); fix: {fix}"
         ) from err
+
+
+def _auto_tokenizer(folder: Path | None) -> Any:
+    if folder is None:
+        raise ValueError("this Tokenizer was built without a folder or a transformers tokenizer")
+    return auto_tokenizer(
+        folder, "pass a complete model folder (with tokenizer.json or vocab files)"
+    )

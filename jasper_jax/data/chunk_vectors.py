@@ -19,11 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import BinaryIO
 
 import numpy as np
-import transformers
 
 from jasper_jax.data.chunking import ChunkingConfig, Span, check_spans, chunk_texts, plain_tokenizer
 from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, folder_fingerprints
 from jasper_jax.errors import UserError
+from jasper_jax.tokenizer import auto_tokenizer
 
 SUFFIX = ".chunks.npz"
 
@@ -133,14 +133,4 @@ def load_tokenizer(folder: str | pathlib.Path, flag: str):
             f"tokenizer folder {str(folder)!r} does not exist; fix: pass {flag} a local model "
             "folder (one holding tokenizer.json or vocab.txt)"
         )
-    try:
-        # transformers loads AutoTokenizer lazily, at this first use (seconds)
-        return transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    except Exception as err:  # transformers raises OSError, ValueError, KeyError, ...
-        if isinstance(err, OSError) and err.errno is not None:
-            raise  # a disk error: the CLI names the file and the fix
-        first = next((line for line in str(err).splitlines() if line.strip()), "")
-        raise UserError(
-            f"cannot load a tokenizer from {str(folder)!r} ({type(err).__name__}: "
-            f"{first[:300]}); fix: pass {flag} a complete model folder"
-        ) from err
+    return auto_tokenizer(folder, f"pass {flag} a complete model folder")

@@ -34,12 +34,12 @@ from typing import Any
 import grain
 import numpy as np
 import tokenizers
-import transformers
 
 from jasper_jax.data.chunking import check_spans, token_spans
 from jasper_jax.data.length_groups import GroupedBatches, SortByLength, groups_for
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
+from jasper_jax.tokenizer import auto_tokenizer
 from jasper_jax.vectors import unit_rows
 
 
@@ -96,13 +96,9 @@ class TokenizeBatch(grain.transforms.Map):
 def load_fixed_length_tokenizer(tokenizer_dir: str | pathlib.Path, max_length: int):
     """The ``tokenizers.Tokenizer`` of ``AutoTokenizer.from_pretrained(tokenizer_dir)``, set to
     truncate and pad every text to exactly ``max_length`` tokens (special tokens included)."""
-    try:
-        hf = transformers.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise UserError(
-            f"cannot load a tokenizer from {str(tokenizer_dir)!r}: {err}; fix: pass the student "
-            "model folder (with tokenizer.json or vocab files)"
-        ) from err
+    hf = auto_tokenizer(
+        tokenizer_dir, "pass the student model folder (with tokenizer.json or vocab files)"
+    )
     if not hf.is_fast or hf.pad_token is None:
         raise UserError(
             f"tokenizer in {str(tokenizer_dir)!r} must be a fast tokenizer with a pad token"

@@ -56,14 +56,18 @@ def _machine_key(key: str) -> str:
     return f"{key}:{platform.machine()}:{os.cpu_count()}:{jax.default_backend()}"
 
 
-def recalled_backend(key: str) -> str | None:
-    """The backend `auto` timed faster for this teacher (fingerprints `key`) on this machine
-    before, or None."""
+def _known_choices() -> dict:
     try:
         known = json.loads(choices_file().read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return None
-    choice = known.get(_machine_key(key)) if isinstance(known, dict) else None
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def recalled_backend(key: str) -> str | None:
+    """The backend `auto` timed faster for this teacher (fingerprints `key`) on this machine
+    before, or None."""
+    choice = _known_choices().get(_machine_key(key))
     return choice if choice in ("jax", "torch") else None
 
 
@@ -72,16 +76,10 @@ def remembered_backend(key: str, name: str, measure: Callable[[], str]) -> str:
     back from ``cache_root()/teacher-backends.json`` (by the teacher's fingerprints and the
     machine), so every later build, a resumed one included, encodes with the same backend and
     gives the same vectors. Delete the file to time again."""
-    choice = recalled_backend(key)
-    path = choices_file()
-    if choice is not None:
-        log.info("teacher %s: %s, as timed before on this machine (%s)", name, choice, path)
-        return choice
-    key = _machine_key(key)
-    try:
-        known = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        known = {}
+    path, known, key = choices_file(), _known_choices(), _machine_key(key)
+    if known.get(key) in ("jax", "torch"):
+        log.info("teacher %s: %s, as timed before on this machine (%s)", name, known[key], path)
+        return known[key]
     known[key] = measure()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

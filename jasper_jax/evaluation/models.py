@@ -17,8 +17,6 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
-from jasper_jax.data.teacher_assets import resolve_model_folder
-from jasper_jax.data.teacher_spec import parse_teacher_spec
 from jasper_jax.data.teachers import load_teacher
 from jasper_jax.encode import TextEncoder, check_finite_model
 from jasper_jax.errors import UserError
@@ -163,8 +161,7 @@ def teacher_model(spec: str, batch_size: int = 64, cache_dir: Path | None = None
         )
         return {TEACHER_OUTPUT: rows}
 
-    source = parse_teacher_spec(spec).source
-    count = folder_parameter_count(resolve_model_folder(source, what="teacher"))
+    count = folder_parameter_count(Path(teacher.folder))
     return EvalModel(
         teacher.name,
         "teacher",

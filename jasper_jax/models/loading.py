@@ -196,8 +196,9 @@ def _max_seq_length(folder: Path, encoder: Any) -> int:
     caps it; the position limit when neither is set."""
     limit = int(getattr(encoder, "max_position_embeddings", 512))
     st_cfg = folder / "sentence_bert_config.json"
-    if st_cfg.exists() and read_json(st_cfg).get("max_seq_length"):
-        return int(read_json(st_cfg)["max_seq_length"])
+    st_max = read_json(st_cfg).get("max_seq_length") if st_cfg.exists() else None
+    if st_max:
+        return int(st_max)
     tok_cfg = folder / "tokenizer_config.json"
     model_max = read_json(tok_cfg).get("model_max_length") if tok_cfg.exists() else None
     if isinstance(model_max, int | float) and 0 < model_max < 1e9:  # HF writes 1e30 for none
