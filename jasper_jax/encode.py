@@ -20,6 +20,7 @@ from jasper_jax.errors import UserError
 from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.embedder import POOLED, Embedder, EmbedderConfig, abstract_params
 from jasper_jax.models.loading import LoadedModel, first_non_finite
+from jasper_jax.models.nvembed import instruction_length
 from jasper_jax.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -131,8 +132,10 @@ class TextEncoder:
     def _fn(self, heads: tuple[str, ...]):
         if heads not in self._fns:
 
-            def run(params, ids, mask):
-                return self.module.apply({"params": params}, ids, mask, heads=heads)
+            def run(params, ids, mask, pool_from):
+                return self.module.apply(
+                    {"params": params}, ids, mask, heads=heads, pool_from=pool_from
+                )
 
             # Replicated outputs: every process (multi-host eval) can read the whole batch.
             self._fns[heads] = jax.jit(run, out_shardings=sharding.replicated(self.mesh))
@@ -158,15 +161,16 @@ class TextEncoder:
         """texts -> {head: [len(texts), dim] float32 unit vectors}, one encoder pass per batch."""
         heads = tuple(resolve_head(self.model.config, h) for h in heads)
         max_length = self.token_limit(max_length)
-        tok = self.text_tokenizer.tokenize(texts, max_length, prompt)
+        tok = self.text_tokenizer.tokenize(self._suffixed(texts), max_length, prompt)
         self.last_truncated = tok.truncated
+        pool_from = np.int32(self._prompt_positions(prompt))
         order = np.argsort([len(x) for x in tok.ids], kind="stable")
         out: dict[str, np.ndarray] = {}
         bar = tqdm(total=len(texts), unit="text", disable=not progress, desc="encode")
         for start in range(0, len(order), self.batch_size):
             rows = order[start : start + self.batch_size]
             ids, mask = self.pad([tok.ids[i] for i in rows], max_length)
-            for name, vecs in self._fn(heads)(self.params, ids, mask).items():
+            for name, vecs in self._fn(heads)(self.params, ids, mask, pool_from).items():
                 vecs = np.asarray(vecs)[: len(rows)]
                 out.setdefault(name, np.zeros((len(texts), vecs.shape[-1]), np.float32))[rows] = (
                     vecs
@@ -184,7 +188,20 @@ class TextEncoder:
         self, texts: Sequence[str], prompt: str | None = None, max_length: int | None = None
     ) -> int:
         """How many of `texts` an `encode` with these arguments would cut (tokenising only)."""
-        return self.text_tokenizer.tokenize(texts, self.token_limit(max_length), prompt).truncated
+        limit = self.token_limit(max_length)
+        return self.text_tokenizer.tokenize(self._suffixed(texts), limit, prompt).truncated
+
+    def _suffixed(self, texts: Sequence[str]) -> Sequence[str]:
+        """texts with the model's `text_suffix` (NV-Embed: its EOS) appended."""
+        suffix = self.model.text_suffix
+        return [t + suffix for t in texts] if suffix else texts
+
+    def _prompt_positions(self, prompt: str | None) -> int:
+        """Leading positions the mean leaves out: NV-Embed's instruction count for a model that
+        pools without its prompt (`LoadedModel.pool_prompt`), else 0."""
+        if not prompt or self.model.pool_prompt:
+            return 0
+        return instruction_length(self.text_tokenizer, prompt)
 
     def pad(self, rows: list[list[int]], max_length: int) -> tuple[jax.Array, jax.Array]:
         """Token id rows -> (ids, mask) int32 [batch_size, bucket length], sharded over the

@@ -19,7 +19,7 @@ import argparse
 
 from jasper_jax.data.chunk_vectors import load_tokenizer
 from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
-from jasper_jax.data.corpus import load_corpus
+from jasper_jax.data.corpus_mix import CorpusMix
 from jasper_jax.data.teacher_assets import resolve_model_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
 from jasper_jax.data.teacher_spec import parse_teacher_spec
@@ -28,12 +28,7 @@ from jasper_jax.errors import UserError
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     """Add the ``teachers`` sub-command's flags to ``parser``."""
-    parser.add_argument(
-        "--corpus",
-        required=True,
-        help="'embedded' (or embedded:validation), a .txt/.jsonl file, "
-        "or tfds:NAME[:SPLIT][:FEATURE]",
-    )
+    _add_corpus_args(parser)
     parser.add_argument(
         "--teacher",
         action="append",
@@ -54,7 +49,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-shards", type=int, default=1, help="number of corpus slices")
     parser.add_argument("--batch-size", type=int, default=64, help="teacher encode batch size")
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N texts")
     parser.add_argument(
         "--backend",
         choices=("auto", "jax", "torch"),
@@ -88,11 +82,43 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the texts: corpora, their mix, --limit, the augmentation."""
+    parser.add_argument(
+        "--corpus",
+        action="append",
+        required=True,
+        metavar="SPEC[@WEIGHT]",
+        help="'embedded' (or embedded:validation), a .txt/.jsonl file, hf:PATH[:SPLIT][:FIELD] "
+        "(a local Hugging Face dataset: save_to_disk folder, parquet/arrow/jsonl files) or "
+        "tfds:NAME[:SPLIT][:FEATURE]; repeat to concatenate corpora, or give every one a "
+        "@WEIGHT to mix them at those shares (texts never repeated)",
+    )
+    parser.add_argument(
+        "--split-sentences",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="augmentation: replace this share (0-1; the paper: 0.3) of the corpus texts, drawn "
+        "at random, by pieces of 1-10 of their sentences",
+    )
+    parser.add_argument(
+        "--corpus-seed", type=int, default=0, help="seed of the corpus mix and --split-sentences"
+    )
+    parser.add_argument(
+        "--limit",
+        type=int,
+        default=None,
+        help="use only the first N texts (of a weighted mix: N drawn texts; counted before "
+        "--split-sentences)",
+    )
+
+
 def main(args: argparse.Namespace) -> int:
     """Run the sub-command; returns the exit code (``UserError`` propagates to the CLI)."""
-    corpus = args.corpus
+    corpus = CorpusMix.parse(args.corpus, args.split_sentences, args.corpus_seed)
     if args.documents:
-        corpus = _documents(args)
+        corpus = _documents(args, corpus)
     result = build_teacher_dataset(
         corpus,
         args.teacher,
@@ -103,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
         num_shards=args.num_shards,
         batch_size=args.batch_size,
         overwrite=args.overwrite,
-        limit=args.limit,
+        limit=None if args.documents else args.limit,  # _documents applied it
         backend=args.backend,
         max_length=args.max_length,
         chunking=args.chunks,
@@ -129,9 +155,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _documents(args: argparse.Namespace) -> list[str]:
+def _documents(args: argparse.Namespace, corpus: CorpusMix) -> list[str]:
     """The corpus's texts joined into documents of --documents MIN:MAX tokens (counted with the
-    chunk tokenizer, else the first teacher's)."""
+    chunk tokenizer, else the first teacher's), the first --limit of them, then augmented."""
     try:
         low, high = (int(x) for x in args.documents.split(":"))
     except ValueError as e:
@@ -143,7 +169,7 @@ def _documents(args: argparse.Namespace) -> list[str]:
     flag = "--chunk-tokenizer" if args.chunk_tokenizer else "--teacher"
     backend = plain_tokenizer(load_tokenizer(folder, flag))
     count = lambda text: len(backend.encode(text, add_special_tokens=False).ids)
-    texts = load_corpus(args.corpus)
-    if args.limit:  # --limit counts documents here
-        texts = texts[: args.limit * (low + high) // 2]
-    return documents_from_texts(texts, count, low, high)
+    # --limit counts documents here
+    texts, _ = corpus.read(args.limit * (low + high) // 2 if args.limit else None)
+    documents = documents_from_texts(texts, count, low, high)
+    return corpus.augment(documents[: args.limit] if args.limit else documents)

@@ -1,4 +1,5 @@
-"""Read a corpus of texts to distil on: the embedded English corpus, a file, or a TFDS dataset.
+"""Read a corpus of texts to distil on: the embedded English corpus, a file, a local Hugging Face
+dataset, or a TFDS dataset.
 
 ``path_or_name`` forms accepted by :func:`load_corpus`:
 
@@ -13,6 +14,11 @@
   machine (no download happens here). NAME is a registered dataset name (read from
   ``$TFDS_DATA_DIR``) or the path of a prepared dataset folder; SPLIT defaults to ``train``;
   FEATURE defaults to the first ``Text`` feature of the dataset.
+- ``hf:PATH[:SPLIT][:FIELD]``: a local Hugging Face ``datasets`` corpus (a ``save_to_disk``
+  folder, or parquet / arrow / jsonl files), read offline; see :mod:`jasper_jax.data.corpus_hf`.
+
+Several corpora mixed with weights, and the paper's sentence-piece augmentation:
+:mod:`jasper_jax.data.corpus_mix`.
 
 Texts that are empty or only whitespace are skipped and counted (:class:`CorpusTexts`).
 """
@@ -29,6 +35,7 @@ from collections.abc import Iterator
 
 import tensorflow_datasets as tfds
 
+from jasper_jax.data.corpus_hf import hf_texts
 from jasper_jax.errors import UserError
 
 EMBEDDED = "embedded"
@@ -70,11 +77,14 @@ def read_corpus(path_or_name: str, split: str | None = None) -> CorpusTexts:
         return CorpusTexts([r["text"] for r in records], 0, f"embedded:{split or 'train'}")
     if path_or_name.startswith("tfds:"):
         return _keep_nonempty(_tfds_texts(path_or_name, split), path_or_name)
+    if path_or_name.startswith("hf:"):
+        return _keep_nonempty(hf_texts(path_or_name, split), path_or_name)
     path = pathlib.Path(path_or_name).expanduser()
     if not path.name.endswith(_SUFFIXES):
         raise UserError(
             f"corpus {path_or_name!r} has an unknown type; expected 'embedded', a file ending in "
-            f"{', '.join(_SUFFIXES)}, or 'tfds:NAME[:SPLIT][:FEATURE]'; fix: rename or convert it"
+            f"{', '.join(_SUFFIXES)}, 'hf:PATH[:SPLIT][:FIELD]' or 'tfds:NAME[:SPLIT][:FEATURE]'; "
+            "fix: rename or convert it"
         )
     if split is not None:
         raise UserError(

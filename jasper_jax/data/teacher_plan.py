@@ -23,6 +23,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from jasper_jax.data import corpus as corpus_lib
+from jasper_jax.data.corpus_mix import CorpusMix
 from jasper_jax.data.dataset_build import (
     DATASET_DIR,
     PARTS_DIR,
@@ -56,19 +57,27 @@ def check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limi
         raise UserError(f"limit {limit} must be a positive integer (or omitted)")
 
 
-def corpus_texts(corpus: str | Sequence[str], limit: int | None) -> tuple[list[str], int]:
-    """(the non-empty texts, first ``limit`` of them, number of empty texts skipped)."""
+def corpus_texts(
+    corpus: str | CorpusMix | Sequence[str], limit: int | None
+) -> tuple[list[str], int]:
+    """(the non-empty texts, first ``limit`` of them, number of empty texts skipped); a spec or
+    a ``CorpusMix`` (several corpora, weights, augmentation) chooses its ``limit`` texts itself."""
     if isinstance(corpus, str):
-        read = corpus_lib.read_corpus(corpus)
-        texts, skipped = read.texts, read.skipped_empty
+        corpus = CorpusMix((corpus,))
+    if isinstance(corpus, CorpusMix):
+        texts, skipped = corpus.texts(limit)
     else:
         texts = [t for t in corpus if t.strip()]
         skipped = len(corpus) - len(texts)
+        texts = texts[:limit] if limit else texts
     if skipped:
         log.warning("skipped %d empty texts", skipped)
-    texts = texts[:limit] if limit else texts
     if not texts:
-        name = repr(corpus) if isinstance(corpus, str) else f"of {len(corpus)} given texts"
+        name = (
+            repr(", ".join(corpus.specs))
+            if isinstance(corpus, CorpusMix)
+            else f"of {len(corpus)} given texts"
+        )
         raise UserError(
             f"corpus {name} holds no non-empty texts; fix: give a corpus with text on its lines"
         )

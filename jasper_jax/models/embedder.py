@@ -19,16 +19,19 @@ from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.bert import BertConfig, BertEncoder
 from jasper_jax.models.layers import Dense
 from jasper_jax.models.mpnet import MPNetConfig, MPNetEncoder
+from jasper_jax.models.nvembed import NVEmbedConfig, NVEmbedEncoder
 from jasper_jax.models.pooling import POOLING_MODES, pool, span_mean_pool
-from jasper_jax.models.qwen2 import Qwen2Config, Qwen2Encoder, Qwen3Config
+from jasper_jax.models.qwen2 import MistralConfig, Qwen2Config, Qwen2Encoder, Qwen3Config
 from jasper_jax.vectors import l2_normalize
 
-EncoderConfig = BertConfig | MPNetConfig | Qwen2Config | Qwen3Config
+EncoderConfig = BertConfig | MPNetConfig | Qwen2Config | Qwen3Config | MistralConfig | NVEmbedConfig
 ENCODERS = {
     "bert": BertEncoder,
     "mpnet": MPNetEncoder,
     "qwen2": Qwen2Encoder,
     "qwen3": Qwen2Encoder,  # the same module; Qwen3Config switches on its differences
+    "mistral": Qwen2Encoder,  # likewise MistralConfig
+    "nvembed": NVEmbedEncoder,  # Mistral body + NV-Embed's latent-attention layer
 }
 POOLED = "pooled"  # the name under which the bare pooled vector is returned
 # What the heads read ([B, hidden], not normalised to unit length unless normalize_pooled):
@@ -99,6 +102,8 @@ class Embedder(nn.Module):
     `chunk_spans` [B, C, 2] token ranges [start, end) turn the output into a pair
     (document vectors {name: [B, dim]}, chunk vectors {name: [B, C, dim]}) from one encoder
     pass; each chunk is the mean of its tokens' states (late chunking), an empty span gives 0.
+    `pool_from` (int or int32 scalar) leaves the first positions out of a mean pool (NV-Embed's
+    instruction tokens, `nvembed.instruction_length`); None or 0 pools every token.
     """
 
     config: EmbedderConfig
@@ -115,13 +120,17 @@ class Embedder(nn.Module):
         heads: Sequence[str] | None = None,
         deterministic: bool = True,
         chunk_spans: jax.Array | None = None,
+        pool_from: jax.Array | int | None = None,
     ) -> dict[str, jax.Array] | tuple[dict[str, jax.Array], dict[str, jax.Array]]:
         cfg = self.config
         encoder = ENCODERS[cfg.encoder.model_type](
             cfg.encoder, self.dtype, self.remat, self.attention, name="encoder"
         )
         hidden = encoder(input_ids, attention_mask, inputs_embeds, deterministic=deterministic)
-        pooled = pool(hidden, attention_mask, cfg.pooling)
+        pool_mask = attention_mask
+        if pool_from is not None and cfg.pooling == "mean":
+            pool_mask = attention_mask * (jnp.arange(attention_mask.shape[1]) >= pool_from)
+        pooled = pool(hidden, pool_mask, cfg.pooling)
         projection = ProjectionHeads(cfg.heads, name="heads")
         names = (POOLED, *cfg.head_names) if heads is None else tuple(heads)
 

@@ -24,13 +24,19 @@ from jasper_jax.errors import UnsupportedModel, UserError
 
 # Buffers that HF checkpoints carry but that are not parameters of an encoder.
 _IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$|^lm_head\.")
-_LIST_COMPONENT = re.compile(r"^(layer|layers)_(\d+)$")
+# Flax `layers_3` is HF `layers.3` (torch ModuleList / Sequential items; NV-Embed's latent layer
+# has `cross_attend_blocks.0` and `net.0`).
+_LIST_COMPONENT = re.compile(r"^(layer|layers|cross_attend_blocks|net)_(\d+)$")
+# Parameters that HF registers under their own name rather than as a module's weight.
+_NAMED_LEAVES = ("latents",)
 # Keys that identify where an architecture's tensors start inside a checkpoint.
 ANCHORS = {
     "bert": "embeddings.word_embeddings.weight",
     "mpnet": "embeddings.word_embeddings.weight",
     "qwen2": "embed_tokens.weight",
     "qwen3": "embed_tokens.weight",
+    "mistral": "embed_tokens.weight",
+    "nvembed": "embedding_model.embed_tokens.weight",
 }
 
 
@@ -41,7 +47,7 @@ def flax_path_to_hf(path: tuple[str, ...]) -> str:
         m = _LIST_COMPONENT.match(p)
         parts.extend([m.group(1), m.group(2)] if m else [p])
     leaf = path[-1]
-    parts.append("bias" if leaf == "bias" else "weight")
+    parts.append(leaf if leaf in ("bias", *_NAMED_LEAVES) else "weight")
     return ".".join(parts)
 
 

@@ -22,7 +22,8 @@ from jasper_jax.models import hf_io
 from jasper_jax.models.bert import BertConfig
 from jasper_jax.models.embedder import POOLED, EmbedderConfig, abstract_params, head_name
 from jasper_jax.models.mpnet import MPNetConfig
-from jasper_jax.models.qwen2 import Qwen2Config, Qwen3Config
+from jasper_jax.models.nvembed import NVEmbedConfig, eos_text
+from jasper_jax.models.qwen2 import MistralConfig, Qwen2Config, Qwen3Config
 from jasper_jax.paths import read_json
 
 ENCODER_CONFIGS = {
@@ -30,6 +31,8 @@ ENCODER_CONFIGS = {
     "mpnet": MPNetConfig,
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
+    "mistral": MistralConfig,
+    "nvembed": NVEmbedConfig,
 }
 log = logging.getLogger(__name__)
 _ST_POOLING_KEYS = {
@@ -52,6 +55,9 @@ class LoadedModel:
     max_seq_length: int
     prompts: dict[str, str]
     default_prompt_name: str | None = None
+    # How texts reach the model beyond prompt + text (NV-Embed's own encode, `models.nvembed`):
+    text_suffix: str = ""  # appended to every text before tokenizing (NV-Embed: its EOS)
+    pool_prompt: bool = True  # False: the mean leaves the prompt's tokens out
 
 
 def first_non_finite(params: Any) -> str | None:
@@ -70,7 +76,8 @@ def encoder_config_from_folder(folder: Path):
     if kind not in ENCODER_CONFIGS:
         raise UnsupportedModel(
             f"{folder}/config.json has model_type {kind!r}; supported architectures are "
-            f"{sorted(ENCODER_CONFIGS)} (BERT, MPNet, Qwen2- and Qwen3-style encoders)"
+            f"{sorted(ENCODER_CONFIGS)} (BERT, MPNet, Qwen2-, Qwen3- and Mistral-style encoders, "
+            "NV-Embed)"
         )
     try:
         return ENCODER_CONFIGS[kind].from_hf_dict(d)
@@ -171,9 +178,10 @@ def load_model(folder: str | Path) -> LoadedModel:
     if isinstance(enc, BertConfig | MPNetConfig):
         enc = dataclasses.replace(enc, add_pooling_layer=f"{prefix}pooler.dense.weight" in state)
     heads, default = _dense_heads(folder, enc.hidden_size)
+    nvembed = isinstance(enc, NVEmbedConfig)  # pools as its own code does, not by ST modules
     config = EmbedderConfig(
         encoder=enc,
-        pooling=_pooling_mode(folder),
+        pooling="mean" if nvembed else _pooling_mode(folder),
         heads=tuple(heads),
         default_head=default or POOLED,
         normalize_pooled=normalizes_pooled(_modules(folder)),
@@ -184,9 +192,11 @@ def load_model(folder: str | Path) -> LoadedModel:
     if heads:
         params["heads"] = {head_name(d): h for d, h in heads.items()}
     prompts, default_prompt = st_prompts(folder)
-    return LoadedModel(
-        config, params, folder, _max_seq_length(folder, enc), prompts, default_prompt
-    )
+    limit = _max_seq_length(folder, enc)
+    loaded = LoadedModel(config, params, folder, limit, prompts, default_prompt)
+    if nvembed:
+        loaded.text_suffix, loaded.pool_prompt = eos_text(folder), not enc.mask_instruction
+    return loaded
 
 
 def _max_seq_length(folder: Path, encoder: Any) -> int:
@@ -195,6 +205,7 @@ def _max_seq_length(folder: Path, encoder: Any) -> int:
     (6 and later keep it there), capped at the position embeddings as sentence-transformers
     caps it; the position limit when neither is set."""
     limit = int(getattr(encoder, "max_position_embeddings", 512))
+    limit = min(limit, getattr(encoder, "attention_window", None) or limit)  # causal Mistral
     st_cfg = folder / "sentence_bert_config.json"
     st_max = read_json(st_cfg).get("max_seq_length") if st_cfg.exists() else None
     if st_max:

@@ -1,10 +1,12 @@
-"""Qwen2- and Qwen3-style decoders used as encoders (the paper's student, stella_en_1.5B_v5;
-the Qwen3-Embedding teachers).
+"""Qwen2-, Qwen3- and Mistral-style decoders used as encoders (the paper's student,
+stella_en_1.5B_v5; the Qwen3-Embedding teachers; the Mistral body of NV-Embed).
 
 GQA attention with RoPE, RMSNorm, SwiGLU MLP; causal or bidirectional attention by config
 (stella/Jasper use bidirectional attention with padding masked; Qwen3-Embedding is causal and
 pools the last token). Qwen3 adds an RMSNorm over each head's queries and keys before RoPE,
-drops the q/k/v biases and may set a head width apart from hidden / heads. Names mirror HF
+drops the q/k/v biases and may set a head width apart from hidden / heads. Mistral is Qwen2
+without any bias, plus a sliding attention window for causal use (see `MistralConfig`). Names
+mirror HF
 `Qwen2Model` / `Qwen3Model`: Flax `layers_5/self_attn/q_proj/kernel` is HF
 `layers.5.self_attn.q_proj.weight` transposed, `layers_5/self_attn/q_norm/scale` is
 `layers.5.self_attn.q_norm.weight`.
@@ -19,6 +21,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jasper_jax.errors import UserError
 from jasper_jax.models.attention import AttentionSettings, attend
 from jasper_jax.models.layers import Dense, Dtype, RMSNorm, remat_layer
 from jasper_jax.models.layers import partitioned as _p
@@ -66,8 +69,8 @@ class Qwen2Config:
             kwargs["rope_theta"] = rope["rope_theta"]
         kwargs["rope_scaling"] = RopeScaling.from_hf(d)
         kwargs["is_causal"] = bool(d.get("is_causal", cls.is_causal))
-        if cls.model_type == "qwen2":
-            kwargs.pop("attention_bias", None)  # Qwen2 always has q/k/v biases
+        if cls.model_type != "qwen3":
+            kwargs.pop("attention_bias", None)  # fixed: Qwen2 always has q/k/v biases, Mistral none
         if d.get("head_dim") and d["head_dim"] != d["hidden_size"] // d["num_attention_heads"]:
             kwargs["head_dim_override"] = int(d["head_dim"])
         return cls(**kwargs)
@@ -76,7 +79,7 @@ class Qwen2Config:
         d = dataclasses.asdict(self)
         for name in ("rope_scaling", "qk_norm", "head_dim_override"):
             d.pop(name)
-        if self.model_type == "qwen2":
+        if self.model_type != "qwen3":
             d.pop("attention_bias")
         if self.head_dim_override:
             d["head_dim"] = self.head_dim_override
@@ -106,6 +109,38 @@ class Qwen3Config(Qwen2Config):
     model_type = "qwen3"
 
 
+@dataclasses.dataclass(frozen=True)
+class MistralConfig(Qwen2Config):
+    """HF `MistralConfig` (Mistral-7B; NV-Embed's body): no biases at all, causal by default.
+
+    `sliding_window` (W): transformers lets a causal query see only the W latest keys. We do not
+    implement the window: a causal Mistral is refused on inputs longer than W tokens (within W
+    the window hides nothing, so the result is exact), and loading caps the default token limit
+    at W. Bidirectional use ignores the window, as NV-Embed's own model does (its mask holds
+    padding only).
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 14336
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 32768
+    is_causal: bool = True
+    attention_bias: bool = False
+    sliding_window: int | None = None
+
+    model_type = "mistral"
+
+    @property
+    def attention_window(self) -> int | None:
+        """Tokens a causal pass may hold before the sliding window would matter; None: any."""
+        return self.sliding_window if self.is_causal else None
+
+
 def rope_tables(positions: jax.Array, config: Qwen2Config):
     """cos/sin tables [batch, seq, head_dim] for rotate-half RoPE (HF Qwen2 layout), with the
     config's RoPE scaling; positions: [batch, seq] int, 0..seq-1."""
@@ -127,6 +162,16 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     return (x32 * cos[:, :, None] + rotated * sin[:, :, None]).astype(x.dtype)
+
+
+def check_window(config: Qwen2Config, seq_len: int) -> None:
+    """Refuses a causal Mistral pass longer than its sliding window (see `MistralConfig`)."""
+    window = getattr(config, "attention_window", None)
+    if window and seq_len > window:
+        raise UserError(
+            f"{seq_len} tokens exceed the sliding attention window ({window}) of this causal "
+            f"Mistral, which jasper-jax does not implement; fix: --max-length {window} or less"
+        )
 
 
 class Qwen2Attention(nn.Module):
@@ -199,7 +244,7 @@ class Qwen2Layer(nn.Module):
 
 
 class Qwen2Encoder(nn.Module):
-    """Qwen2 / Qwen3 (by `config`) up to the final-norm hidden state.
+    """Qwen2 / Qwen3 / Mistral (by `config`) up to the final-norm hidden state.
 
     Args (call):
       input_ids: [batch, seq] int32, right-padded; positions are 0..seq-1.
@@ -231,6 +276,7 @@ class Qwen2Encoder(nn.Module):
                 name="embed_tokens",
             )(input_ids)
         x = inputs_embeds.astype(self.dtype)
+        check_window(cfg, x.shape[1])
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         cos, sin = rope_tables(positions, cfg)
         layer_cls = remat_layer(Qwen2Layer, self.remat)
