@@ -1,7 +1,8 @@
 """Teacher embedding models: load them, fingerprint them, and encode texts into target vectors.
 
 A teacher is a sentence-transformers folder (or a name from ``teacher_assets.KNOWN_TEACHERS``)
-run by our Flax port (BERT/MPNet/Qwen2/Qwen3) or by sentence-transformers on torch.
+run by our Flax port (BERT/MPNet/Qwen2/Qwen3/Mistral/NV-Embed) or by sentence-transformers on
+torch.
 :func:`compute_teacher_vectors` L2-normalises each teacher's vectors and concatenates them in the
 given order; the concatenation is NOT renormalised (each slice has unit norm, the row has norm
 sqrt(num_teachers)); the trainer renormalises it (SPEC 1.4).
@@ -189,9 +190,10 @@ def load_teacher(
     spec: a bundled name or a folder, with options (`parse_teacher_spec`): `:head=8192` runs
     that projection head (our port only), `:prompt_name=query` / `:prompt=TEXT` this teacher's
     own prompt instead of ``prompt``.
-    backend: "jax" runs our Flax port of the folder (BERT / MPNet / Qwen2 / Qwen3
-    sentence-transformers models; the only choice on TPU); "torch" runs sentence-transformers
-    (CPU); "auto" takes jax where the architecture is supported, else torch, and on a CPU-only
+    backend: "jax" runs our Flax port of the folder (BERT / MPNet / Qwen2 / Qwen3 / Mistral
+    sentence-transformers models, NV-Embed; the only choice on TPU); "torch" runs
+    sentence-transformers (CPU); "auto" takes jax where the architecture is supported, else
+    torch, and on a CPU-only
     machine with a ``sample`` of at least ``MIN_SAMPLE`` texts times both on it and keeps the
     faster, once per teacher and machine (see ``remembered_backend``).
     max_length: tokens each text is cut to; None keeps the folder's ``max_seq_length`` (long
