@@ -97,6 +97,9 @@ class TextEncoder:
       tokenizer: None: the model folder's (`jasper_jax.tokenizer.load_tokenizer`).
       attention: the encoder's attention implementation (e.g. blockwise for long texts in
         bounded memory); None: the default ("auto").
+      sharded_weights: lay the weights out by `sharding.INFERENCE_AXIS_RULES` (over every
+        device, for teachers too big for one) instead of the training rules; with a bfloat16
+        `dtype` the weights are then also stored in bfloat16 (half the memory).
     """
 
     def __init__(
@@ -108,6 +111,7 @@ class TextEncoder:
         batch_size: int = 64,
         tokenizer: Tokenizer | None = None,
         attention: AttentionSettings | None = None,
+        sharded_weights: bool = False,
     ):
         if dtype not in DTYPES:
             raise UserError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
@@ -119,8 +123,11 @@ class TextEncoder:
             model.config, dtype=DTYPES[dtype], attention=attention or AttentionSettings()
         )
         self.text_tokenizer = tokenizer or load_tokenizer(model.folder)
-        shardings = sharding.param_shardings(abstract_params(model.config), self.mesh)
-        self.params = jax.device_put(model.params, shardings)
+        rules = sharding.INFERENCE_AXIS_RULES if sharded_weights else sharding.LOGICAL_AXIS_RULES
+        abstract = abstract_params(model.config)
+        shardings = sharding.param_shardings(abstract, self.mesh, rules, sharded_weights)
+        stored = DTYPES[dtype] if sharded_weights and dtype != "float32" else None
+        self.params = sharding.place(model.params, shardings, stored)
         self._in_sharding = sharding.batch_sharding(self.mesh, 2)
         self._fns: dict[str, Any] = {}
 

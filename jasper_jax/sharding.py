@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jasper_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+Rules = tuple[tuple[str, Any], ...]
 
 # Logical axis -> mesh axes. Parameters: vocab, embed, heads (fused heads*head_dim), kv_heads,
 # mlp, head_out (projection head output), norm, pos, patch. Activations: act_batch.
@@ -38,58 +39,82 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("type", None),
 )
 
+# Inference (teacher passes, encode): no optimizer state to spread, so the data axis shards the
+# weights too (ZeRO-3 over every device); batch rows are still split over (data, fsdp).
+INFERENCE_AXIS_RULES: tuple[tuple[str, Any], ...] = tuple(
+    (name, ("fsdp", "data")) if name == "embed" else (name, axes)
+    for name, axes in LOGICAL_AXIS_RULES
+)
 
-def make_mesh(shape: Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
+
+def make_mesh(
+    shape: Sequence[int],
+    devices: Sequence[jax.Device] | None = None,
+    flag: str = "config.mesh_shape",
+) -> Mesh:
     """Builds a `(data, fsdp, tensor)` mesh; one entry of `shape` may be -1 (all the rest).
 
     Args:
       shape: three ints, e.g. (2, 1, 4) or (-1, 1, 1) for pure data parallelism.
       devices: defaults to all of `jax.devices()` (every process's devices on a multi-host run).
+      flag: the setting errors name (``--mesh-shape`` for the CLI).
     """
     devices = list(jax.devices() if devices is None else devices)
     shape = list(shape)
     if len(shape) != len(MESH_AXES):
-        raise UserError(f"mesh shape {tuple(shape)} must have 3 entries for axes {MESH_AXES}")
+        raise UserError(f"{flag} {tuple(shape)} must have 3 entries for the axes {MESH_AXES}")
     if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise UserError(f"mesh shape {tuple(shape)}: use positive sizes and at most one -1")
+        raise UserError(f"{flag} {tuple(shape)}: use positive sizes and at most one -1")
     known = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if len(devices) % known:
             raise UserError(
-                f"mesh shape {tuple(shape)}: {len(devices)} devices are not divisible by {known}"
+                f"{flag} {tuple(shape)}: {len(devices)} devices are not divisible by {known}; "
+                "fix: choose sizes that divide the device count"
             )
         shape[shape.index(-1)] = len(devices) // known
+    if len(devices) % math.prod(shape) and math.prod(shape) < len(devices):
+        raise UserError(
+            f"{flag} {tuple(shape)}: {math.prod(shape)} devices do not divide the "
+            f"{len(devices)} available; fix: choose sizes whose product divides {len(devices)} "
+            "(-1 takes the rest)"
+        )
     if math.prod(shape) < len(devices) and jax.process_count() == 1:
         devices = devices[: math.prod(shape)]  # e.g. a 1-device run on a multi-device host
     if math.prod(shape) != len(devices):
         raise UserError(
-            f"mesh shape {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} "
-            "are available; set config.mesh_shape so its product equals the device count "
+            f"{flag} {tuple(shape)} needs {math.prod(shape)} devices but {len(devices)} "
+            f"are available; fix: set {flag} so its product equals the device count "
             "(-1 takes the rest)"
         )
     grid = np.asarray(devices).reshape(shape)
     return Mesh(grid, MESH_AXES)
 
 
-def _mesh_axes_for(logical: str | None) -> tuple[str, ...]:
+def _mesh_axes_for(logical: str | None, rules: Rules) -> tuple[str, ...]:
     if logical is None:
         return ()
-    for name, axes in LOGICAL_AXIS_RULES:
+    for name, axes in rules:
         if name == logical:
             if axes is None:
                 return ()
             return (axes,) if isinstance(axes, str) else tuple(axes)
-    raise ValueError(f"logical axis {logical!r} has no rule in LOGICAL_AXIS_RULES")
+    raise ValueError(f"logical axis {logical!r} has no rule in the axis rules")
 
 
-def spec_for(shape: Sequence[int], logical: Sequence[str | None], mesh: Mesh) -> PartitionSpec:
+def spec_for(
+    shape: Sequence[int],
+    logical: Sequence[str | None],
+    mesh: Mesh,
+    rules: Rules = LOGICAL_AXIS_RULES,
+) -> PartitionSpec:
     """PartitionSpec for an array of `shape` with logical axis names, dropping any mesh axis that
     does not divide its dimension or is already used by an earlier dimension."""
     used: set[str] = set()
     spec = []
     for dim, name in zip(shape, logical, strict=True):
         kept = []
-        for axis in _mesh_axes_for(name):
+        for axis in _mesh_axes_for(name, rules):
             size = mesh.shape[axis]
             if axis in used or size == 1 or dim % (size * math.prod(mesh.shape[a] for a in kept)):
                 continue
@@ -104,14 +129,43 @@ def logical_axes(abstract_boxed: Any) -> Any:
     return nn.get_partition_spec(abstract_boxed)
 
 
-def param_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
-    """NamedSharding tree for the unboxed parameters, from `jax.eval_shape(model.init, ...)`."""
+def spread(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """`spec` with every mesh axis it leaves unused added to the largest dimension that axis
+    still divides: a weight whose rule could not apply (an odd vocabulary on `tensor`) is still
+    split over every device instead of being copied."""
+    entries = [(e,) if isinstance(e, str) else tuple(e or ()) for e in spec]
+    entries += [()] * (len(shape) - len(entries))
+    used = {a for e in entries for a in e}
+    for axis in MESH_AXES:
+        if axis in used or mesh.shape[axis] == 1:
+            continue
+        fits = [
+            i
+            for i, dim in enumerate(shape)
+            if dim % (mesh.shape[axis] * math.prod(mesh.shape[a] for a in entries[i])) == 0
+        ]
+        if fits:
+            i = max(fits, key=lambda j: shape[j])
+            entries[i] += (axis,)
+            used.add(axis)
+    return PartitionSpec(*(e if len(e) > 1 else (e[0] if e else None) for e in entries))
+
+
+def param_shardings(
+    abstract_boxed: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES, spread_all: bool = False
+) -> Any:
+    """NamedSharding tree for the unboxed parameters, from `jax.eval_shape(model.init, ...)`;
+    `rules`: LOGICAL_AXIS_RULES (training) or INFERENCE_AXIS_RULES; `spread_all`: split every
+    weight over every mesh axis it can use (see `spread`; inference, where nothing else needs
+    the memory)."""
     specs = logical_axes(abstract_boxed)
     shapes = nn.meta.unbox(abstract_boxed)
 
     def one(shape_struct, logical):
-        logical = tuple(logical) if logical is not None else (None,) * len(shape_struct.shape)
-        return NamedSharding(mesh, spec_for(shape_struct.shape, logical, mesh))
+        shape = shape_struct.shape
+        logical = tuple(logical) if logical is not None else (None,) * len(shape)
+        spec = spec_for(shape, logical, mesh, rules)
+        return NamedSharding(mesh, spread(spec, shape, mesh) if spread_all else spec)
 
     return jax.tree.map(
         one, shapes, specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
@@ -121,6 +175,44 @@ def param_shardings(abstract_boxed: Any, mesh: Mesh) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Sharding of a batch array: leading axis over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), *([None] * (ndim - 1))))
+
+
+def place(tree: Any, shardings: Any, dtype: Any = None) -> Any:
+    """Host arrays -> global jax arrays laid out by `shardings` (a matching tree), cast to
+    `dtype` if given. Each process builds only its own devices' pieces, so this works across
+    hosts and never materialises a cast copy of the whole tree."""
+
+    def one(x, target: NamedSharding) -> jax.Array:
+        if isinstance(x, jax.Array):  # already global (a trained state): let XLA move it
+            return jax.device_put(x if dtype is None else x.astype(dtype), target)
+        x = np.asarray(x)
+        cast = lambda piece: piece if dtype is None else piece.astype(dtype)
+        return jax.make_array_from_callback(x.shape, target, lambda i: cast(x[i]))
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def bytes_per_device(tree: Any) -> dict[Any, int]:
+    """{device: bytes of `tree`'s shards held there}, read from the arrays' shardings."""
+    out: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
+
+
+def parse_mesh_shape(text: str, flag: str = "--mesh-shape") -> tuple[int, int, int]:
+    """ "(1,8,1)", "1,8,1" or "-1,1,1" -> (data, fsdp, tensor); a UserError naming `flag`."""
+    try:
+        shape = tuple(int(x) for x in text.strip().strip("()").split(","))
+    except ValueError:
+        shape = ()
+    if len(shape) != len(MESH_AXES):
+        raise UserError(
+            f"{flag} {text!r}: write three sizes data,fsdp,tensor, e.g. 1,8,1 or -1,1,1 "
+            "(-1: all remaining devices)"
+        )
+    return shape  # type: ignore[return-value]
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -18,7 +18,6 @@ from jasper_jax.commands.encode_chunks import encode_chunks_main
 from jasper_jax.commands.encode_io import (
     check_output_path,
     npy_writer,
-    parse_mesh,
     read_texts,
     text_writer,
     write_outputs,
@@ -77,7 +76,7 @@ def main(args: argparse.Namespace) -> int:
     encoder = TextEncoder(
         model,
         dtype=args.dtype,
-        mesh=sharding.make_mesh(parse_mesh(args.mesh)),
+        mesh=sharding.make_mesh(sharding.parse_mesh_shape(args.mesh, "--mesh"), flag="--mesh"),
         batch_size=args.batch_size,
     )
     vectors = encoder.encode(
@@ -106,7 +105,7 @@ def encode_images_main(args: argparse.Namespace) -> int:
         model.config,
         model.params,
         dtype=args.dtype,
-        mesh=sharding.make_mesh(parse_mesh(args.mesh)),
+        mesh=sharding.make_mesh(sharding.parse_mesh_shape(args.mesh, "--mesh"), flag="--mesh"),
         batch_size=args.batch_size,
     )
     encoder.check(paths)

@@ -24,7 +24,6 @@ from pathlib import Path
 from jasper_jax import sharding
 from jasper_jax.commands.encode_io import (
     npy_writer,
-    parse_mesh,
     read_lines,
     read_texts,
     text_writer,
@@ -75,7 +74,7 @@ def encode_chunks_main(args: argparse.Namespace) -> int:
     encoder = TextEncoder(
         model,
         dtype=args.dtype,
-        mesh=sharding.make_mesh(parse_mesh(args.mesh)),
+        mesh=sharding.make_mesh(sharding.parse_mesh_shape(args.mesh, "--mesh"), flag="--mesh"),
         batch_size=args.batch_size,
     )
     result = ChunkEncoder(encoder).encode(

@@ -112,14 +112,3 @@ def check_output_path(output: str | Path) -> None:
     """Refuses an --output that is a folder, before any compute."""
     if Path(output).is_dir():
         raise UserError(f"--output {output} is a folder; pass the path of the .npy file to write")
-
-
-def parse_mesh(text: str) -> tuple[int, int, int]:
-    """`--mesh` "data,fsdp,tensor" (e.g. "-1,1,1") -> the mesh shape."""
-    try:
-        shape = tuple(int(x) for x in text.split(","))
-    except ValueError as e:
-        raise UserError(f"--mesh {text!r}: expected three integers like 2,1,4") from e
-    if len(shape) != 3:
-        raise UserError(f"--mesh {text!r}: expected data,fsdp,tensor, e.g. -1,1,1")
-    return shape  # type: ignore[return-value]

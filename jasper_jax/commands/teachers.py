@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 
+from jasper_jax.commands.train import add_distributed_args, initialize_distributed
 from jasper_jax.data.chunk_vectors import load_tokenizer
 from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
 from jasper_jax.data.corpus_mix import CorpusMix
@@ -24,6 +25,7 @@ from jasper_jax.data.teacher_assets import resolve_model_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
 from jasper_jax.data.teacher_spec import parse_teacher_spec
 from jasper_jax.errors import UserError
+from jasper_jax.sharding import parse_mesh_shape
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
@@ -48,6 +50,12 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-index", type=int, default=0, help="slice this run encodes")
     parser.add_argument("--num-shards", type=int, default=1, help="number of corpus slices")
     parser.add_argument("--batch-size", type=int, default=64, help="teacher encode batch size")
+    parser.add_argument(
+        "--block-size",
+        type=int,
+        default=4096,
+        help="texts per resumable block of work (a killed run redoes at most one per process)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a different dataset")
     parser.add_argument(
         "--backend",
@@ -75,6 +83,19 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="model folder whose tokenizer counts chunk sizes (default: the first teacher's; "
         "use the student's)",
     )
+    parser.add_argument(
+        "--mesh-shape",
+        default=None,
+        help="data,fsdp,tensor mesh our port runs the teachers on, weights sharded over every "
+        "device, e.g. 1,8,1 (default: data parallel over all devices)",
+    )
+    parser.add_argument(
+        "--compute-dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="teacher compute dtype; auto: bfloat16 on TPU/GPU, float32 on CPU",
+    )
+    add_distributed_args(parser)
     parser.add_argument(
         "--documents",
         default=None,
@@ -117,6 +138,8 @@ def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     """Run the sub-command; returns the exit code (``UserError`` propagates to the CLI)."""
     corpus = CorpusMix.parse(args.corpus, args.split_sentences, args.corpus_seed)
+    mesh_shape = args.mesh_shape and parse_mesh_shape(args.mesh_shape)
+    initialize_distributed(args)
     if args.documents:
         corpus = _documents(args, corpus)
     result = build_teacher_dataset(
@@ -128,12 +151,15 @@ def main(args: argparse.Namespace) -> int:
         shard_index=args.shard_index,
         num_shards=args.num_shards,
         batch_size=args.batch_size,
+        chunk_size=args.block_size,
         overwrite=args.overwrite,
         limit=None if args.documents else args.limit,  # _documents applied it
         backend=args.backend,
         max_length=args.max_length,
         chunking=args.chunks,
         chunk_tokenizer=args.chunk_tokenizer,
+        mesh_shape=mesh_shape,
+        compute_dtype=args.compute_dtype,
     )
     if result.dataset_dir is None and not result.pending_slices:
         print(

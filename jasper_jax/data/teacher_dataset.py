@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
-import tqdm
 
 from jasper_jax.data import chunk_vectors
 from jasper_jax.data.chunking import ChunkingConfig, Span
@@ -46,30 +45,27 @@ from jasper_jax.data.dataset_build import (
     DATASET_DIR,
     OUTPUT_LEFTOVERS,
     PARTS_DIR,
-    PARTS_LEFTOVERS,
     PLAN,
-    atomic_file,
     block_path,
     build_and_install,
     dataset_folder,
     finished_identity,
     open_tfds_folder,
     read_json_object,
-    verify_dataset_files,
-    write_atomically,
 )
 from jasper_jax.data.teacher_plan import (
     DTYPES,
     check_arguments,
     corpus_texts,
-    differences,
     load_build_teacher,
     make_plan,
-    prepare_parts,
+    prepare_output,
     slice_blocks,
     slice_marker,
+    teacher_runtime,
 )
-from jasper_jax.data.teachers import Teacher, compute_teacher_vectors, count_truncated
+from jasper_jax.data.teacher_slices import Group, encode_slice
+from jasper_jax.data.teachers import Teacher, count_truncated
 from jasper_jax.errors import UserError
 from jasper_jax.locks import FolderLock, remove_leftovers
 
@@ -157,6 +153,8 @@ def build_teacher_dataset(
     chunking: ChunkingConfig | str | None = None,
     chunk_spans: Sequence[Sequence[Span]] | None = None,
     chunk_tokenizer: str | pathlib.Path | None = None,
+    mesh_shape: Sequence[int] | None = None,
+    compute_dtype: str = "auto",
 ) -> BuildResult:
     """Encode slice ``shard_index`` of ``num_shards`` and, once all are done, write the dataset.
 
@@ -172,6 +170,10 @@ def build_teacher_dataset(
       chunking: chunk mode, splitting each text with e.g. ``"sentences:64"`` (see
         ``ChunkingConfig``), sizes counted by ``chunk_tokenizer`` (default: first teacher's).
       chunk_spans: chunk mode with the caller's character spans, one list per text.
+      mesh_shape: (data, fsdp, tensor) mesh our port runs the teachers on, weights sharded
+        over every device (None: data parallel over the local devices; over all devices when
+        ``jax.distributed`` runs several processes, which then encode each block together).
+      compute_dtype: "float32", "bfloat16", or "auto" (bfloat16 on TPU/GPU, float32 on CPU).
 
     Raises:
       UserError: bad arguments or corpus; an output folder that holds a different dataset or
@@ -184,7 +186,8 @@ def build_teacher_dataset(
             f"chunk_spans has {len(chunk_spans)} lists for {len(texts)} non-empty texts "
             f"({skipped} empty skipped); fix: drop empty texts and give one list per text"
         )
-    load = lambda t: load_build_teacher(t, prompt, batch_size, backend, max_length, texts)
+    runtime = teacher_runtime(mesh_shape, compute_dtype)
+    load = lambda t: load_build_teacher(t, prompt, batch_size, backend, max_length, texts, runtime)
     loaded = [load(t) for t in teachers]  # `auto` backends timed on a sample of the texts
     if not loaded:
         raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
@@ -195,9 +198,14 @@ def build_teacher_dataset(
             plan, texts, chunking, chunk_spans, chunk_tokenizer or loaded[0].folder
         )
     output = pathlib.Path(output_dir).expanduser()
-    # Slices of one output run on many machines at once: each slice has its own lock.
-    with _lock(output, f".slice-{shard_index:05d}-of-{num_shards:05d}.lock"):
-        return _build_slice(output, plan, texts, loaded, shard_index, chunker, overwrite, progress)
+    # Slices of one output run on many machines at once: each slice has its own lock, held by
+    # the lead process of a multi-process group.
+    group = Group.current()
+    lock = _lock(output, f".slice-{shard_index:05d}-of-{num_shards:05d}.lock")
+    with lock if group.lead else contextlib.nullcontext():
+        return _build_slice(
+            output, plan, texts, loaded, shard_index, chunker, overwrite, progress, group
+        )
 
 
 def _add_chunker(plan, texts, chunking, chunk_spans, tokenizer) -> chunk_vectors.Chunker:
@@ -211,35 +219,33 @@ def _add_chunker(plan, texts, chunking, chunk_spans, tokenizer) -> chunk_vectors
 
 
 def _build_slice(
-    output, plan, texts, teachers, shard_index, chunker, overwrite, progress
+    output, plan, texts, teachers, shard_index, chunker, overwrite, progress, group
 ) -> BuildResult:
     """Under the slice's lock: nothing when the dataset is built, else encode the slice and,
-    once every slice is done, combine them. Returns the BuildResult."""
+    once every slice is done, combine them. In a multi-process `group` the lead checks and
+    prepares the folder and combines; all encode (``teacher_slices``). Returns the BuildResult."""
     rows, skipped, num_shards = len(texts), plan["skipped_empty"], plan["num_shards"]
-    existing = finished_identity(output)
-    if existing == plan["identity"] and not overwrite:
-        log.info("%s already holds this dataset; nothing to do", output)
-        verify_dataset_files(output / DATASET_DIR, _rebuild_fix(output))
-        return BuildResult(output / DATASET_DIR, rows, skipped, [], _recorded_truncation(output))
-    if existing is not None and not overwrite:
-        raise UserError(
-            f"output folder {str(output)!r} already holds a different teacher dataset ("
-            + "; ".join(differences(existing, plan["identity"]))
-            + "); fix: choose another --output, or pass --overwrite to replace it"
-        )
+    finished = lambda: BuildResult(
+        output / DATASET_DIR, rows, skipped, [], _recorded_truncation(output)
+    )
     before = _stamp(output / DATASET_DIR)
-    parts = prepare_parts(output, plan, overwrite)
-    remove_leftovers(parts, PARTS_LEFTOVERS)
-    _encode_slice(parts, plan, texts, teachers, shard_index, progress, chunker)
-    pending = [i for i in range(num_shards) if not slice_marker(parts, i, num_shards).exists()]
+    prepared = lambda: int(prepare_output(output, plan, overwrite, _rebuild_fix(output)))
+    if group.lead_first(prepared):  # 1: the folder already holds this dataset
+        return finished()
+    parts = output / PARTS_DIR
+    group.check_shared(parts)
+    encode_slice(parts, plan, texts, teachers, shard_index, progress, chunker, group)
+    marked = [slice_marker(parts, i, num_shards).exists() for i in range(num_shards)]
+    marked = group.agree(np.array(marked, np.int32))  # the lead's view: all act alike
+    pending = [i for i in range(num_shards) if not marked[i]]
     if pending:
-        log.info(
-            "slice %d done; slices %s still to run before the dataset is combined",
-            shard_index,
-            pending,
-        )
+        log.info("slice %d done; slices %s still to run before combining", shard_index, pending)
         return BuildResult(None, rows, skipped, pending)
-    return _combine_once(output, parts, plan, texts, teachers, before)
+    combine = lambda: _combine_once(output, parts, plan, texts, teachers, before)
+    combined = lambda: int(combine().dataset_dir is not None)
+    if group.lead_first(combined) and finished_identity(output) == plan["identity"]:
+        return finished()
+    return BuildResult(None, rows, skipped, [])
 
 
 def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
@@ -284,29 +290,6 @@ def _rebuild_fix(output: pathlib.Path) -> str:
 def _lock(output: pathlib.Path, name: str) -> FolderLock:
     """The output folder's lock ``name`` (one per slice, one for combining)."""
     return FolderLock(output, "teachers", name=name, what="output folder", flag="--output")
-
-
-def _encode_slice(parts, plan, texts, teachers, index, progress, chunker=None) -> None:
-    """Encodes the blocks of slice ``index`` not yet on disk, then marks the slice done."""
-    marker = slice_marker(parts, index, plan["num_shards"])
-    if marker.exists():
-        return
-    todo = [(a, b) for a, b in slice_blocks(plan, index) if not block_path(parts, a, b).exists()]
-    dtype = DTYPES[plan["identity"]["dtype"]]
-    total = sum(b - a for a, b in todo) * len(teachers)
-    with tqdm.tqdm(total=total, unit="text", disable=not progress, smoothing=0.05) as bar:
-        for start, stop in todo:
-            vectors = compute_teacher_vectors(texts[start:stop], teachers, bar=bar)
-            path = block_path(parts, start, stop)
-            if chunker is not None:  # saved first: the .npy marks the whole block as done
-                payload = chunk_vectors.encode_chunks(
-                    texts[start:stop], chunker(start, stop), teachers, bar
-                )
-                with atomic_file(chunk_vectors.payload_path(path)) as f:
-                    chunk_vectors.save_payload(f, payload, dtype)
-            with atomic_file(path) as f:  # a block file exists only when complete
-                np.save(f, vectors.astype(dtype))
-    write_atomically(marker, b"done\n")
 
 
 def _recorded_truncation(output: pathlib.Path) -> dict[str, int]:

@@ -20,21 +20,27 @@ import pathlib
 import shutil
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
+from jasper_jax import sharding
 from jasper_jax.data import corpus as corpus_lib
 from jasper_jax.data.corpus_mix import CorpusMix
 from jasper_jax.data.dataset_build import (
     DATASET_DIR,
     PARTS_DIR,
+    PARTS_LEFTOVERS,
     PLAN,
+    finished_identity,
     read_plan,
     refuse_foreign_dataset,
+    verify_dataset_files,
     write_plan,
 )
 from jasper_jax.data.teacher_backends import timing_sample
-from jasper_jax.data.teachers import Teacher, load_teacher
+from jasper_jax.data.teachers import Runtime, Teacher, load_teacher
 from jasper_jax.errors import UserError, one_line
+from jasper_jax.locks import remove_leftovers
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -84,7 +90,24 @@ def corpus_texts(
     return texts, skipped
 
 
-def load_build_teacher(spec, prompt, batch_size, backend, max_length, texts=()) -> Teacher:
+def teacher_runtime(mesh_shape: Sequence[int] | None, compute_dtype: str) -> Runtime | None:
+    """Where teachers run: None (the default: data parallel over local devices, float32) unless
+    a mesh is asked for, several processes run together, or the compute dtype is bfloat16."""
+    choices = ("auto", "float32", "bfloat16")
+    if compute_dtype not in choices:
+        raise UserError(f"compute dtype {compute_dtype!r}: choose one of {choices}")
+    if compute_dtype == "auto":
+        accelerated = jax.default_backend() in ("tpu", "gpu")
+        compute_dtype = "bfloat16" if accelerated else "float32"
+    if mesh_shape is None and jax.process_count() == 1 and compute_dtype == "float32":
+        return None
+    mesh = sharding.make_mesh(tuple(mesh_shape or (-1, 1, 1)), flag="--mesh-shape")
+    return Runtime(mesh, compute_dtype)
+
+
+def load_build_teacher(
+    spec, prompt, batch_size, backend, max_length, texts=(), runtime: Runtime | None = None
+) -> Teacher:
     """A loaded teacher (a ``Teacher`` passes through); a folder whose files do not load (a
     damaged weights file) is a UserError naming it, in one line (libraries raise many types
     with long messages)."""
@@ -92,7 +115,7 @@ def load_build_teacher(spec, prompt, batch_size, backend, max_length, texts=()) 
         return spec
     try:
         sample = timing_sample(texts)
-        return load_teacher(spec, prompt, batch_size, backend, max_length, sample)
+        return load_teacher(spec, prompt, batch_size, backend, max_length, sample, runtime)
     except UserError as err:
         if "\n" not in str(err):
             raise
@@ -151,6 +174,26 @@ def differences(old: dict, new: dict) -> list[str]:
         if old.get(key) != new.get(key):
             found.append(f"{key} {old.get(key)!r} vs now {new.get(key)!r}")
     return found or ["unknown difference"]
+
+
+def prepare_output(output: pathlib.Path, plan: dict, overwrite: bool, fix: str) -> bool:
+    """True when ``output`` already holds this dataset (its files verified, ``fix`` named if
+    damaged); else False, with ``_parts`` ready for the plan. Raises UserError for a different
+    dataset (unless ``overwrite``) or foreign files."""
+    existing = finished_identity(output)
+    if existing == plan["identity"] and not overwrite:
+        log.info("%s already holds this dataset; nothing to do", output)
+        verify_dataset_files(output / DATASET_DIR, fix)
+        return True
+    if existing is not None and not overwrite:
+        raise UserError(
+            f"output folder {str(output)!r} already holds a different teacher dataset ("
+            + "; ".join(differences(existing, plan["identity"]))
+            + "); fix: choose another --output, or pass --overwrite to replace it"
+        )
+    parts = prepare_parts(output, plan, overwrite)
+    remove_leftovers(parts, PARTS_LEFTOVERS)
+    return False
 
 
 def prepare_parts(output: pathlib.Path, plan: dict, overwrite: bool) -> pathlib.Path:

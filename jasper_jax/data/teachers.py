@@ -16,8 +16,10 @@ import logging
 import pathlib
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 import tqdm
+from jax.sharding import Mesh
 
 from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, resolve_model_folder
 from jasper_jax.data.teacher_backends import (
@@ -31,7 +33,7 @@ from jasper_jax.data.teacher_spec import TeacherSpec, parse_teacher_spec, teache
 from jasper_jax.encode import TextEncoder, resolve_head
 from jasper_jax.errors import UnsupportedModel, UserError, one_line
 from jasper_jax.models.embedder import POOLED
-from jasper_jax.models.loading import load_model
+from jasper_jax.models.loading import ENCODER_CONFIGS, load_model
 from jasper_jax.tokenizer import TOKENIZER_FILES, from_hf
 
 _LARGE_FILE = 16 << 20  # hash only the ends of weight files: a full hash of GBs takes minutes
@@ -55,13 +57,14 @@ class Teacher:
         default=None, repr=False, compare=False
     )
     head: str | None = None  # a projection head chosen with `:head=` ("dense_8192")
+    compute_dtype: str | None = None  # "bfloat16" when not float32 (vectors differ slightly)
 
     def describe(self) -> dict:
         """JSON-ready description stored in the dataset metadata (no callables)."""
         fields = dataclasses.asdict(self)
         fields.pop("encode")
         fields.pop("count_truncated")
-        for name in ("max_length", "head"):
+        for name in ("max_length", "head", "compute_dtype"):
             if fields[name] is None:  # identities of datasets built before the field
                 fields.pop(name)
         return fields
@@ -91,18 +94,21 @@ def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
 
 
 def _first_backend(
-    parsed: TeacherSpec, backend: str, key: str, sample: Sequence[str]
+    parsed: TeacherSpec, backend: str, key: str, sample: Sequence[str], port_only: str | None
 ) -> tuple[str, bool]:
-    """(backend to load first, whether `auto` times both): a chosen head runs on our port only;
-    a teacher whose port timed slower here before goes straight to torch."""
+    """(backend to load first, whether `auto` times both): a chosen head, a mesh or bfloat16
+    (`port_only` names which) run on our port only; a teacher whose port timed slower here
+    before goes straight to torch."""
     if parsed.head is not None:
+        port_only = f"head={parsed.head}"
+    if port_only:
         if backend == "torch":
             raise UserError(
-                f"teacher {parsed.source!r}: head={parsed.head} runs on our port only "
-                "(sentence-transformers runs the head its modules.json names); fix: use "
-                "--backend jax or auto"
+                f"teacher {parsed.source!r}: {port_only} runs on our port only "
+                "(sentence-transformers runs one process on CPU, with the head its modules.json "
+                "names); fix: use --backend jax or auto"
             )
-        return "jax", False  # sentence-transformers cannot run another head: nothing to time
+        return "jax", False  # sentence-transformers cannot do it: nothing to time
     timed = backend == "auto" and can_time_both(sample)
     if timed and recalled_backend(key) == "torch":
         # do not load our port only to learn again that it is slower here
@@ -118,15 +124,26 @@ def _jax_encoder(
     batch_size: int,
     max_length: int | None = None,
     head: str | None = None,
+    runtime: Runtime | None = None,
 ):
     """Our Flax encoder for the folder (parity with sentence-transformers: cosine >= 0.9999),
     or None when its architecture or modules are not ones we implement; `head` chooses a
-    projection head (None: the one the folder's modules.json runs)."""
+    projection head (None: the one the folder's modules.json runs); `runtime`: the mesh and
+    compute dtype (weights sharded over every device, see `TextEncoder`)."""
     try:
         model = load_model(folder)
     except UnsupportedModel:  # a damaged folder is reported, not handed to torch
         return None, 0, None
-    encoder = TextEncoder(model, batch_size=batch_size)
+    if runtime is None:
+        encoder = TextEncoder(model, batch_size=batch_size)
+    else:
+        encoder = TextEncoder(
+            model,
+            batch_size=batch_size,
+            mesh=runtime.mesh,
+            dtype=runtime.dtype,
+            sharded_weights=True,
+        )
     try:
         head = resolve_head(model.config, head)
     except UserError as err:  # resolve_head speaks of `encode --head`
@@ -177,6 +194,21 @@ def _torch_encoder(
 BACKENDS = ("auto", "jax", "torch")
 
 
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """Where and how our port runs a teacher: a device mesh (weights sharded over all of its
+    devices, batch rows over data x fsdp) and the compute dtype ("float32" or "bfloat16")."""
+
+    mesh: Mesh
+    dtype: str = "float32"
+
+    def port_only(self) -> str | None:
+        """What in this runtime sentence-transformers cannot do (None: nothing)."""
+        if self.mesh.devices.size > 1 or jax.process_count() > 1:
+            return f"a {self.mesh.devices.size}-device mesh"
+        return None if self.dtype == "float32" else f"{self.dtype} compute"
+
+
 def load_teacher(
     spec: str | pathlib.Path,
     prompt: str | None = None,
@@ -184,6 +216,7 @@ def load_teacher(
     backend: str = "auto",
     max_length: int | None = None,
     sample: Sequence[str] = (),
+    runtime: Runtime | None = None,
 ) -> Teacher:
     """Load a teacher; ``prompt`` is prefixed to every text.
 
@@ -199,6 +232,8 @@ def load_teacher(
     max_length: tokens each text is cut to; None keeps the folder's ``max_seq_length`` (long
     documents want the model's position limit, e.g. 512 for BERT/MPNet teachers).
     sample: texts like the ones to encode (a spread over the corpus), for ``auto``'s timing.
+    runtime: mesh and compute dtype for our port (None: data parallel over local devices,
+        float32); a mesh of several devices or bfloat16 means our port.
     """
     if backend not in BACKENDS:
         raise UserError(f"teacher backend {backend!r}: choose one of {BACKENDS}")
@@ -208,19 +243,21 @@ def load_teacher(
     prompt = teacher_prompt(parsed, folder, prompt)
     model_fp, tokenizer_fp = folder_fingerprints(folder)
     key = f"{model_fp}:{tokenizer_fp}"
-    backend, timed = _first_backend(parsed, backend, key, sample)
+    port_only = runtime.port_only() if runtime else None
+    backend, timed = _first_backend(parsed, backend, key, sample, port_only)
     encode, dim, count = (
         (None, 0, None)
         if backend == "torch"
-        else _jax_encoder(folder, prompt, batch_size, max_length, parsed.head)
+        else _jax_encoder(folder, prompt, batch_size, max_length, parsed.head, runtime)
     )
     ported = encode is not None
     if not ported:
         if backend == "jax":
+            blocker = port_only or (f"head={parsed.head}" if parsed.head else None)
             raise UserError(
-                f"teacher {str(spec)!r}: its architecture is not one jasper-jax implements; "
-                "fix: use --backend torch (sentence-transformers)"
-                + (" without head=" if parsed.head else "")
+                f"teacher {str(spec)!r}: its architecture is not one jasper-jax implements "
+                f"(model types {', '.join(sorted(ENCODER_CONFIGS))}); fix: use --backend torch "
+                "(sentence-transformers)" + (f" without {blocker}" if blocker else "")
             )
         encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
     if backend == "auto" and ported and timed:
@@ -235,8 +272,19 @@ def load_teacher(
         encode, dim, count = sides[choice] if choice in sides else load_torch()
     name = str(spec) if str(spec) in KNOWN_TEACHERS else folder.name
     head = None if parsed.head is None else f"dense_{dim}"
+    dtype = runtime.dtype if runtime and runtime.dtype != "float32" else None
     return Teacher(
-        name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode, max_length, count, head
+        name,
+        str(folder),
+        dim,
+        prompt,
+        model_fp,
+        tokenizer_fp,
+        encode,
+        max_length,
+        count,
+        head,
+        dtype,
     )
 
 
