@@ -333,3 +333,38 @@ def test_unsupported_configs_are_one_clear_line(tmp_path, config, match):
     with pytest.raises(UnsupportedModel, match=match) as err:
         encoder_config_from_folder(tmp_path)
     assert "\n" not in str(err.value)
+
+
+def test_nvembed_sharded_and_bf16_match_unsharded(nvembed_folder):
+    """The teacher at scale runs sharded: on a (data 2, tensor 4) mesh of fake CPU devices the
+    latent layer's projections are split over `tensor` and the vectors stay the same; bfloat16
+    compute stays within cosine 0.999."""
+    import jax.numpy as jnp
+
+    from jasper_jax import sharding
+    from jasper_jax.models.loading import load_model
+
+    folder, _, tokenizer = nvembed_folder
+    loaded = load_model(folder)
+    texts = [t + "</s>" for t in TEXTS if t]  # a non-empty mean for every row past position 3
+    batch = tokenizer(texts * 2, padding=True, return_tensors="np")
+    ids, mask = batch["input_ids"].astype(np.int32), batch["attention_mask"].astype(np.int32)
+    run = jax.jit(
+        lambda m, p, i, a: m.apply({"params": p}, i, a, pool_from=3)["pooled"], static_argnums=0
+    )
+    plain = np.asarray(run(Embedder(loaded.config), loaded.params, ids, mask))
+    mesh = sharding.make_mesh((2, 1, 4))
+    shardings = sharding.param_shardings(abstract_params(loaded.config), mesh)
+    latent = shardings["encoder"]["latent_attention_model"]["cross_attend_blocks_0"]["fn"]
+    assert "tensor" in str(latent["to_kv"]["kernel"].spec)
+    rows = sharding.batch_sharding(mesh, 2)
+    sharded = run(
+        Embedder(loaded.config),
+        jax.device_put(loaded.params, shardings),
+        jax.device_put(ids, rows),
+        jax.device_put(mask, rows),
+    )
+    bf16 = run(Embedder(loaded.config, dtype=jnp.bfloat16), loaded.params, ids, mask)
+    diff, cos = np.abs(np.asarray(sharded) - plain).max(), (np.asarray(bf16) * plain).sum(-1)
+    print(f"nvembed sharded (2,1,4): max abs diff {diff:.2e}; bfloat16: min cos {cos.min():.5f}")
+    assert diff < 1e-5 and cos.min() >= 0.999
