@@ -49,6 +49,16 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     parser.add_argument("--shard-index", type=int, default=0, help="slice this run encodes")
     parser.add_argument("--num-shards", type=int, default=1, help="number of corpus slices")
+    _add_run_args(parser)
+    parser.add_argument(
+        "--documents",
+        default=None,
+        help="MIN:MAX: join consecutive corpus texts into documents of MIN-MAX tokens first",
+    )
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that say how teachers run: backend, batch, blocks, lengths, chunks, mesh."""
     parser.add_argument("--batch-size", type=int, default=64, help="teacher encode batch size")
     parser.add_argument(
         "--block-size",
@@ -96,11 +106,6 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="teacher compute dtype; auto: bfloat16 on TPU/GPU, float32 on CPU",
     )
     add_distributed_args(parser)
-    parser.add_argument(
-        "--documents",
-        default=None,
-        help="MIN:MAX: join consecutive corpus texts into documents of MIN-MAX tokens first",
-    )
 
 
 def _add_corpus_args(parser: argparse.ArgumentParser) -> None:

@@ -170,10 +170,9 @@ def build_teacher_dataset(
       chunking: chunk mode, splitting each text with e.g. ``"sentences:64"`` (see
         ``ChunkingConfig``), sizes counted by ``chunk_tokenizer`` (default: first teacher's).
       chunk_spans: chunk mode with the caller's character spans, one list per text.
-      mesh_shape: (data, fsdp, tensor) mesh our port runs the teachers on, weights sharded
-        over every device (None: data parallel over the local devices; over all devices when
-        ``jax.distributed`` runs several processes, which then encode each block together).
-      compute_dtype: "float32", "bfloat16", or "auto" (bfloat16 on TPU/GPU, float32 on CPU).
+      mesh_shape, compute_dtype: the (data, fsdp, tensor) mesh our port runs the teachers on,
+        weights over every device, and "float32"/"bfloat16"/"auto" (``teacher_runtime``);
+        several ``jax.distributed`` processes encode each block together (``teacher_slices``).
 
     Raises:
       UserError: bad arguments or corpus; an output folder that holds a different dataset or
@@ -187,24 +186,33 @@ def build_teacher_dataset(
             f"({skipped} empty skipped); fix: drop empty texts and give one list per text"
         )
     runtime = teacher_runtime(mesh_shape, compute_dtype)
-    load = lambda t: load_build_teacher(t, prompt, batch_size, backend, max_length, texts, runtime)
-    loaded = [load(t) for t in teachers]  # `auto` backends timed on a sample of the texts
-    if not loaded:
-        raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
+    loaded = _load_all(teachers, (prompt, batch_size, backend, max_length, texts, runtime))
     plan = make_plan(texts, skipped, loaded, dtype, num_shards, chunk_size)
     chunker = None
     if chunking is not None or chunk_spans is not None:
-        chunker = _add_chunker(
-            plan, texts, chunking, chunk_spans, chunk_tokenizer or loaded[0].folder
-        )
+        tokenizer = chunk_tokenizer or loaded[0].folder
+        chunker = _add_chunker(plan, texts, chunking, chunk_spans, tokenizer)
     output = pathlib.Path(output_dir).expanduser()
-    # Slices of one output run on many machines at once: each slice has its own lock, held by
-    # the lead process of a multi-process group.
+    return _locked_build(output, plan, texts, loaded, shard_index, chunker, overwrite, progress)
+
+
+def _load_all(teachers, settings: tuple) -> list[Teacher]:
+    """Every teacher loaded with `load_build_teacher`'s other arguments (`auto` backends timed
+    on a sample of the texts); UserError when there is none."""
+    loaded = [load_build_teacher(t, *settings) for t in teachers]
+    if not loaded:
+        raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
+    return loaded
+
+
+def _locked_build(output, plan, texts, teachers, shard_index, chunker, overwrite, progress):
+    """`_build_slice` under the slice's lock: slices of one output run on many machines at once,
+    each with its own lock, held by the lead process of a multi-process group."""
     group = Group.current()
-    lock = _lock(output, f".slice-{shard_index:05d}-of-{num_shards:05d}.lock")
+    lock = _lock(output, f".slice-{shard_index:05d}-of-{plan['num_shards']:05d}.lock")
     with lock if group.lead else contextlib.nullcontext():
         return _build_slice(
-            output, plan, texts, loaded, shard_index, chunker, overwrite, progress, group
+            output, plan, texts, teachers, shard_index, chunker, overwrite, progress, group
         )
 
 

@@ -226,9 +226,8 @@ def load_teacher(
     backend: "jax" runs our Flax port of the folder (BERT / MPNet / Qwen2 / Qwen3 / Mistral
     sentence-transformers models, NV-Embed; the only choice on TPU); "torch" runs
     sentence-transformers (CPU); "auto" takes jax where the architecture is supported, else
-    torch, and on a CPU-only
-    machine with a ``sample`` of at least ``MIN_SAMPLE`` texts times both on it and keeps the
-    faster, once per teacher and machine (see ``remembered_backend``).
+    torch, and on a CPU-only machine with a ``sample`` of at least ``MIN_SAMPLE`` texts times
+    both on it and keeps the faster, once per teacher and machine (``remembered_backend``).
     max_length: tokens each text is cut to; None keeps the folder's ``max_seq_length`` (long
     documents want the model's position limit, e.g. 512 for BERT/MPNet teachers).
     sample: texts like the ones to encode (a spread over the corpus), for ``auto``'s timing.
@@ -253,39 +252,42 @@ def load_teacher(
     ported = encode is not None
     if not ported:
         if backend == "jax":
-            blocker = port_only or (f"head={parsed.head}" if parsed.head else None)
-            raise UserError(
-                f"teacher {str(spec)!r}: its architecture is not one jasper-jax implements "
-                f"(model types {', '.join(sorted(ENCODER_CONFIGS))}); fix: use --backend torch "
-                "(sentence-transformers)" + (f" without {blocker}" if blocker else "")
-            )
+            raise _not_ported(spec, port_only or (f"head={parsed.head}" if parsed.head else None))
         encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
     if backend == "auto" and ported and timed:
-        sides = {"jax": (encode, dim, count)}
         load_torch = lambda: _torch_encoder(spec, folder, prompt, batch_size, max_length)
-
-        def measure() -> str:
-            sides["torch"] = load_torch()
-            return faster(str(spec), sides, list(sample), batch_size)
-
-        choice = remembered_backend(key, str(spec), measure)
-        encode, dim, count = sides[choice] if choice in sides else load_torch()
+        encode, dim, count = _timed_choice(
+            str(spec), key, (encode, dim, count), load_torch, sample, batch_size
+        )
     name = str(spec) if str(spec) in KNOWN_TEACHERS else folder.name
     head = None if parsed.head is None else f"dense_{dim}"
     dtype = runtime.dtype if runtime and runtime.dtype != "float32" else None
     return Teacher(
-        name,
-        str(folder),
-        dim,
-        prompt,
-        model_fp,
-        tokenizer_fp,
-        encode,
-        max_length,
-        count,
-        head,
-        dtype,
+        name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode,
+        max_length=max_length, count_truncated=count, head=head, compute_dtype=dtype,
+    )  # fmt: skip
+
+
+def _not_ported(spec: str, blocker: str | None) -> UserError:
+    """The error for a folder whose architecture our port lacks, naming the ones it has."""
+    return UserError(
+        f"teacher {spec!r}: its architecture is not one jasper-jax implements "
+        f"(model types {', '.join(sorted(ENCODER_CONFIGS))}); fix: use --backend torch "
+        "(sentence-transformers)" + (f" without {blocker}" if blocker else "")
     )
+
+
+def _timed_choice(spec: str, key: str, ours, load_torch, sample, batch_size: int):
+    """`auto`'s (encode, dim, count): ours or sentence-transformers', whichever this machine
+    timed faster on ``sample`` (measured once, then remembered under ``key``)."""
+    sides = {"jax": ours}
+
+    def measure() -> str:
+        sides["torch"] = load_torch()
+        return faster(spec, sides, list(sample), batch_size)
+
+    choice = remembered_backend(key, spec, measure)
+    return sides[choice] if choice in sides else load_torch()
 
 
 def normalise_rows(vectors: np.ndarray) -> np.ndarray:
