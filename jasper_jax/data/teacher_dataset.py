@@ -41,6 +41,7 @@ import tensorflow_datasets as tfds
 
 from jasper_jax.data import chunk_vectors
 from jasper_jax.data.chunking import ChunkingConfig, Span
+from jasper_jax.data.corpus_mix import CorpusMix
 from jasper_jax.data.dataset_build import (
     DATASET_DIR,
     OUTPUT_LEFTOVERS,
@@ -135,7 +136,7 @@ class BuildResult:
 
 
 def build_teacher_dataset(
-    corpus: str | Sequence[str],
+    corpus: str | CorpusMix | Sequence[str],
     teachers: Sequence[str | pathlib.Path | Teacher],
     output_dir: str | pathlib.Path,
     prompt: str | None = None,
@@ -159,7 +160,7 @@ def build_teacher_dataset(
     """Encode slice ``shard_index`` of ``num_shards`` and, once all are done, write the dataset.
 
     Args:
-      corpus: a ``load_corpus`` name/path, or the texts themselves (empty ones are skipped).
+      corpus: a ``load_corpus`` name/path, a ``CorpusMix``, or the texts (empty ones skipped).
       teachers: known teacher names, sentence-transformers folders, or loaded ``Teacher``s;
         their vectors are concatenated in this order.
       prompt: prefixed to every text by each teacher loaded here.
