@@ -1,8 +1,5 @@
 """Closed-form heads (model.head_init = "lstsq"): NumPy reference, meshes, processes, training."""
 
-import os
-import socket
-import subprocess
 import sys
 
 import jax.numpy as jnp
@@ -18,6 +15,7 @@ from jasper_jax.run_folder import load_any_model, load_params
 from jasper_jax.train import head_init
 from jasper_jax.train.loop import train_and_evaluate
 from tests import head_fit_worker as worker
+from tests.local_processes import run_processes
 from tests.train_fixtures import tiny_config, tiny_overrides, tiny_setup  # noqa: F401
 
 
@@ -71,25 +69,14 @@ def test_fit_equals_numpy_lstsq_on_any_mesh(mesh):
 
 def test_two_processes_fit_the_same_heads(tmp_path):
     one = worker.fit((1, 1, 1))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
     out = tmp_path / "two.npz"
-    procs = [
-        subprocess.Popen(
+    run_processes(
+        lambda i, port: (
             [sys.executable, "-m", "tests.head_fit_worker", str(out), "(2, 4, 1)"]
-            + [f"127.0.0.1:{port}", "2", str(i)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for p in procs:
-        log = p.communicate(timeout=240)[0]
-        assert p.returncode == 0, log[-3000:]
+            + [f"127.0.0.1:{port}", "2", str(i)]
+        ),
+        timeout=240,
+    )
     two = np.load(out)
     assert int(two["count"]) == int(one["count"])
     for key in ("full_kernel", "full_bias"):

@@ -1,14 +1,12 @@
 """Two local processes x 4 fake CPU devices (jax.distributed on 127.0.0.1) train like 1 device."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 
 import numpy as np
 
 from jasper_jax.train.loop import train_and_evaluate
+from tests.local_processes import run_processes
 from tests.train_fixtures import (  # noqa: F401
     read_metrics,
     tiny_config,
@@ -18,47 +16,25 @@ from tests.train_fixtures import (  # noqa: F401
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_device(tiny_setup, tmp_path):  # noqa: F811
     one = train_and_evaluate(tiny_settings(tiny_setup, 3), tmp_path / "one")
-    env = {
-        **os.environ,
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-        "JAX_PLATFORMS": "cpu",
-    }
-    port = _free_port()
     overrides = tiny_overrides(tiny_setup, 3, mesh_shape=(2, 4, 1))
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jasper_jax.cli",
-                "train",
-                "--config",
-                "configs/embedded_default.py:3",
-                "--workdir",
-                str(tmp_path / "two"),
-                f"--coordinator=127.0.0.1:{port}",
-                "--num-processes=2",
-                f"--process-id={i}",
-                *overrides,
-            ],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    for p, out in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, out[-3000:]
+    outputs = run_processes(
+        lambda i, port: [
+            sys.executable,
+            "-m",
+            "jasper_jax.cli",
+            "train",
+            "--config",
+            "configs/embedded_default.py:3",
+            "--workdir",
+            str(tmp_path / "two"),
+            f"--coordinator=127.0.0.1:{port}",
+            "--num-processes=2",
+            f"--process-id={i}",
+            *overrides,
+        ]
+    )
     assert "process 1 of 2; 4 local / 8 global devices" in outputs[1]
     a = [m["train/loss"] for m in read_metrics(tmp_path / "one")]
     b = [m["train/loss"] for m in read_metrics(tmp_path / "two")]

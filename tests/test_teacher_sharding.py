@@ -1,10 +1,7 @@
 """Teachers sharded over a mesh and across processes: the same dataset as one device, with the
 weights spread over every device (a Qwen3-Embedding-style teacher, tiny and random)."""
 
-import os
 import re
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests.local_processes import run_processes
 from tests.test_qwen3_teacher import QUERY_PROMPT, qwen3_folder  # noqa: F401
 from tests.text_samples import varied_texts
 
@@ -84,12 +82,6 @@ def test_bfloat16_teacher_is_close_and_named_in_the_identity(qwen3_folder, one_d
     assert "compute_dtype" not in meta["teachers"][0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _cli(folder: Path, out: Path, *extra: str) -> list[str]:
     return [
         sys.executable,
@@ -114,23 +106,14 @@ def test_two_processes_build_the_one_process_dataset(qwen3_folder, one_device, t
     process wrote its own blocks (5 blocks of 16 rows: 0, 2, 4 by process 0; 1, 3 by 1)."""
     texts, want, _ = one_device
     (tmp_path / "corpus.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    env["JAX_PLATFORMS"] = "cpu"
-    port, out = _free_port(), tmp_path / "data"
-    procs = [
-        subprocess.Popen(
-            _cli(qwen3_folder, out, "--mesh-shape", "2,4,1", f"--coordinator=127.0.0.1:{port}")
-            + ["--num-processes=2", f"--process-id={i}"],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    for p, log in zip(procs, outputs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+    out = tmp_path / "data"
+    outputs = run_processes(
+        lambda i, port: (
+            _cli(qwen3_folder, out, "--mesh-shape", "2,4,1")
+            + [f"--coordinator=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"]
+        ),
+        timeout=600,
+    )
     got_texts, got, meta = _rows(out)
     assert got_texts == texts
     np.testing.assert_allclose(got, want, atol=1e-5)
