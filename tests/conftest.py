@@ -9,6 +9,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The bundled teachers (pinned, read-only weights) are fetched once per machine into the usual
+# place and shared by every test session and xdist worker; each session's own cache (below)
+# holds everything else. tests/test_teacher_assets.py fetches into its own folders.
+os.environ.setdefault(
+    "JASPER_JAX_TEACHERS",
+    os.path.join(os.path.expanduser("~"), ".cache", "jasper_jax", "teachers"),
+)
 
 
 import pytest  # noqa: E402

