@@ -135,6 +135,10 @@ def test_bad_mesh_exits_2_and_writes_nothing(qwen3_folder, tmp_path, capsys):  #
         assert code == 2 and words in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1, err
         assert not out.exists()
+    code = main(_cli(qwen3_folder, tmp_path / "x", "--output", "gs://bucket/teachers")[3:])
+    err = capsys.readouterr().err
+    assert code == 2 and "gcsfuse" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "gs:").exists() and not Path("gs:").exists()
 
 
 def test_a_weight_whose_rule_cannot_apply_is_still_split_over_every_device():

@@ -41,6 +41,7 @@ from jasper_jax.data.teacher_backends import timing_sample
 from jasper_jax.data.teachers import Runtime, Teacher, load_teacher
 from jasper_jax.errors import UserError, one_line
 from jasper_jax.locks import remove_leftovers
+from jasper_jax.paths import is_remote
 
 FORMAT_VERSION = 1
 DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -61,6 +62,17 @@ def check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limi
             raise UserError(f"{name} {value} must be a positive integer")
     if limit is not None and limit < 1:
         raise UserError(f"limit {limit} must be a positive integer (or omitted)")
+
+
+def check_local_output(output: str | os.PathLike) -> None:
+    """Refuses a cloud URL as the output: the build relies on atomic renames and file locks,
+    which object stores lack (and pathlib would make a local folder named "gs:")."""
+    if is_remote(output):
+        raise UserError(
+            f"--output {str(output)!r}: a teacher dataset is built in a local or mounted folder "
+            "(it needs atomic renames and locks); fix: build into a local folder or a gcsfuse "
+            "mount of the bucket, then copy it with `gcloud storage cp -r`"
+        )
 
 
 def corpus_texts(
