@@ -87,7 +87,9 @@ def main() -> None:
         ],
         rows,
         note=f"replicated size {whole / 2**20:.0f} MiB; largest device's bytes, read from the "
-        "placed arrays' shards; the teacher layout shards `embed` over fsdp and data",
+        "placed arrays' shards; the teacher layout shards `embed` over fsdp and data and puts any "
+        "axis a weight's rule leaves unused on another of its dimensions (sharding.spread); "
+        "bytes, not time: the load does not change them",
     )
 
 
