@@ -57,7 +57,6 @@ from jasper_jax.data.dataset_build import (
 from jasper_jax.data.teacher_plan import (
     DTYPES,
     check_arguments,
-    check_local_output,
     corpus_texts,
     load_build_teacher,
     make_plan,
@@ -180,8 +179,7 @@ def build_teacher_dataset(
       UserError: bad arguments or corpus; an output folder that holds a different dataset or
         unrelated files (unless ``overwrite``); a resumed build with other teachers or corpus.
     """
-    check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit)
-    check_local_output(output_dir)
+    check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit, output_dir)
     texts, skipped = corpus_texts(corpus, limit)
     if chunk_spans is not None and (skipped or len(chunk_spans) != len(texts)):
         raise UserError(

@@ -48,8 +48,12 @@ DTYPES = {"float32": np.float32, "float16": np.float16}
 log = logging.getLogger(__name__)
 
 
-def check_arguments(dtype, shard_index, num_shards, batch_size, chunk_size, limit) -> None:
-    """Raises UserError for an unknown dtype, a slice out of range or a non-positive size."""
+def check_arguments(
+    dtype, shard_index, num_shards, batch_size, chunk_size, limit, output: str | os.PathLike = ""
+) -> None:
+    """Raises UserError for an unknown dtype, a slice out of range, a non-positive size or a
+    cloud URL as the output (``check_local_output``)."""
+    check_local_output(output)
     if dtype not in DTYPES:
         raise UserError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
     if num_shards < 1 or not 0 <= shard_index < num_shards:
