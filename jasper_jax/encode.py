@@ -123,9 +123,8 @@ class TextEncoder:
             model.config, dtype=DTYPES[dtype], attention=attention or AttentionSettings()
         )
         self.text_tokenizer = tokenizer or load_tokenizer(model.folder)
-        rules = sharding.INFERENCE_AXIS_RULES if sharded_weights else sharding.LOGICAL_AXIS_RULES
         abstract = abstract_params(model.config)
-        shardings = sharding.param_shardings(abstract, self.mesh, rules, sharded_weights)
+        shardings = sharding.param_shardings(abstract, self.mesh, inference=sharded_weights)
         stored = DTYPES[dtype] if sharded_weights and dtype != "float32" else None
         self.params = sharding.place(model.params, shardings, stored)
         self._in_sharding = sharding.batch_sharding(self.mesh, 2)

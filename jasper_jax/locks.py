@@ -96,9 +96,12 @@ class FolderLock:
       name: the lock file's name inside `folder` (a `teachers` slice has its own).
       what: how a refusal names the folder ("workdir", "output folder").
       flag: the command-line flag that picks another folder, named in the fix.
+      wait: wait (as long as it takes, logging once a minute) while another live process holds
+        the lock, instead of refusing; the kernel frees the lock of a process that dies.
 
     Raises (on enter):
-      UserError: another live process holds the lock; the folder is not writable.
+      UserError: another live process holds the lock (unless `wait`); the folder is not
+        writable.
     """
 
     def __init__(
@@ -108,8 +111,10 @@ class FolderLock:
         name: str = LOCK_FILE,
         what: str = "workdir",
         flag: str = "--workdir",
+        wait: bool = False,
     ):
         self.folder, self.command, self.what, self.flag = folder, command, what, flag
+        self.wait = wait
         self.path = None if is_remote(folder) else Path(folder).absolute() / name
 
     def __enter__(self) -> FolderLock:
@@ -142,8 +147,10 @@ class FolderLock:
                 f"{self.what} {self.folder} is a file, not a folder; pass another {self.flag}"
             )
         self._created = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        last_note = 0.0
         while True:
+            # inside the loop: a holder that made the folder removes it on release if empty
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             try:
                 locked = self._flock(fd)
@@ -154,8 +161,14 @@ class FolderLock:
                 os.close(fd)
                 raise
             os.close(fd)
-            if not locked:
-                self._refuse()
+            if locked:
+                continue  # the holder released it between our open and our lock: retry
+            if not self.wait:
+                raise UserError(self._refusal())
+            if time.monotonic() - last_note > 60:
+                log.info("waiting: %s", self._refusal())
+                last_note = time.monotonic()
+            time.sleep(0.5)
 
     def _flock(self, fd: int) -> bool:
         try:
@@ -180,13 +193,14 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(owner) + "\n").encode(), 0)
 
-    def _refuse(self) -> None:
+    def _refusal(self) -> str:
+        """Who holds the lock and what to do, in one line."""
         owner = _read_owner(self.path) or {}
         who = (
             f"`jasper-jax {owner.get('command', '?')}` (pid {owner.get('pid', '?')} on host "
             f"{owner.get('host', '?')}, since {owner.get('since', '?')})"
         )
-        raise UserError(
+        return (
             f"{self.what} {self.folder} is in use by {who}; wait for it to finish or pass "
             f"another {self.flag} (if that process is gone, delete {self.path})"
         )

@@ -151,21 +151,19 @@ def spread(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSp
     return PartitionSpec(*(e if len(e) > 1 else (e[0] if e else None) for e in entries))
 
 
-def param_shardings(
-    abstract_boxed: Any, mesh: Mesh, rules: Rules = LOGICAL_AXIS_RULES, spread_all: bool = False
-) -> Any:
-    """NamedSharding tree for the unboxed parameters, from `jax.eval_shape(model.init, ...)`;
-    `rules`: LOGICAL_AXIS_RULES (training) or INFERENCE_AXIS_RULES; `spread_all`: split every
-    weight over every mesh axis it can use (see `spread`; inference, where nothing else needs
-    the memory)."""
+def param_shardings(abstract_boxed: Any, mesh: Mesh, inference: bool = False) -> Any:
+    """NamedSharding tree for the unboxed parameters, from `jax.eval_shape(model.init, ...)`:
+    by LOGICAL_AXIS_RULES (training), or with `inference` by INFERENCE_AXIS_RULES and `spread`,
+    every weight split over every mesh axis it can use (nothing else needs the memory)."""
     specs = logical_axes(abstract_boxed)
     shapes = nn.meta.unbox(abstract_boxed)
+    rules = INFERENCE_AXIS_RULES if inference else LOGICAL_AXIS_RULES
 
     def one(shape_struct, logical):
         shape = shape_struct.shape
         logical = tuple(logical) if logical is not None else (None,) * len(shape)
         spec = spec_for(shape, logical, mesh, rules)
-        return NamedSharding(mesh, spread(spec, shape, mesh) if spread_all else spec)
+        return NamedSharding(mesh, spread(spec, shape, mesh) if inference else spec)
 
     return jax.tree.map(
         one, shapes, specs, is_leaf=lambda x: isinstance(x, PartitionSpec) or x is None
@@ -184,7 +182,8 @@ def place(tree: Any, shardings: Any, dtype: Any = None) -> Any:
 
     def one(x, target: NamedSharding) -> jax.Array:
         if isinstance(x, jax.Array):  # already global (a trained state): let XLA move it
-            return jax.device_put(x if dtype is None else x.astype(dtype), target)
+            moved = jax.device_put(x, target)  # then cast shard by shard, where it lies
+            return moved if dtype is None else moved.astype(dtype)
         x = np.asarray(x)
         cast = lambda piece: piece if dtype is None else piece.astype(dtype)
         return jax.make_array_from_callback(x.shape, target, lambda i: cast(x[i]))

@@ -23,6 +23,7 @@ from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
 from jasper_jax.data.corpus_mix import CorpusMix
 from jasper_jax.data.teacher_assets import resolve_model_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset
+from jasper_jax.data.teacher_plan import COMPUTE_DTYPES
 from jasper_jax.data.teacher_spec import parse_teacher_spec
 from jasper_jax.errors import UserError
 from jasper_jax.sharding import parse_mesh_shape
@@ -101,7 +102,7 @@ def _add_run_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--compute-dtype",
-        choices=("auto", "float32", "bfloat16"),
+        choices=COMPUTE_DTYPES,
         default="auto",
         help="teacher compute dtype; auto: bfloat16 on TPU/GPU, float32 on CPU",
     )

@@ -21,14 +21,12 @@ folder into the folder.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import logging
 import os
 import pathlib
 import shutil
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from typing import BinaryIO
@@ -189,10 +187,9 @@ def _build(name: str, builder: Builder) -> pathlib.Path:
     return target
 
 
-@contextlib.contextmanager
-def _teacher_lock(teachers_dir: pathlib.Path, name: str) -> Iterator[None]:
-    """Holds ``<teachers_dir>/.<name>.lock``, waiting (as long as it takes) while another
-    process holds it: the kernel frees the lock of a process that dies."""
+def _teacher_lock(teachers_dir: pathlib.Path, name: str) -> FolderLock:
+    """The lock ``<teachers_dir>/.<name>.lock``, which waits (as long as it takes) while
+    another process holds it: the kernel frees the lock of a process that dies."""
     try:
         teachers_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -200,27 +197,14 @@ def _teacher_lock(teachers_dir: pathlib.Path, name: str) -> Iterator[None]:
             f"cannot create the teacher cache {teachers_dir} ({err}); fix: set "
             f"JASPER_JAX_CACHE (or {TEACHERS_ENV}) to a writable folder"
         ) from err
-    lock = FolderLock(
+    return FolderLock(
         teachers_dir,
         "teacher fetch",
         name=f".{name}.lock",
         what="teacher cache",
         flag="$JASPER_JAX_CACHE",
+        wait=True,
     )
-    last_log = 0.0
-    while True:
-        try:
-            lock.__enter__()
-            break
-        except UserError as refusal:  # the folder exists, so the only refusal is "in use"
-            if time.monotonic() - last_log > 60:
-                log.info("waiting for another process to fetch %s: %s", name, refusal)
-                last_log = time.monotonic()
-            time.sleep(0.5)
-    try:
-        yield
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _unpack_wheels(name: str, tmp: pathlib.Path) -> pathlib.Path:

@@ -250,8 +250,9 @@ def _build_slice(
     if pending:
         log.info("slice %d done; slices %s still to run before combining", shard_index, pending)
         return BuildResult(None, rows, skipped, pending)
-    combine = lambda: _combine_once(output, parts, plan, texts, teachers, before)
-    combined = lambda: int(combine().dataset_dir is not None)
+    combined = lambda: int(
+        _combine_once(output, parts, plan, texts, teachers, before).dataset_dir is not None
+    )
     if group.lead_first(combined) and finished_identity(output) == plan["identity"]:
         return finished()
     return BuildResult(None, rows, skipped, [])

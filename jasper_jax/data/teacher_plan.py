@@ -44,7 +44,8 @@ from jasper_jax.locks import remove_leftovers
 from jasper_jax.paths import is_remote
 
 FORMAT_VERSION = 1
-DTYPES = {"float32": np.float32, "float16": np.float16}
+DTYPES = {"float32": np.float32, "float16": np.float16}  # storage of the teacher vectors
+COMPUTE_DTYPES = ("auto", "float32", "bfloat16")  # teacher compute; auto: bf16 on TPU/GPU
 log = logging.getLogger(__name__)
 
 
@@ -109,9 +110,8 @@ def corpus_texts(
 def teacher_runtime(mesh_shape: Sequence[int] | None, compute_dtype: str) -> Runtime | None:
     """Where teachers run: None (the default: data parallel over local devices, float32) unless
     a mesh is asked for, several processes run together, or the compute dtype is bfloat16."""
-    choices = ("auto", "float32", "bfloat16")
-    if compute_dtype not in choices:
-        raise UserError(f"compute dtype {compute_dtype!r}: choose one of {choices}")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise UserError(f"compute dtype {compute_dtype!r}: choose one of {COMPUTE_DTYPES}")
     if compute_dtype == "auto":
         accelerated = jax.default_backend() in ("tpu", "gpu")
         compute_dtype = "bfloat16" if accelerated else "float32"

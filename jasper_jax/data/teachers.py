@@ -99,8 +99,6 @@ def _first_backend(
     """(backend to load first, whether `auto` times both): a chosen head, a mesh or bfloat16
     (`port_only` names which) run on our port only; a teacher whose port timed slower here
     before goes straight to torch."""
-    if parsed.head is not None:
-        port_only = f"head={parsed.head}"
     if port_only:
         if backend == "torch":
             raise UserError(
@@ -134,16 +132,8 @@ def _jax_encoder(
         model = load_model(folder)
     except UnsupportedModel:  # a damaged folder is reported, not handed to torch
         return None, 0, None
-    if runtime is None:
-        encoder = TextEncoder(model, batch_size=batch_size)
-    else:
-        encoder = TextEncoder(
-            model,
-            batch_size=batch_size,
-            mesh=runtime.mesh,
-            dtype=runtime.dtype,
-            sharded_weights=True,
-        )
+    placed = {} if runtime is None else dict(mesh=runtime.mesh, dtype=runtime.dtype)
+    encoder = TextEncoder(model, batch_size=batch_size, sharded_weights=bool(placed), **placed)
     try:
         head = resolve_head(model.config, head)
     except UserError as err:  # resolve_head speaks of `encode --head`
@@ -242,7 +232,9 @@ def load_teacher(
     prompt = teacher_prompt(parsed, folder, prompt)
     model_fp, tokenizer_fp = folder_fingerprints(folder)
     key = f"{model_fp}:{tokenizer_fp}"
-    port_only = runtime.port_only() if runtime else None
+    port_only = (runtime.port_only() if runtime else None) or (
+        f"head={parsed.head}" if parsed.head is not None else None
+    )
     backend, timed = _first_backend(parsed, backend, key, sample, port_only)
     encode, dim, count = (
         (None, 0, None)
@@ -252,7 +244,7 @@ def load_teacher(
     ported = encode is not None
     if not ported:
         if backend == "jax":
-            raise _not_ported(spec, port_only or (f"head={parsed.head}" if parsed.head else None))
+            raise _not_ported(spec, port_only)
         encode, dim, count = _torch_encoder(spec, folder, prompt, batch_size, max_length)
     if backend == "auto" and ported and timed:
         load_torch = lambda: _torch_encoder(spec, folder, prompt, batch_size, max_length)
