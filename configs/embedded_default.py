@@ -96,7 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # a stage-3 step takes half the time at the same held-out scores (README). 1: fixed length.
     c.data.length_groups = 16
     c.data.pad_multiple = 16
-    c.data.prompt = ""
+    # Student prompts by role (exported as sentence-transformers `prompts`): pair data's queries
+    # get query_prompt; its documents, and every text of single-text data, document_prompt.
+    c.data.query_prompt = ""
+    c.data.document_prompt = ""
+    c.data.negatives = -1  # hard negatives per pair row used (-1: all the pair dataset holds)
     c.data.worker_count = 0
     c.data.eval_texts = 1000
     c.data.train_texts = 12000  # corpus texts the demo encodes with the teachers
@@ -121,7 +125,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.loss.margin = 0.015
     c.loss.mrl_dims = ()
     c.loss.infonce = 0.0  # stage 4: image<->caption InfoNCE (in-batch negatives), full head
-    c.loss.infonce_temperature = 0.05
+    c.loss.infonce_temperature = 0.05  # the fixed one, or where a learned one starts
+    c.loss.infonce_symmetric = True  # also positive -> query (in-batch queries only)
+    # Learn log(temperature) with the student, clipped to [min, max] (jina-v5: learnable).
+    c.loss.learn_temperature = False
+    c.loss.min_temperature = 0.01
+    c.loss.max_temperature = 1.0
     c.loss.gor = 0.0
     c.loss.resim_block_size = 0  # 0: automatic tile size
     # "global": in-batch losses see the whole batch across devices (what a bigger batch buys);

@@ -215,6 +215,7 @@ def _validate_data(c: ml_collections.ConfigDict) -> None:
         "data.max_chunks",
         "chunk alignment is a text stage (1-3) option; set it to 0 for stage 4",
     )
+    _check(c.data.negatives >= -1, "data.negatives", "must be >= 0, or -1 (all stored)")
     for f in ("eval_texts", "train_texts", "worker_count", "eval_images", "train_images"):
         _check(c.data[f] >= 0, f"data.{f}", f"{c.data[f]} must be >= 0")
 
@@ -261,12 +262,25 @@ def _validate_loss(c: ml_collections.ConfigDict) -> None:
     for f in LOSS_WEIGHTS:
         _check(w[f] >= 0, f"loss.{f}", "weights must be >= 0")
     _check(w.margin >= 0, "loss.margin", "must be >= 0")
-    _check(
-        w.infonce == 0 or c.stage == 4,
-        "loss.infonce",
-        "only stage 4 has contrastive pairs (image, caption); set it to 0",
-    )
     _check(w.infonce_temperature > 0, "loss.infonce_temperature", "must be > 0")
+    _check(
+        0 < w.min_temperature <= w.max_temperature,
+        "loss.min_temperature",
+        f"{w.min_temperature} must be > 0 and <= loss.max_temperature {w.max_temperature}",
+    )
+    _check(
+        not w.learn_temperature or w.min_temperature <= w.infonce_temperature <= w.max_temperature,
+        "loss.infonce_temperature",
+        f"{w.infonce_temperature} (where the learned one starts) must lie in "
+        f"[loss.min_temperature, loss.max_temperature] = [{w.min_temperature}, "
+        f"{w.max_temperature}]",
+    )
+    _check(
+        any(w[f] > 0 for f in ("cosine", "similarity", "relative_similarity", "infonce")),
+        "loss.cosine",
+        "cosine, similarity, relative_similarity and infonce are all 0: nothing would train; "
+        "give distillation weights, an infonce weight (pair data), or both",
+    )
     _check(w.resim_block_size >= 0, "loss.resim_block_size", "must be >= 0 (0: automatic)")
     _check(all(int(d) > 0 for d in w.mrl_dims), "loss.mrl_dims", f"{w.mrl_dims}: dims must be > 0")
     _check(w.in_batch in ("global", "per_device"), "loss.in_batch", "global or per_device")

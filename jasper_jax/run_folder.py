@@ -275,7 +275,7 @@ def load_run(workdir: PathLike, step: int | None = None) -> RunModel:
     meta = read_model_json(workdir)
     config = embedder_config_from_dict(meta["embedder"])
     params, meta["step"] = load_params(workdir, step)
-    prompts = {"query": meta["prompt"]} if meta.get("prompt") else {}
+    prompts = {role: text for role, text in meta.get("prompts", {}).items() if text}
     text = LoadedModel(
         config,
         {k: v for k, v in params.items() if k in TEXT_PARAMS},

@@ -53,7 +53,11 @@ class DataSettings:
     max_length: int = 48  # tokens
     length_groups: int = 16
     pad_multiple: int = 16
-    prompt: str = ""
+    # Student prompts by role: pair data's column 0 gets query_prompt, its documents and every
+    # text of single-text data get document_prompt (Jasper: passages take no prompt).
+    query_prompt: str = ""
+    document_prompt: str = ""
+    negatives: int = -1  # hard negatives per pair row used (-1: all the pair dataset holds)
     worker_count: int = 0
     eval_texts: int = 1000
     train_texts: int = 12000
@@ -79,6 +83,10 @@ class LossSettings:
     mrl_dims: tuple[int, ...] = ()
     infonce: float = 0.0
     infonce_temperature: float = 0.05
+    infonce_symmetric: bool = True
+    learn_temperature: bool = False
+    min_temperature: float = 0.01
+    max_temperature: float = 1.0
     gor: float = 0.0
     resim_block_size: int = 0
     in_batch: str = "global"

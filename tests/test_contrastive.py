@@ -1,6 +1,8 @@
 """InfoNCE with hard negatives and a learned temperature, and GOR per role, against plain NumPy
 versions of the formulas (jina-embeddings-v5, PAPER.md); global over a mesh == one device."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,8 @@ from jasper_jax.losses.contrastive import (
     learned_temperature,
     role_orthogonal_regularizer,
 )
+from jasper_jax.losses.objective import LossConfig, distillation_loss
+from jasper_jax.losses.pair_loss import LOG_TEMPERATURE, PAIRS, pair_loss
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -132,3 +136,79 @@ def test_global_over_eight_devices_equals_one(batch):
     np.testing.assert_allclose(float(many[0]), float(one[0]), rtol=1e-5)
     for a, b in zip(jax.tree.leaves(many[1]), jax.tree.leaves(one[1]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _pair_batch(n=6, k=2, d=16, teacher_dim=24, seed=7):
+    """Student heads [n, 2 + k, d] (two heads) and teachers [n, 2 + k, teacher_dim]."""
+    rng = np.random.default_rng(seed)
+    teacher = rng.normal(size=(n, 2 + k, teacher_dim)).astype(np.float32)
+    heads = {
+        "dense_24": (teacher + 0.5 * rng.normal(size=teacher.shape)).astype(np.float32),
+        "dense_8": rng.normal(size=(n, 2 + k, 8)).astype(np.float32),
+    }
+    return heads, teacher
+
+
+def _gor(x):
+    x = _unit(x.astype(np.float64))
+    g = x @ x.T
+    return (np.sum(g**2) - np.trace(g**2)) / (len(x) * (len(x) - 1))
+
+
+def test_pair_loss_contrastive_and_gor_equal_numpy():
+    """Distillation off: w_nce * mean over heads of InfoNCE(query -> positive, in-batch and hard
+    negatives, learned tau) + w_gor * mean over heads of GOR(queries) + GOR(positives); the
+    gradient in log(tau) too."""
+    heads, teacher = _pair_batch()
+    config = LossConfig(
+        cosine_weight=0.0,
+        similarity_weight=0.0,
+        resim_weight=0.0,
+        infonce_weight=2.0,
+        gor_weight=0.5,
+        temperature_range=(0.01, 1.0),
+    )
+    mask = np.ones(len(teacher), bool)
+
+    def numpy_total(log_tau):
+        nce = [
+            numpy_info_nce(x[:, 0], x[:, 1], np.exp(log_tau), mask, negatives=x[:, 2:])
+            for x in heads.values()
+        ]
+        gor = [_gor(x[:, 0]) + _gor(x[:, 1]) for x in heads.values()]
+        return 2.0 * np.mean(nce) + 0.5 * np.mean(gor)
+
+    def total(log_tau):
+        student = {PAIRS: heads, LOG_TEMPERATURE: jnp.broadcast_to(log_tau, (len(teacher),))}
+        return pair_loss(student, teacher, config)
+
+    log_tau = np.log(0.05)
+    (value, metrics), grad = jax.value_and_grad(total, has_aux=True)(jnp.float32(log_tau))
+    np.testing.assert_allclose(float(value), numpy_total(log_tau), rtol=1e-5)
+    eps = 1e-5
+    want = (numpy_total(log_tau + eps) - numpy_total(log_tau - eps)) / (2 * eps)
+    np.testing.assert_allclose(float(grad), want, rtol=1e-4)
+    assert float(metrics["temperature"]) == pytest.approx(0.05, rel=1e-6)
+    assert {"infonce", "infonce/dense_24", "infonce/dense_8", "gor", "total"} <= set(metrics)
+    assert "sim/dense_24" not in metrics  # distillation off
+
+
+def test_pair_loss_distillation_sees_every_text_and_fixed_temperature():
+    """The distillation terms are `distillation_loss` over all n * m texts; without a learned
+    temperature InfoNCE uses the fixed one."""
+    heads, teacher = _pair_batch()
+    config = LossConfig(infonce_weight=1.0, infonce_temperature=0.1, infonce_symmetric=True)
+    total, metrics = pair_loss({PAIRS: heads}, teacher, config)
+    n, m = teacher.shape[:2]
+    flat = {h: x.reshape(n * m, -1) for h, x in heads.items()}
+    plain = dataclasses.replace(config, infonce_weight=0.0)
+    distill, _ = distillation_loss(flat, teacher.reshape(n * m, -1), plain)
+    mask = np.ones(n, bool)
+    nce = np.mean(
+        [
+            numpy_info_nce(x[:, 0], x[:, 1], 0.1, mask, negatives=x[:, 2:], symmetric=True)
+            for x in heads.values()
+        ]
+    )
+    np.testing.assert_allclose(float(total), float(distill) + nce, rtol=1e-5)
+    assert float(metrics["temperature"]) == pytest.approx(0.1)

@@ -32,7 +32,7 @@ def workdir(tiny_setup, tmp_path_factory) -> Path:  # noqa: F811
 
     path = tmp_path_factory.getbasetemp() / "export_stage3" / "stage3"
     if not is_workdir(path):
-        c = tiny_config(tiny_setup, 3, **{"train.steps": 2, "data.prompt": "query: "})
+        c = tiny_config(tiny_setup, 3, **{"train.steps": 2, "data.query_prompt": "query: "})
         train_and_evaluate(to_settings(c), path)
     return path
 

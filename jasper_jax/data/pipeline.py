@@ -194,7 +194,7 @@ class TextBatchIterator(Iterator[dict]):
         batch = dict(next(self._iterator))
         truncated = batch.pop("truncated")
         self.truncated_texts += int(truncated.sum())
-        self.texts_seen += len(truncated)
+        self.texts_seen += truncated.size
         if "chunks_dropped" in batch:
             self.chunks_dropped += int(batch.pop("chunks_dropped").sum())
             self.chunks_seen += int(batch.pop("chunks_total").sum())
@@ -307,7 +307,9 @@ def make_text_pipeline(
         count, each batch padded to its longest text rounded up to ``pad_multiple`` tokens
         (``jasper_jax.data.length_groups``); 1 pads every batch to ``max_length``.
     """
-    _validate(batch_size, max_length, process_index, process_count, length_groups, pad_multiple)
+    check_settings(
+        batch_size, max_length, process_index, process_count, length_groups, pad_multiple
+    )
     source, metadata = open_teacher_dataset(data_dir)
     tokenize = _tokenize_step(metadata, data_dir, tokenizer_dir, max_length, prompt, max_chunks)
     # Documents with chunk spans keep fixed-length batches (their spans index max_length).
@@ -333,7 +335,9 @@ def make_text_pipeline(
     return TextBatchIterator(batches)
 
 
-def _validate(batch_size, max_length, process_index, process_count, length_groups, pad_multiple):
+def check_settings(
+    batch_size, max_length, process_index, process_count, length_groups, pad_multiple
+):
     """Raises UserError for pipeline settings that cannot make batches."""
     if (
         batch_size < 1

@@ -66,8 +66,26 @@ def _heads_section(summary: dict) -> list[str]:
     ]
 
 
-def _usage(summary: dict, query_prompt: str) -> list[str]:
-    query_args = "prompt_name='query'" if query_prompt else "normalize_embeddings=True"
+def model_prompts(meta: dict) -> dict[str, str]:
+    """A run's student prompts by role ("query", "document"); model.json of runs before roles
+    existed recorded one "prompt", the query's."""
+    prompts = dict(meta.get("prompts") or {})
+    if not prompts and meta.get("prompt"):
+        prompts = {"query": meta["prompt"]}
+    return {"query": prompts.get("query", ""), "document": prompts.get("document", "")}
+
+
+def _prompt_line(prompts: dict[str, str]) -> str:
+    if not any(prompts.values()):
+        return "- No prompts: queries and documents are encoded as they are."
+    said = [f"{role}s `{text!r}`" for role, text in prompts.items() if text]
+    return (
+        f"- Prompts ({'; '.join(said)}) are in `config_sentence_transformers.json`: "
+        "`encode_query` and `encode_document` apply them."
+    )
+
+
+def _usage(summary: dict) -> list[str]:
     lines = [
         "## Usage",
         "",
@@ -75,8 +93,8 @@ def _usage(summary: dict, query_prompt: str) -> list[str]:
         "from sentence_transformers import SentenceTransformer",
         "",
         "model = SentenceTransformer('PATH/TO/THIS/FOLDER')",
-        f"queries = model.encode(['how do plants make food?'], {query_args})",
-        "docs = model.encode(['Photosynthesis turns light into chemical energy.'])",
+        "queries = model.encode_query(['how do plants make food?'])",
+        "docs = model.encode_document(['Photosynthesis turns light into chemical energy.'])",
         "print(model.similarity(queries, docs))",
         "```",
         "",
@@ -117,7 +135,6 @@ def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
     base = hub_name(meta.get("tokenizer_folder", ""))
     stage = int(meta.get("stage") or 0)
     teachers = teacher_names(meta) or ["(not recorded)"]
-    query_prompt = meta.get("prompt") or ""
     lines = [
         _front_matter(base, bool(summary.get("vision"))),
         "",
@@ -133,12 +150,10 @@ def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
         *[f"  - {_STAGES[s]}" for s in sorted(_STAGES) if s <= stage],
         f"- Pooling: {summary.get('pooling', 'mean')}; max sequence length "
         f"{meta.get('max_seq_length')} tokens.",
-        f"- Query prompt: `{query_prompt!r}`; documents get none."
-        if query_prompt
-        else "- No prompts: queries and documents are encoded as they are.",
+        _prompt_line(model_prompts(meta)),
         "",
         *_heads_section(summary),
-        *_usage(summary, query_prompt),
+        *_usage(summary),
     ]
     if evaluation:
         lines += _evaluation_section(evaluation)

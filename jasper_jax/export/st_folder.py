@@ -159,12 +159,16 @@ def write_text_model(
         folder / "sentence_bert_config.json",
         {"max_seq_length": max_seq_length, "do_lower_case": False},
     )
-    query = model.prompts.get("query", "")
+    prompts = {
+        "query": model.prompts.get("query", ""),
+        "document": model.prompts.get("document", ""),
+    }
     write_json(
         folder / "config_sentence_transformers.json",
         {
-            "prompts": {"query": query, "document": model.prompts.get("document", "")},
-            "default_prompt_name": None,
+            "prompts": prompts,
+            # Plain `encode` is mostly used on corpora: it gets the document prompt.
+            "default_prompt_name": "document" if prompts["document"] else None,
             "similarity_fn_name": "cosine",
             "model_type": "SentenceTransformer",
         },

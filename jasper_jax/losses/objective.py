@@ -25,6 +25,8 @@ class LossConfig:
         None uses the head's full width only.
       infonce_weight, infonce_temperature, infonce_symmetric: optional contrastive term on
         `pairs` (jina-v5); off at weight 0.
+      temperature_range: (low, high) clip of a learned temperature (`pair_loss` with a
+        `log_temperature` output); None: the temperature is fixed at `infonce_temperature`.
       gor_weight: optional global orthogonal regulariser on every head; off at weight 0.
       block_size: tile edge of the blockwise relative-similarity loss.
     """
@@ -37,8 +39,14 @@ class LossConfig:
     infonce_weight: float = 0.0
     infonce_temperature: float = 0.05
     infonce_symmetric: bool = False
+    temperature_range: tuple[float, float] | None = None
     gor_weight: float = 0.0
     block_size: int | None = None
+
+    @property
+    def distills(self) -> bool:
+        """Whether any distillation term (cosine, similarity, relative similarity) is on."""
+        return max(self.cosine_weight, self.similarity_weight, self.resim_weight) > 0
 
     def __post_init__(self):
         nonnegative = ("cosine_weight", "similarity_weight", "resim_weight", "margin")

@@ -285,7 +285,7 @@ def _run(s: Settings, workdir, step_fn, state, run: _Run, start: int) -> dict[st
         preemption.restore()
         writer.close()
     # Token lengths the step was compiled for (one program each; data.length_groups).
-    lengths = sorted(shape[1] for shape in compiled if len(shape) == 2)
+    lengths = sorted(shape[-1] for shape in compiled if len(shape) >= 2)
     return {"status": status, "step": step, "state": state, "batch_lengths": lengths}
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from flax import traverse_util
 
 from jasper_jax import sharding
+from jasper_jax.data.pair_pipeline import flatten_pairs
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
 from jasper_jax.models.embedder import head_name
@@ -85,10 +86,12 @@ def _fit_heads(
     texts = min(s.model.head_init_texts, len(open_teacher_dataset(s.data.train_dir)[0]))
     batches = max(1, texts // s.data.batch_size)
     keys = ("input_ids", "attention_mask", "teacher")
+    # Pair batches are read as their n * m texts: every text has its teacher vector.
+    texts_of = flatten_pairs if task.pairs else dict
     moments = head_init.accumulate_moments(
         task.head_features,
         traverse_util.unflatten_dict(params),
-        (sharding.global_batch(next(data), mesh, keys) for _ in range(batches)),
+        (sharding.global_batch(texts_of(next(data)), mesh, keys) for _ in range(batches)),
         mesh,
     )
     full_name = head_name(task.teacher_dim)

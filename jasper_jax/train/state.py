@@ -54,14 +54,15 @@ def is_trainable(path: Path, trainable: str, num_layers: int, last_layers: int) 
 
     heads: projection heads only (stage 1). heads+last_layers: heads, the last `last_layers`
     encoder layers and Qwen2's final norm (stage 2). all: the whole student, except BERT's
-    unused pooler (stage 3). vision: the vision tower only (stage 4).
+    unused pooler (stage 3). vision: the vision tower only (stage 4). A learned InfoNCE
+    temperature (top-level "loss") trains in every text stage.
     """
     top = path[0]
     if trainable == "vision":
         return top == "vision"
     if top == "vision":
         return False
-    if top == "heads":
+    if top in ("heads", "loss"):  # "loss": the objective's own parameters (a temperature)
         return True
     if "pooler" in path:
         return False  # HF BERT pooler: not on the embedding path, kept for export only

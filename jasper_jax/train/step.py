@@ -15,10 +15,12 @@ import optax
 
 from jasper_jax.chunk_loss import chunk_alignment_loss
 from jasper_jax.losses import LossConfig, distillation_loss
+from jasper_jax.losses.pair_loss import LOG_TEMPERATURE, PAIRS, pair_loss
 from jasper_jax.models.embedder import Embedder
 from jasper_jax.settings import LossSettings
 from jasper_jax.train.state import Path, TrainState, merge_params, split_params
 
+LOSS_PARAMS = "loss"  # top-level params of the objective itself (a learned temperature)
 # forward(params, batch, rng) -> (student vectors per head, teacher target(s))
 Forward = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[dict, Any]]
 
@@ -56,6 +58,33 @@ def text_forward(
     return forward
 
 
+def pair_forward(
+    model: Embedder, head_names: tuple[str, ...], dropout: bool, learn_temperature: bool
+) -> Forward:
+    """Student head vectors of a pair batch ([n, m, L] tokens: query, positive, negatives),
+    encoded as n * m texts, as {"pairs": {head: [n, m, d]}} against the [n, m, D] teachers;
+    with `learn_temperature` also {"log_temperature": [n]} (copies of the scalar parameter
+    `params["loss"]["log_temperature"]`, see `jasper_jax.losses.pair_loss`)."""
+
+    def forward(params, batch, rng):
+        n, m, length = batch["input_ids"].shape
+        out = model.apply(
+            {"params": {k: v for k, v in params.items() if k != LOSS_PARAMS}},
+            batch["input_ids"].reshape(n * m, length),
+            batch["attention_mask"].reshape(n * m, length),
+            heads=head_names,
+            deterministic=not dropout,
+            rngs={"dropout": rng},
+        )
+        student = {PAIRS: {h: x.reshape(n, m, x.shape[-1]) for h, x in out.items()}}
+        if learn_temperature:
+            log_t = params[LOSS_PARAMS][LOG_TEMPERATURE]
+            student[LOG_TEMPERATURE] = jnp.broadcast_to(log_t.astype(jnp.float32), (n,))
+        return student, batch["teacher"]
+
+    return forward
+
+
 def loss_config(w: LossSettings) -> LossConfig:
     """The distillation loss's weights and knobs from the `loss` settings."""
     return LossConfig(
@@ -66,7 +95,8 @@ def loss_config(w: LossSettings) -> LossConfig:
         mrl_dims=tuple(w.mrl_dims) or None,
         infonce_weight=w.infonce,
         infonce_temperature=w.infonce_temperature,
-        infonce_symmetric=True,
+        infonce_symmetric=w.infonce_symmetric,
+        temperature_range=(w.min_temperature, w.max_temperature) if w.learn_temperature else None,
         gor_weight=w.gor,
         block_size=w.resim_block_size or None,
     )
@@ -109,6 +139,8 @@ def in_batch_loss(
     def loss_of(student: dict, teacher: Any):
         if chunk_config is not None:
             return chunk_alignment_loss(student, teacher, loss_config, chunk_config)
+        if PAIRS in student:
+            return pair_loss(student, teacher, loss_config)
         return distillation_loss(student, teacher, loss_config, pairs=_pairs(student, teacher))
 
     def loss_fn(student: dict, teacher: Any):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from jasper_jax.data.eval_records import load_eval_arrays, load_eval_chunks
+from jasper_jax.data.pair_pipeline import make_pair_pipeline, stored_negatives, used_negatives
 from jasper_jax.data.pipeline import make_text_pipeline, require_chunks
 from jasper_jax.data.teacher_assets import resolve_model_folder
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
@@ -19,6 +20,7 @@ from jasper_jax.encode import TextEncoder
 from jasper_jax.encode_chunks import ChunkEncoder
 from jasper_jax.errors import UserError
 from jasper_jax.fidelity import fidelity_metrics
+from jasper_jax.losses.pair_loss import LOG_TEMPERATURE
 from jasper_jax.models.attention import AttentionSettings
 from jasper_jax.models.embedder import (
     HEAD_INPUT,
@@ -31,7 +33,7 @@ from jasper_jax.models.loading import LoadedModel, load_model
 from jasper_jax.models.rope import RopeScaling
 from jasper_jax.run_folder import embedder_config_to_dict
 from jasper_jax.settings import Settings
-from jasper_jax.train.step import text_forward
+from jasper_jax.train.step import LOSS_PARAMS, pair_forward, text_forward
 
 
 def teacher_dim_of(data_dir: str) -> int:
@@ -82,14 +84,19 @@ class TextTask:
     teacher_dim: int
     model: nn.Module
     batch_keys: tuple[str, ...] = ("input_ids", "attention_mask", "teacher")
+    pairs: bool = False  # the train data is a pair dataset (query, positive, negatives)
+    learn_temperature: bool = False
+    initial_temperature: float = 0.05
 
     @classmethod
     def from_settings(cls, s: Settings) -> TextTask:
         if not s.data.train_dir:
             raise UserError("config field data.train_dir is empty: point it at a teacher dataset")
         teacher_dim = teacher_dim_of(s.data.train_dir)
+        metadata = open_teacher_dataset(s.data.train_dir)[1]
+        pairs = check_pair_settings(s, metadata)
         if s.data.max_chunks:
-            require_chunks(open_teacher_dataset(s.data.train_dir)[1], s.data.train_dir)
+            require_chunks(metadata, s.data.train_dir)
         loaded = load_model(resolve_model_folder(s.model.init_hf))
         config = student_config(s, loaded, teacher_dim)
         model = Embedder(
@@ -98,14 +105,21 @@ class TextTask:
         keys = cls.batch_keys
         if s.data.max_chunks:
             keys = (*keys, "chunk_spans", "chunk_mask", "chunk_teacher")
-        return cls(config, loaded, teacher_dim, model, keys)
+        learn = pairs and s.loss.learn_temperature
+        return cls(
+            config, loaded, teacher_dim, model, keys, pairs, learn, s.loss.infonce_temperature
+        )
 
     @property
     def folder(self) -> Path:
         return self.loaded.folder
 
     def init(self, rng: jax.Array) -> Any:
-        return init_params(self.config, rng)
+        params = init_params(self.config, rng)
+        if self.learn_temperature:  # log-parametrised: exp keeps it positive
+            log_t = jnp.log(jnp.asarray(self.initial_temperature, jnp.float32))
+            params = {**params, LOSS_PARAMS: {LOG_TEMPERATURE: log_t}}
+        return params
 
     def pretrained(self) -> tuple[dict, str]:
         return {"encoder": self.loaded.params["encoder"]}, f"HF weights {self.folder}"
@@ -117,7 +131,7 @@ class TextTask:
             "embedder": embedder_config_to_dict(self.config),
             "tokenizer_folder": str(Path(self.folder).resolve()),
             "max_seq_length": int(s.data.max_length),
-            "prompt": s.data.prompt,
+            "prompts": student_prompts(s),
             "teachers": meta.get("teachers", []),
             "stage": s.stage,
             "config": s.name,
@@ -131,13 +145,29 @@ class TextTask:
         }
 
     def pipeline(self, s: Settings):
+        if self.pairs:
+            return make_pair_pipeline(
+                s.data.train_dir,
+                self.folder,
+                batch_size=s.data.batch_size,
+                max_length=s.data.max_length,
+                seed=s.seed,
+                negatives=s.data.negatives,
+                query_prompt=s.data.query_prompt,
+                document_prompt=s.data.document_prompt,
+                process_index=jax.process_index(),
+                process_count=jax.process_count(),
+                worker_count=s.data.worker_count,
+                length_groups=s.data.length_groups,
+                pad_multiple=s.data.pad_multiple,
+            )
         return make_text_pipeline(
             s.data.train_dir,
             self.folder,
             batch_size=s.data.batch_size,
             max_length=s.data.max_length,
             seed=s.seed,
-            prompt=s.data.prompt or None,
+            prompt=s.data.document_prompt or None,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
             worker_count=s.data.worker_count,
@@ -148,16 +178,24 @@ class TextTask:
 
     def loaded_model(self, s: Settings, params: Any) -> LoadedModel:
         """The student with `params`, usable by `TextEncoder` and evaluators."""
-        prompts = {"query": s.data.prompt} if s.data.prompt else {}
+        prompts = {k: v for k, v in student_prompts(s).items() if v}
         return LoadedModel(self.config, params, self.folder, s.data.max_length, prompts)
 
     def head_features(self, params: Any, batch: dict) -> jax.Array:
         """[B, hidden] float32: what the heads read for this batch (no dropout)."""
+        model_params = {k: v for k, v in params.items() if k != LOSS_PARAMS}
         return self.model.apply(
-            {"params": params}, batch["input_ids"], batch["attention_mask"], heads=(HEAD_INPUT,)
+            {"params": model_params},
+            batch["input_ids"],
+            batch["attention_mask"],
+            heads=(HEAD_INPUT,),
         )[HEAD_INPUT]
 
     def forward(self, s: Settings):
+        if self.pairs:
+            return pair_forward(
+                self.model, self.config.head_names, s.model.dropout, self.learn_temperature
+            )
         return text_forward(
             self.model, self.config.head_names, s.model.dropout, chunks=s.data.max_chunks > 0
         )
@@ -181,11 +219,38 @@ class TextTask:
             batch_size=s.data.batch_size,
             attention=attention_settings(s),
         )
-        vectors = encoder.encode_heads(texts, heads=self.config.head_names, prompt=s.data.prompt)
+        vectors = encoder.encode_heads(
+            texts, heads=self.config.head_names, prompt=s.data.document_prompt or None
+        )
         scores = {name: fidelity_metrics(v, teacher) for name, v in vectors.items()}
         if s.data.max_chunks:
             scores.update(_chunk_fidelity(s, encoder, self.config.head_names))
         return scores
+
+
+def student_prompts(s: Settings) -> dict[str, str]:
+    """The student's prompt per role, as exported (sentence-transformers `prompts`)."""
+    return {"query": s.data.query_prompt, "document": s.data.document_prompt}
+
+
+def check_pair_settings(s: Settings, metadata: dict) -> bool:
+    """Whether the train data is a pair dataset; raises UserError for settings it cannot
+    serve (InfoNCE without pairs, more negatives than stored, chunks with pairs)."""
+    pairs = stored_negatives(metadata) is not None
+    if s.loss.infonce > 0 and not pairs:
+        raise UserError(
+            f"config field loss.infonce={s.loss.infonce} needs pair data, but data.train_dir "
+            f"{s.data.train_dir!r} holds single texts; fix: build it with `jasper-jax teachers "
+            "--pairs SPEC`, or set loss.infonce=0"
+        )
+    if pairs and s.data.max_chunks:
+        raise UserError(
+            f"config field data.max_chunks={s.data.max_chunks}: chunk alignment needs a "
+            "document dataset, but data.train_dir is a pair dataset; fix: set data.max_chunks=0"
+        )
+    if pairs:
+        used_negatives(metadata, s.data.negatives, s.data.train_dir)
+    return pairs
 
 
 def _chunk_fidelity(s: Settings, encoder, heads: tuple[str, ...]) -> dict[str, dict[str, float]]:
@@ -193,7 +258,11 @@ def _chunk_fidelity(s: Settings, encoder, heads: tuple[str, ...]) -> dict[str, d
     ("chunks/<head>"), against each chunk's own teacher vector."""
     documents, spans, teacher = load_eval_chunks(s.data.eval_dir, limit=s.data.eval_texts)
     result = ChunkEncoder(encoder).encode(
-        documents, spans=spans, heads=heads, prompt=s.data.prompt, max_length=s.data.max_length
+        documents,
+        spans=spans,
+        heads=heads,
+        prompt=s.data.document_prompt or None,
+        max_length=s.data.max_length,
     )
     kept = teacher[result.source]  # chunks cut by max_length are left out of both sides
     return {f"chunks/{h}": fidelity_metrics(result.chunks[h], kept) for h in heads}

@@ -232,5 +232,5 @@ class VisionTask:
 def text_fidelity(s: Settings, encoder, heads: Sequence[str]) -> dict[str, dict[str, float]]:
     """Per head `text/<head>`: fidelity of the student's text vectors to `data.text_eval_dir`."""
     texts, teacher, _ = load_eval_arrays(s.data.text_eval_dir, limit=s.data.eval_texts)
-    vectors = encoder.encode_heads(texts, heads=heads, prompt=s.data.prompt or None)
+    vectors = encoder.encode_heads(texts, heads=heads, prompt=s.data.document_prompt or None)
     return {f"text/{name}": fidelity_metrics(v, teacher) for name, v in vectors.items()}
