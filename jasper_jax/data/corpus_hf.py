@@ -51,25 +51,46 @@ def hf_texts(spec: str, split: str | None = None) -> Iterator[str]:
         ``datasets`` cannot read.
     """
     path_text, spec_split, field = (spec.split(":", 3)[1:] + [None, None])[:3]
+    table = open_hf_split(path_text, split or spec_split or None, spec)
+    column = _text_column(table, field or None, spec)
+    for batch in hf_batches(table, [column], spec):
+        for value in batch[column]:
+            yield "" if value is None else value
+
+
+def open_hf_split(path_text: str, split: str | None, spec: str):
+    """The ``Dataset`` (memory-mapped) or ``IterableDataset`` (streamed) of ``split`` of the
+    local corpus at ``path_text`` (``split`` None: the dataset saved alone, else ``train``).
+
+    Raises:
+      UserError: a missing path, a folder with no data files (or files of several types), an
+        unknown split, a file that ``datasets`` cannot open; ``spec`` names the corpus.
+    """
     path = pathlib.Path(path_text).expanduser()
     if not path_text or not path.exists():
         raise UserError(
             f"{spec!r}: {path_text!r} does not exist; fix: give hf:PATH with PATH a local "
             "save_to_disk folder or a .parquet/.arrow/.jsonl file or folder"
         )
-    table = _open_split(path, split or spec_split or None, spec)
-    column = _text_column(table, field or None, spec)
+    return _open_split(path, split, spec)
+
+
+def hf_batches(table, columns: list[str], spec: str) -> Iterator[dict[str, list]]:
+    """Batches of ``columns`` of ``table`` in order: dicts of column -> [b] values (b <= 4096).
+
+    Raises:
+      UserError: the data files cannot be read (disk errors pass through for the CLI).
+    """
     try:
-        for batch in table.select_columns([column]).iter(batch_size=_BATCH):
-            for value in batch[column]:
-                yield "" if value is None else value
+        yield from table.select_columns(columns).iter(batch_size=_BATCH)
     except (UserError, MemoryError):
         raise
     except Exception as err:
         if isinstance(err, OSError) and err.errno is not None:
             raise  # a disk error: the CLI names the file and the fix
         raise UserError(
-            f"{spec!r}: cannot read column {column!r} ({type(err).__name__}: {one_line(err)}); "
+            f"{spec!r}: cannot read column{'s' if len(columns) > 1 else ''} "
+            f"{', '.join(map(repr, columns))} ({type(err).__name__}: {one_line(err)}); "
             "fix: check or rewrite the data files"
         ) from err
 
