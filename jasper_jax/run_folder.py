@@ -282,6 +282,8 @@ def load_run(workdir: PathLike, step: int | None = None) -> RunModel:
         Path(meta["tokenizer_folder"]),
         int(meta["max_seq_length"]),
         prompts,
+        # As the export's config_sentence_transformers.json: plain encode gets documents' prompt.
+        "document" if prompts.get("document") else None,
     )
     if "vision" not in params:
         return RunModel(text, meta)

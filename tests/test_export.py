@@ -26,13 +26,14 @@ from tests.train_fixtures import tiny_config, tiny_setup  # noqa: F401
 
 @pytest.fixture(scope="module")
 def workdir(tiny_setup, tmp_path_factory) -> Path:  # noqa: F811
-    """A tiny stage-3 run (heads 384, 32, 16; 2 steps) with a query prompt, shared by the
-    export and evaluation tests of one session (trained once)."""
+    """A tiny stage-3 run (heads 384, 32, 16; 2 steps) with a query and a document prompt,
+    shared by the export and evaluation tests of one session (trained once)."""
     from jasper_jax.train.loop import train_and_evaluate
 
     path = tmp_path_factory.getbasetemp() / "export_stage3" / "stage3"
     if not is_workdir(path):
-        c = tiny_config(tiny_setup, 3, **{"train.steps": 2, "data.query_prompt": "query: "})
+        prompts = {"data.query_prompt": "query: ", "data.document_prompt": "passage: "}
+        c = tiny_config(tiny_setup, 3, **{"train.steps": 2, **prompts})
         train_and_evaluate(to_settings(c), path)
     return path
 
@@ -74,8 +75,9 @@ def test_folder_layout_is_sentence_transformers_with_safetensors_only(exported):
         "Normalize",
     ]
     assert modules[3]["path"] == "2_Dense_384"  # the full teacher-dim head by default
-    prompts = json.loads((exported / "config_sentence_transformers.json").read_text())["prompts"]
-    assert prompts == {"query": "query: ", "document": ""}
+    st_config = json.loads((exported / "config_sentence_transformers.json").read_text())
+    assert st_config["prompts"] == {"query": "query: ", "document": "passage: "}
+    assert st_config["default_prompt_name"] == "document"  # plain encode() is for corpora
     leftovers = [p.name for p in exported.parent.iterdir() if p.name.startswith(".out.")]
     assert leftovers == []
 
@@ -91,7 +93,7 @@ def test_reimport_gives_identical_parameters(workdir, exported):
     assert back.config.default_head == "dense_384"
     assert back.config.pooling == ours.config.pooling
     assert back.max_seq_length == meta["max_seq_length"]
-    assert back.prompts["query"] == "query: "
+    assert back.prompts == {"query": "query: ", "document": "passage: "}
 
 
 def test_set_default_head_takes_a_dim_as_the_readme_shows(exported, tmp_path):
@@ -119,9 +121,10 @@ def test_sentence_transformers_matches_jax_for_every_head(workdir, exported, tex
     shutil.copytree(exported, folder)
     set_default_head(folder, head)
     st = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    # Plain encode() applies the default prompt: the document one.
     ref = st.encode(texts, normalize_embeddings=True, batch_size=64)
     encoder = TextEncoder(load_workdir_model(workdir)[0])
-    ours = encoder.encode(texts, head=head)
+    ours = encoder.encode(texts, head=head, prompt="passage: ")
     assert ours.shape == ref.shape
     cos = np.sum(ours * ref, axis=1)
     assert cos.min() >= 0.9999, (head, int(cos.argmin()), float(cos.min()))
@@ -129,6 +132,36 @@ def test_sentence_transformers_matches_jax_for_every_head(workdir, exported, tex
     q_ref = st.encode(texts[:40], prompt_name="query", normalize_embeddings=True)
     q_ours = encoder.encode(texts[:40], head=head, prompt="query: ")
     assert np.sum(q_ours * q_ref, axis=1).min() >= 0.9999
+
+
+def test_encode_query_and_document_equal_the_cli_with_the_trained_prompts(
+    exported, texts, tmp_path, capsys
+):
+    """sentence-transformers' encode_query / encode_document on the exported folder ==
+    `jasper-jax encode --prompt <trained prompt>` == `--role query|document`."""
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(exported), device="cpu", local_files_only=True)
+    path = tmp_path / "texts.txt"
+    path.write_text("\n".join(texts[:50]) + "\n", encoding="utf-8")
+    for role, prompt, reference in (
+        ("query", "query: ", st.encode_query(texts[:50], normalize_embeddings=True)),
+        ("document", "passage: ", st.encode_document(texts[:50], normalize_embeddings=True)),
+    ):
+        for how in (["--prompt", prompt], ["--role", role]):
+            out = tmp_path / f"{role}-{how[0][2:]}.npy"
+            argv = ["encode", "--model", str(exported), "--input", str(path), "--output", str(out)]
+            assert main([*argv, *how]) == 0
+            assert np.sum(np.load(out) * reference, axis=1).min() >= 0.9999, (role, how)
+    plain = tmp_path / "plain.npy"  # no prompt flag: the default (document) prompt, as ST
+    assert (
+        main(["encode", "--model", str(exported), "--input", str(path), "--output", str(plain)])
+        == 0
+    )
+    np.testing.assert_allclose(np.load(plain), np.load(tmp_path / "document-role.npy"), atol=1e-6)
+    argv = ["encode", "--model", str(exported), "--input", str(path), "--output", str(plain)]
+    assert main([*argv, "--prompt", "x", "--role", "query"]) == 2
+    assert "give one of them" in capsys.readouterr().err
 
 
 def test_cli_export_default_head_and_model_card(workdir, tmp_path, capsys):

@@ -19,6 +19,7 @@ from jasper_jax.commands.encode_io import (
     check_output_path,
     npy_writer,
     read_texts,
+    role_prompt,
     text_writer,
     write_outputs,
 )
@@ -50,6 +51,14 @@ def add_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--head", default=None, help="output head: 'pooled', 'dense_<dim>' or '<dim>'")
     p.add_argument("--prompt", default=None, help="text prepended to every input (e.g. a query)")
+    p.add_argument(
+        "--role",
+        choices=("query", "document"),
+        default=None,
+        help="use the model's own prompt for this role (its sentence-transformers `prompts`); "
+        "without --prompt or --role, its default prompt (if any) applies, as in "
+        "sentence-transformers' encode",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=None, help="tokens; default: the model's")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
@@ -79,8 +88,9 @@ def main(args: argparse.Namespace) -> int:
         mesh=sharding.make_mesh(sharding.parse_mesh_shape(args.mesh, "--mesh"), flag="--mesh"),
         batch_size=args.batch_size,
     )
+    prompt = role_prompt(model, args.prompt, args.role)
     vectors = encoder.encode(
-        texts, head=args.head, prompt=args.prompt, max_length=args.max_length, progress=True
+        texts, head=args.head, prompt=prompt, max_length=args.max_length, progress=True
     )
     check_finite(vectors, "vectors", line_of=args.input)
     write_outputs({args.output: npy_writer(vectors)})
@@ -95,8 +105,8 @@ def main(args: argparse.Namespace) -> int:
 
 def encode_images_main(args: argparse.Namespace) -> int:
     """`--images`: every image is decoded before any compute, so a bad file fails the run early."""
-    if args.prompt or args.max_length is not None:
-        raise UserError("--prompt and --max-length apply to texts; drop them with --images")
+    if args.prompt or args.role or args.max_length is not None:
+        raise UserError("--prompt, --role and --max-length apply to texts; drop them with --images")
     paths = list_images(args.images)
     model = load_image_model(args.model)
     check_finite_model(model.params, args.model)

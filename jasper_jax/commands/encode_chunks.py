@@ -26,6 +26,7 @@ from jasper_jax.commands.encode_io import (
     npy_writer,
     read_lines,
     read_texts,
+    role_prompt,
     text_writer,
     write_outputs,
 )
@@ -82,7 +83,7 @@ def encode_chunks_main(args: argparse.Namespace) -> int:
         chunking=None if given else args.chunks,
         spans=spans,
         heads=(head,),
-        prompt=args.prompt,
+        prompt=role_prompt(model, args.prompt, args.role),
         max_length=args.max_length,
         progress=True,
     )

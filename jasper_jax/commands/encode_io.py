@@ -16,6 +16,7 @@ import numpy as np
 
 from jasper_jax.errors import UserError
 from jasper_jax.locks import process_tag, remove_leftovers
+from jasper_jax.models.loading import LoadedModel
 from jasper_jax.paths import TMP_PREFIX, honour_umask
 
 log = logging.getLogger(__name__)
@@ -112,3 +113,18 @@ def check_output_path(output: str | Path) -> None:
     """Refuses an --output that is a folder, before any compute."""
     if Path(output).is_dir():
         raise UserError(f"--output {output} is a folder; pass the path of the .npy file to write")
+
+
+def role_prompt(model: LoadedModel, prompt: str | None, role: str | None) -> str | None:
+    """The prompt to encode with: `prompt` as given, else the model's prompt for `role`, else
+    its default prompt (`default_prompt_name`), else none.
+
+    Raises:
+      UserError: both `prompt` and `role` given.
+    """
+    if prompt is not None and role is not None:
+        raise UserError("--prompt and --role both choose the prompt; give one of them")
+    if prompt is not None:
+        return prompt
+    name = role or model.default_prompt_name
+    return model.prompts.get(name) or None if name else None

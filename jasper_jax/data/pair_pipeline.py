@@ -28,7 +28,7 @@ from jasper_jax.data.length_groups import padded_length
 from jasper_jax.data.pipeline import (
     TextBatchIterator,
     TokenizeBatch,
-    check_settings,
+    check_batching,
     global_batch_loader,
 )
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
@@ -131,7 +131,7 @@ def make_pair_pipeline(
       length_groups: > 1 pads each batch to its longest text (rounded up to ``pad_multiple``).
       Others as :func:`jasper_jax.data.pipeline.make_text_pipeline`.
     """
-    check_settings(
+    check_batching(
         batch_size, max_length, process_index, process_count, length_groups, pad_multiple
     )
     source, metadata = open_teacher_dataset(data_dir)

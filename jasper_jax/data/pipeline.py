@@ -291,12 +291,11 @@ def make_text_pipeline(
     """Iterator of training batches (see module docstring) for one process.
 
     Args:
-      data_dir: a teacher dataset (``build_teacher_dataset`` output).
+      data_dir: a (single-text) teacher dataset; pairs: ``pair_pipeline``.
       tokenizer_dir: folder of the student's HF tokenizer.
       batch_size: the GLOBAL batch (texts per step over all processes); each process yields
         ``batch_size // process_count`` rows of it.
-      seed: shuffle seed; every process must pass the same one.
-      prompt: prefixed to every text before tokenizing.
+      seed: shuffle seed; every process must pass the same one. prompt: prefixed to each text.
       process_index, process_count: e.g. ``jax.process_index()`` and ``jax.process_count()``;
         see :class:`TakeProcessRows`. Only this process's rows are tokenized.
       num_epochs: None repeats forever (each epoch reshuffled).
@@ -307,7 +306,7 @@ def make_text_pipeline(
         count, each batch padded to its longest text rounded up to ``pad_multiple`` tokens
         (``jasper_jax.data.length_groups``); 1 pads every batch to ``max_length``.
     """
-    check_settings(
+    check_batching(
         batch_size, max_length, process_index, process_count, length_groups, pad_multiple
     )
     source, metadata = open_teacher_dataset(data_dir)
@@ -335,7 +334,7 @@ def make_text_pipeline(
     return TextBatchIterator(batches)
 
 
-def check_settings(
+def check_batching(
     batch_size, max_length, process_index, process_count, length_groups, pad_multiple
 ):
     """Raises UserError for pipeline settings that cannot make batches."""
