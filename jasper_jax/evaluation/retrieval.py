@@ -102,18 +102,46 @@ def rank_of_relevant(scores: np.ndarray, relevant: np.ndarray) -> np.ndarray:
     return (scores > target).sum(axis=1) + (scores == target).sum(axis=1)
 
 
+def ndcg_gains(ranks: np.ndarray, k: int = 10) -> np.ndarray:
+    """Per-query nDCG@k [Q] with one relevant document per query (ideal DCG = 1)."""
+    return np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+
+
 def retrieval_metrics(ranks: np.ndarray, k: int = 10) -> dict[str, float]:
     """nDCG@k and recall@1 with one relevant document per query (ideal DCG = 1)."""
-    gain = np.where(ranks <= k, 1.0 / np.log2(ranks + 1.0), 0.0)
+    gain = ndcg_gains(ranks, k)
     return {f"ndcg_at_{k}": float(gain.mean()), "recall_at_1": float((ranks == 1).mean())}
+
+
+def query_ranks(
+    queries: np.ndarray, docs: np.ndarray, relevant: np.ndarray, binary: bool = False
+) -> np.ndarray:
+    """1-based rank [Q] of each query's relevant document: cosine ranking of unit rows, or
+    (`binary`) Hamming ranking of their sign bits. queries [Q, d], docs [D, d]."""
+    if binary:
+        distances = hamming_distances(binarize(queries), binarize(docs))
+        return rank_of_relevant(-distances, relevant)
+    return rank_of_relevant(queries @ docs.T, relevant)
 
 
 def evaluate_float(queries: np.ndarray, docs: np.ndarray, relevant: np.ndarray) -> dict:
     """Cosine ranking of unit rows: queries [Q, d], docs [D, d]."""
-    return retrieval_metrics(rank_of_relevant(queries @ docs.T, relevant))
+    return retrieval_metrics(query_ranks(queries, docs, relevant))
 
 
 def evaluate_binary(queries: np.ndarray, docs: np.ndarray, relevant: np.ndarray) -> dict:
     """Hamming ranking of the sign bits of queries [Q, d] and docs [D, d]."""
-    distances = hamming_distances(binarize(queries), binarize(docs))
-    return retrieval_metrics(rank_of_relevant(-distances, relevant))
+    return retrieval_metrics(query_ranks(queries, docs, relevant, binary=True))
+
+
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, resamples: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:
+    """Mean of `a - b` over queries and its 95% paired-bootstrap interval (queries resampled
+    with replacement, the same draw for both): (difference, low, high). a, b: [Q] per-query
+    scores of two systems on the same queries."""
+    diff = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    draws = np.random.default_rng(seed).integers(0, len(diff), size=(resamples, len(diff)))
+    means = diff[draws].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(diff.mean()), float(low), float(high)
