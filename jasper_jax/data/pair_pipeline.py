@@ -79,7 +79,10 @@ class TokenizePairs(grain.transforms.Map):
         self._document = TokenizeBatch(self.tokenizer_dir, self.max_length, self.document_prompt)
 
     def map(self, batch: dict) -> dict:
-        texts = np.asarray(batch["texts"])[:, : self.width]
+        texts = batch["texts"]
+        # A record's texts are a list, which grain batches as one [pairs] array per column.
+        texts = np.stack(texts, axis=1) if isinstance(texts, list | tuple) else np.asarray(texts)
+        texts = texts[:, : self.width]
         rows, m = texts.shape
         encodings = [None] * (rows * m)
         by_role = ((self._query, [0]), (self._document, range(1, m)))
