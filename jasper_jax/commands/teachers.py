@@ -11,6 +11,12 @@ Long documents with chunk vectors (chunk alignment), documents made of consecuti
     jasper-jax teachers --corpus embedded --teacher all-mpnet-base-v2 \
         --teacher all-MiniLM-L6-v2 --output /data/long --documents 128:480 \
         --chunks sentences:64 --max-length 512
+
+Pairs (query, positive, k hard negatives per row; queries with the query prompt, documents
+with the document prompt)::
+
+    jasper-jax teachers --pairs embedded --negatives 1 --teacher all-MiniLM-L6-v2 \
+        --output /data/pairs
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from jasper_jax.commands.train import add_distributed_args, initialize_distribut
 from jasper_jax.data.chunk_vectors import load_tokenizer
 from jasper_jax.data.chunking import documents_from_texts, plain_tokenizer
 from jasper_jax.data.corpus_mix import CorpusMix
+from jasper_jax.data.pair_dataset import build_pair_dataset
+from jasper_jax.data.pairs import read_pairs
 from jasper_jax.data.teacher_assets import resolve_model_folder
-from jasper_jax.data.teacher_dataset import build_teacher_dataset
+from jasper_jax.data.teacher_dataset import BuildResult, build_teacher_dataset
 from jasper_jax.data.teacher_plan import COMPUTE_DTYPES
 from jasper_jax.data.teacher_spec import parse_teacher_spec
 from jasper_jax.errors import UserError
@@ -39,12 +47,21 @@ def add_args(parser: argparse.ArgumentParser) -> None:
         help="teacher folder or known name (all-mpnet-base-v2, all-MiniLM-L6-v2); repeat for "
         "several, concatenated in the given order. Options after the name: :head=DIM (one of "
         "the folder's 2_Dense_DIM heads, e.g. stella's 8192), :prompt_name=NAME (a prompt of "
-        "its config_sentence_transformers.json), :prompt=TEXT (last: the rest is the text)",
+        "its config_sentence_transformers.json), :prompt=TEXT (last: the rest is the text); "
+        "for --pairs :prompt... is the query prompt, :document_prompt_name=NAME and "
+        ":document_prompt=TEXT (also last) the document prompt",
     )
     parser.add_argument(
         "--teacher-prompt",
         default=None,
-        help="prefix added to every text, for teachers without a prompt option of their own",
+        help="prefix added to every text (--pairs: to every query), for teachers without a "
+        "prompt option of their own",
+    )
+    parser.add_argument(
+        "--teacher-document-prompt",
+        default=None,
+        help="--pairs: prefix added to every document (positive, negative), for teachers "
+        "without a document prompt option of their own (default: none)",
     )
     parser.add_argument("--output", required=True, help="output folder of the teacher dataset")
     parser.add_argument("--dtype", choices=("float32", "float16"), default="float32")
@@ -114,12 +131,27 @@ def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--corpus",
         action="append",
-        required=True,
         metavar="SPEC[@WEIGHT]",
         help="'embedded' (or embedded:validation), a .txt/.jsonl file, hf:PATH[:SPLIT][:FIELD] "
         "(a local Hugging Face dataset: save_to_disk folder, parquet/arrow/jsonl files) or "
         "tfds:NAME[:SPLIT][:FEATURE]; repeat to concatenate corpora, or give every one a "
         "@WEIGHT to mix them at those shares (texts never repeated)",
+    )
+    parser.add_argument(
+        "--pairs",
+        default=None,
+        metavar="SPEC",
+        help="instead of --corpus: rows of (query, positive, hard negatives) from "
+        "'embedded[:SPLIT]', a .jsonl(.gz) file or hf:PATH[:SPLIT]; builds a pair dataset (a "
+        "record per row)",
+    )
+    parser.add_argument(
+        "--negatives",
+        type=int,
+        default=None,
+        metavar="K",
+        help="--pairs: hard negatives kept per row (default: all, every row with as many; "
+        "embedded: 1)",
     )
     parser.add_argument(
         "--split-sentences",
@@ -137,21 +169,16 @@ def _add_corpus_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="use only the first N texts (of a weighted mix: N drawn texts; counted before "
-        "--split-sentences)",
+        "--split-sentences; --pairs: N rows)",
     )
 
 
 def main(args: argparse.Namespace) -> int:
     """Run the sub-command; returns the exit code (``UserError`` propagates to the CLI)."""
-    corpus = CorpusMix.parse(args.corpus, args.split_sentences, args.corpus_seed)
+    _check_source(args)
     mesh_shape = args.mesh_shape and parse_mesh_shape(args.mesh_shape)
     initialize_distributed(args)
-    if args.documents:
-        corpus = _documents(args, corpus)
-    result = build_teacher_dataset(
-        corpus,
-        args.teacher,
-        args.output,
+    common = dict(
         prompt=args.teacher_prompt,
         dtype=args.dtype,
         shard_index=args.shard_index,
@@ -159,14 +186,67 @@ def main(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         chunk_size=args.block_size,
         overwrite=args.overwrite,
-        limit=None if args.documents else args.limit,  # _documents applied it
         backend=args.backend,
         max_length=args.max_length,
-        chunking=args.chunks,
-        chunk_tokenizer=args.chunk_tokenizer,
         mesh_shape=mesh_shape,
         compute_dtype=args.compute_dtype,
     )
+    if args.pairs is not None:
+        pairs = read_pairs(args.pairs, negatives=args.negatives, limit=args.limit)
+        result = build_pair_dataset(
+            pairs, args.teacher, args.output, document_prompt=args.teacher_document_prompt, **common
+        )
+    else:
+        corpus = CorpusMix.parse(args.corpus, args.split_sentences, args.corpus_seed)
+        if args.documents:
+            corpus = _documents(args, corpus)
+        result = build_teacher_dataset(
+            corpus,
+            args.teacher,
+            args.output,
+            limit=None if args.documents else args.limit,  # _documents applied it
+            chunking=args.chunks,
+            chunk_tokenizer=args.chunk_tokenizer,
+            **common,
+        )
+    _report(args, result, "pair rows" if args.pairs is not None else "texts")
+    return 0
+
+
+def _check_source(args: argparse.Namespace) -> None:
+    """One source of texts: --corpus (with its single-text flags) or --pairs (with its own)."""
+    pairs = args.pairs is not None
+    if not pairs and not args.corpus:
+        raise UserError(
+            "no texts given; fix: pass --corpus SPEC (single texts) or --pairs SPEC (rows of "
+            "query, positive, hard negatives)"
+        )
+    single = {
+        "--corpus": args.corpus,
+        "--documents": args.documents,
+        "--chunks": args.chunks,
+        "--chunk-tokenizer": args.chunk_tokenizer,
+        "--split-sentences": args.split_sentences or None,
+    }
+    pair = {
+        "--negatives": args.negatives,
+        "--teacher-document-prompt": args.teacher_document_prompt,
+    }
+    given = [flag for flag, value in (single if pairs else pair).items() if value is not None]
+    if given and pairs:
+        raise UserError(
+            f"--pairs cannot be used with {', '.join(given)} (single-text flags); fix: drop "
+            f"{' and '.join(given)}, or --pairs"
+        )
+    if given:
+        raise UserError(
+            f"{', '.join(given)} only apply to --pairs builds; fix: drop them, or build from "
+            "--pairs SPEC instead of --corpus"
+        )
+
+
+def _report(args: argparse.Namespace, result: BuildResult, unit: str) -> None:
+    """What the build did, on stdout: ready, waiting for slices, or combined elsewhere."""
     if result.dataset_dir is None and not result.pending_slices:
         print(
             f"slice {args.shard_index} of {args.num_shards} done; all slices are done and "
@@ -174,17 +254,16 @@ def main(args: argparse.Namespace) -> int:
         )
     elif result.dataset_dir is None:
         print(
-            f"slice {args.shard_index} of {args.num_shards} done ({result.rows} texts in the "
+            f"slice {args.shard_index} of {args.num_shards} done ({result.rows} {unit} in the "
             f"corpus); waiting for slices {result.pending_slices}"
         )
     else:
-        print(f"teacher dataset ready: {result.dataset_dir} ({result.rows} texts)")
+        print(f"teacher dataset ready: {result.dataset_dir} ({result.rows} {unit})")
     if result.skipped_empty:
         print(f"skipped {result.skipped_empty} empty texts")
     for name, count in result.truncated.items():
         if count:
             print(f"{count} texts were cut at teacher {name}'s max length (see --max-length)")
-    return 0
 
 
 def _documents(args: argparse.Namespace, corpus: CorpusMix) -> list[str]:

@@ -2,7 +2,7 @@
 
 The build is resumable and atomic (``dataset_build.py``; its plan: ``teacher_plan.py``)::
 
-    OUTPUT/dataset/            finished TFDS dataset (features text, teacher [D], index)
+    OUTPUT/dataset/            finished TFDS dataset (records: ``teacher_records``)
     OUTPUT/_parts/plan.json    what is being built (teachers, corpus, dtype, slicing)
     OUTPUT/_parts/rows-*.npy   finished blocks of vectors, each written atomically
     OUTPUT/_parts/slice-I-of-N.done
@@ -19,6 +19,10 @@ temporary names carry the writer's ``process_tag`` so the next run removes what 
 Chunk mode (``chunking=`` or ``chunk_spans=``, dewey-style chunk alignment): each text is a
 document; rows also hold ``chunk_spans`` [n, 2] (character spans) and ``chunk_teacher`` [n, D]
 (each chunk encoded on its own), see ``jasper_jax.data.chunk_vectors``.
+
+Pair mode (``pair_dataset.build_pair_dataset``): the texts are pair rows' columns, each teacher
+encoding queries with its query prompt and documents with its document prompt; a record is a
+pair row (texts [m], teacher [m, D]), see ``teacher_plan`` and ``teacher_records``.
 
 Stored vectors: each teacher's slice is unit length; the concatenation is NOT renormalised on
 disk (row norm sqrt(num_teachers)); the trainer renormalises it (SPEC 1.4). TFDS shuffles rows
@@ -37,7 +41,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from jasper_jax.data import chunk_vectors
 from jasper_jax.data.chunking import ChunkingConfig, Span
@@ -55,16 +58,18 @@ from jasper_jax.data.dataset_build import (
     read_json_object,
 )
 from jasper_jax.data.teacher_plan import (
-    DTYPES,
     check_arguments,
     corpus_texts,
     load_build_teacher,
     make_plan,
+    pair_width,
     prepare_output,
+    role_runs,
     slice_blocks,
     slice_marker,
     teacher_runtime,
 )
+from jasper_jax.data.teacher_records import TeacherDataset, rejected_records
 from jasper_jax.data.teacher_slices import Group, encode_slice
 from jasper_jax.data.teachers import Teacher, count_truncated
 from jasper_jax.errors import UserError
@@ -78,57 +83,12 @@ COMBINE_LOCK = ".combine.lock"
 log = logging.getLogger(__name__)
 
 
-class TeacherDataset(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder for one split ``train`` of (text, teacher vector, corpus row index)."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def __init__(self, *, texts: Sequence[str], chunks: list, metadata: dict, **kwargs: Any):
-        self._texts, self._chunks, self._metadata = texts, chunks, metadata
-        super().__init__(**kwargs)
-
-    def _info(self) -> tfds.core.DatasetInfo:
-        # DatasetInfo(builder=...) directly: dataset_info_from_configs needs package files.
-        dtype, dim = DTYPES[self._metadata["dtype"]], self._metadata["dim"]
-        features = {
-            "text": tfds.features.Text(),
-            "teacher": tfds.features.Tensor(shape=(dim,), dtype=dtype),
-            "index": tfds.features.Scalar(dtype=np.int64),
-        }
-        if "chunks" in self._metadata:
-            features["chunk_spans"] = tfds.features.Tensor(shape=(None, 2), dtype=np.int32)
-            features["chunk_teacher"] = tfds.features.Tensor(shape=(None, dim), dtype=dtype)
-        features = tfds.features.FeaturesDict(features)
-        metadata = tfds.core.MetadataDict(self._metadata)
-        return tfds.core.DatasetInfo(builder=self, features=features, metadata=metadata)
-
-    def _split_generators(self, dl_manager: Any) -> dict:
-        del dl_manager
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        chunked = "chunks" in self._metadata
-        for start, path in self._chunks:
-            vectors = np.load(path, mmap_mode="r")
-            if chunked:
-                payload = chunk_vectors.load_payload(chunk_vectors.payload_path(path))
-                per_document, bad = payload.per_document(), payload.bad_documents()
-            for offset, vector in enumerate(vectors):
-                if not np.isfinite(vector).all() or (chunked and bad[offset]):
-                    continue
-                row = start + offset
-                example = {"text": self._texts[row], "teacher": vector, "index": row}
-                if chunked:
-                    example["chunk_spans"], example["chunk_teacher"] = per_document[offset]
-                yield row, example
-
-
 @dataclasses.dataclass(frozen=True)
 class BuildResult:
     """Outcome of one :func:`build_teacher_dataset` call."""
 
     dataset_dir: pathlib.Path | None  # None while other slices are still unfinished
-    rows: int  # texts in the corpus (after skipping empty ones)
+    rows: int  # texts in the corpus (after skipping empty ones); pair mode: pair rows
     skipped_empty: int
     pending_slices: list[int]
     # teacher name -> texts longer than its token limit (their vectors describe a prefix only)
@@ -186,29 +146,54 @@ def build_teacher_dataset(
             f"chunk_spans has {len(chunk_spans)} lists for {len(texts)} non-empty texts "
             f"({skipped} empty skipped); fix: drop empty texts and give one list per text"
         )
-    runtime = teacher_runtime(mesh_shape, compute_dtype)
-    loaded = _load_all(teachers, (prompt, batch_size, backend, max_length, texts, runtime))
+    settings = (batch_size, backend, max_length, mesh_shape, compute_dtype)
+    loaded = load_teachers(teachers, texts, (prompt, None), *settings)
     plan = make_plan(texts, skipped, loaded, dtype, num_shards, chunk_size)
     chunker = None
     if chunking is not None or chunk_spans is not None:
         tokenizer = chunk_tokenizer or loaded[0].folder
         chunker = _add_chunker(plan, texts, chunking, chunk_spans, tokenizer)
-    output = pathlib.Path(output_dir).expanduser()
-    return _locked_build(output, plan, texts, loaded, shard_index, chunker, overwrite, progress)
+    return run_build(output_dir, plan, texts, loaded, shard_index, overwrite, progress, chunker)
 
 
-def _load_all(teachers, settings: tuple) -> list[Teacher]:
-    """Every teacher loaded with `load_build_teacher`'s other arguments (`auto` backends timed
-    on a sample of the texts); UserError when there is none."""
-    loaded = [load_build_teacher(t, *settings) for t in teachers]
+def load_teachers(
+    teachers: Sequence[str | pathlib.Path | Teacher],
+    texts: Sequence[str],
+    prompts: tuple[str | None, str | None],
+    batch_size: int,
+    backend: str,
+    max_length: int | None,
+    mesh_shape: Sequence[int] | None,
+    compute_dtype: str,
+) -> list[Teacher]:
+    """Every teacher loaded (``load_build_teacher``) with the build's (query, document)
+    ``prompts`` (`auto` backends timed on a sample of ``texts``) on the ``teacher_runtime`` of
+    ``mesh_shape`` and ``compute_dtype``; UserError when there is none."""
+    query, document = prompts
+    runtime = teacher_runtime(mesh_shape, compute_dtype)
+    loaded = [
+        load_build_teacher(t, query, batch_size, backend, max_length, texts, runtime, document)
+        for t in teachers
+    ]
     if not loaded:
         raise UserError("no teachers given; fix: pass --teacher NAME_OR_DIR at least once")
     return loaded
 
 
-def _locked_build(output, plan, texts, teachers, shard_index, chunker, overwrite, progress):
-    """`_build_slice` under the slice's lock: slices of one output run on many machines at once,
+def run_build(
+    output_dir: str | pathlib.Path,
+    plan: dict,
+    texts: list[str],
+    teachers: Sequence[Teacher],
+    shard_index: int,
+    overwrite: bool,
+    progress: bool,
+    chunker: chunk_vectors.Chunker | None = None,
+) -> BuildResult:
+    """Encodes slice ``shard_index`` of the ``plan`` of ``texts`` and, once every slice is done,
+    combines them, under the slice's lock: slices of one output run on many machines at once,
     each with its own lock, held by the lead process of a multi-process group."""
+    output = pathlib.Path(output_dir).expanduser()
     group = Group.current()
     lock = _lock(output, f".slice-{shard_index:05d}-of-{plan['num_shards']:05d}.lock")
     with lock if group.lead else contextlib.nullcontext():
@@ -233,7 +218,7 @@ def _build_slice(
     """Under the slice's lock: nothing when the dataset is built, else encode the slice and,
     once every slice is done, combine them. In a multi-process `group` the lead checks and
     prepares the folder and combines; all encode (``teacher_slices``). Returns the BuildResult."""
-    rows, skipped, num_shards = len(texts), plan["skipped_empty"], plan["num_shards"]
+    rows, skipped, num_shards = _records(plan), plan["skipped_empty"], plan["num_shards"]
     finished = lambda: BuildResult(
         output / DATASET_DIR, rows, skipped, [], _recorded_truncation(output)
     )
@@ -261,7 +246,9 @@ def _build_slice(
 def open_teacher_dataset(data_dir: str | pathlib.Path) -> tuple[Any, dict]:
     """(random-access source, metadata) of a built teacher dataset.
 
-    ``source[i]`` is a dict: ``text`` bytes, ``teacher`` [D] float32/16, ``index`` int64.
+    ``source[i]`` is a dict: ``text`` bytes, ``teacher`` [D] float32/16, ``index`` int64; of
+    a pair dataset (``pair_width(metadata)`` is m): ``texts`` [m] bytes, ``teacher`` [m, D],
+    ``index`` the pair row (``teacher_records``).
 
     ``data_dir`` is a build output folder or the TFDS dataset folder itself. The source is a
     TFDS ``ArrayRecordDataSource``, which grain accepts as a ``RandomAccessDataSource``. Every
@@ -313,7 +300,7 @@ def _recorded_truncation(output: pathlib.Path) -> dict[str, int]:
 
 def _combine_once(output, parts, plan, texts, teachers, before) -> BuildResult:
     """Combine under ``.combine.lock``: of slices finishing together, the first combines."""
-    rows, skipped = len(texts), plan["skipped_empty"]
+    rows, skipped = _records(plan), plan["skipped_empty"]
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(_lock(output, COMBINE_LOCK))
@@ -338,6 +325,11 @@ def _stamp(folder: pathlib.Path) -> tuple | None:
     return stat.st_dev, stat.st_ino, stat.st_ctime_ns
 
 
+def _records(plan: dict) -> int:
+    """Records of the plan's dataset: its texts, or pair rows in pair mode."""
+    return plan["identity"]["num_texts"] // (pair_width(plan["identity"]) or 1)
+
+
 def _combine(
     output: pathlib.Path,
     parts: pathlib.Path,
@@ -346,45 +338,48 @@ def _combine(
     teachers: Sequence[Teacher],
 ) -> pathlib.Path:
     """Build the TFDS dataset from all blocks in a temp folder, then move it into place."""
+    identity = plan["identity"]
     chunks = [
         (a, block_path(parts, a, b))
         for i in range(plan["num_shards"])
         for a, b in slice_blocks(plan, i)
     ]
-    chunked = "chunks" in plan["identity"]
-    rejected, num_chunks = [], 0
-    for start, path in chunks:
-        bad = ~np.isfinite(np.load(path, mmap_mode="r")).all(axis=1)
-        if chunked:
-            payload = chunk_vectors.load_payload(chunk_vectors.payload_path(path))
-            bad |= payload.bad_documents()
-            num_chunks += int(payload.counts[~bad].sum())
-        rejected.extend((start + np.flatnonzero(bad)).tolist())
+    bad, num_chunks = rejected_records(chunks, identity)
+    rejected, what = (
+        np.flatnonzero(bad).tolist(),
+        "texts" if pair_width(identity) is None else "pair rows",
+    )
     if rejected:
         log.warning(
-            "rejected %d rows with NaN or all-zero teacher vectors, e.g. rows %s",
+            "rejected %d %s with NaN or all-zero teacher vectors, e.g. %s %s",
             len(rejected),
+            what,
+            what,
             rejected[:10],
         )
-    if len(rejected) == len(texts):
+    if len(rejected) == len(bad):
         raise UserError(
-            f"every one of {len(texts)} texts got a NaN or all-zero teacher vector; the teacher "
+            f"every one of {len(bad)} {what} got a NaN or all-zero teacher vector; the teacher "
             "models look broken; fix: check the --teacher folders"
         )
+    runs = role_runs(identity, 0, len(texts))
     metadata = {
-        "identity": plan["identity"],
-        "dim": plan["identity"]["dim"],
-        "dtype": plan["identity"]["dtype"],
-        "teachers": plan["identity"]["teachers"],
+        "identity": identity,
+        "dim": identity["dim"],
+        "dtype": identity["dtype"],
+        "teachers": identity["teachers"],
         "normalisation": NORMALISATION_NOTE,
-        "rows": len(texts) - len(rejected),
+        "rows": len(bad) - len(rejected),
         "skipped_empty": plan["skipped_empty"],
         "rejected": {"count": len(rejected), "first_rows": rejected[:20]},
-        "truncated_by_teacher": count_truncated(texts, teachers),
+        "truncated_by_teacher": count_truncated(texts, teachers, runs=runs),
     }
-    if chunked:
-        metadata["chunks"] = {**plan["identity"]["chunks"], "count": num_chunks}
+    if "chunks" in identity:
+        metadata["chunks"] = {**identity["chunks"], "count": num_chunks}
+    if "pairs" in identity:
+        metadata["pairs"] = identity["pairs"]
     target = output / DATASET_DIR
-    build_and_install(TeacherDataset, output, target, texts=texts, chunks=chunks, metadata=metadata)
+    fields = dict(texts=texts, chunks=chunks, metadata=metadata, rejected=bad)
+    build_and_install(TeacherDataset, output, target, **fields)
     shutil.rmtree(parts, ignore_errors=True)
     return target

@@ -3,13 +3,19 @@
 A plan (``OUTPUT/_parts/plan.json``) is::
 
     identity      what the dataset is: teachers (name, dim, prompt, fingerprints, offset), dim,
-                  dtype, corpus fingerprint, number of texts (and the chunking in chunk mode)
+                  dtype, corpus fingerprint, number of texts (and the chunking in chunk mode;
+                  in pair mode ``pairs``: negatives k and the column roles, and each teacher's
+                  document prompt)
     num_shards    slices the corpus is cut into (one per machine or process)
     chunk_size    rows per resumable block of work
     skipped_empty empty texts left out of the corpus
 
 A build resumes only the parts of a plan with the same identity and layout; anything else is
 refused (or, with ``overwrite``, started over), never mixed.
+
+Pair mode: the texts are the pair rows' m = 2 + k columns flattened column-major (n queries,
+then n positives, then each negative slot), so text ``c * n + r`` is column c of row r, and the
+first n texts (role "query") take the teachers' query prompts, the rest their document prompts.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from jasper_jax.data.dataset_build import (
     verify_dataset_files,
     write_plan,
 )
+from jasper_jax.data.pairs import DOCUMENT, QUERY
 from jasper_jax.data.teacher_backends import timing_sample
 from jasper_jax.data.teachers import Runtime, Teacher, load_teacher
 from jasper_jax.errors import UserError, one_line
@@ -122,7 +129,14 @@ def teacher_runtime(mesh_shape: Sequence[int] | None, compute_dtype: str) -> Run
 
 
 def load_build_teacher(
-    spec, prompt, batch_size, backend, max_length, texts=(), runtime: Runtime | None = None
+    spec,
+    prompt,
+    batch_size,
+    backend,
+    max_length,
+    texts=(),
+    runtime: Runtime | None = None,
+    document_prompt: str | None = None,
 ) -> Teacher:
     """A loaded teacher (a ``Teacher`` passes through); a folder whose files do not load (a
     damaged weights file) is a UserError naming it, in one line (libraries raise many types
@@ -131,7 +145,9 @@ def load_build_teacher(
         return spec
     try:
         sample = timing_sample(texts)
-        return load_teacher(spec, prompt, batch_size, backend, max_length, sample, runtime)
+        return load_teacher(
+            spec, prompt, batch_size, backend, max_length, sample, runtime, document_prompt
+        )
     except UserError as err:
         if "\n" not in str(err):
             raise
@@ -148,13 +164,17 @@ def load_build_teacher(
         ) from err
 
 
-def make_plan(texts, skipped, teachers, dtype, num_shards, chunk_size) -> dict:
-    """The plan (module docstring) of a build of ``texts`` with ``teachers``."""
+def make_plan(texts, skipped, teachers, dtype, num_shards, chunk_size, pairs=None) -> dict:
+    """The plan (module docstring) of a build of ``texts`` with ``teachers``; ``pairs`` (pair
+    mode: {"negatives": k, "roles": the m column roles}) joins the identity."""
     offset, described = 0, []
     for teacher in teachers:
         entry = teacher.describe()
         entry["folder"] = os.path.basename(entry["folder"])  # machines differ in absolute paths
         entry["offset"] = offset
+        entry.pop("document_prompt", None)  # single texts: the one prompt is every text's
+        if pairs is not None:
+            entry["document_prompt"] = teacher.document_prompt
         described.append(entry)
         offset += teacher.dim
     identity = {
@@ -165,6 +185,8 @@ def make_plan(texts, skipped, teachers, dtype, num_shards, chunk_size) -> dict:
         "corpus_fingerprint": corpus_lib.corpus_fingerprint(texts),
         "num_texts": len(texts),
     }
+    if pairs is not None:
+        identity["pairs"] = pairs
     return {
         "identity": identity,
         "num_shards": num_shards,
@@ -183,10 +205,10 @@ def differences(old: dict, new: dict) -> list[str]:
     if old_teachers != new_teachers:
         found.append(f"teachers (name, dim) {old_teachers} vs now {new_teachers}")
     else:
-        for key in ("prompt", "model_fingerprint", "tokenizer_fingerprint"):
-            if [t[key] for t in old["teachers"]] != [t[key] for t in new["teachers"]]:
+        for key in ("prompt", "document_prompt", "model_fingerprint", "tokenizer_fingerprint"):
+            if [t.get(key) for t in old["teachers"]] != [t.get(key) for t in new["teachers"]]:
                 found.append(f"teacher {key.replace('_', ' ')}s differ")
-    for key in ("corpus_fingerprint", "num_texts", "dtype", "format_version", "chunks"):
+    for key in ("corpus_fingerprint", "num_texts", "dtype", "format_version", "chunks", "pairs"):
         if old.get(key) != new.get(key):
             found.append(f"{key} {old.get(key)!r} vs now {new.get(key)!r}")
     return found or ["unknown difference"]
@@ -268,3 +290,19 @@ def slice_blocks(plan: dict, index: int) -> list[tuple[int, int]]:
     begin, end = rows * index // count, rows * (index + 1) // count
     step = plan["chunk_size"]
     return [(a, min(a + step, end)) for a in range(begin, end, step)]
+
+
+def pair_width(metadata: dict) -> int | None:
+    """m = 2 + k, the texts per record of a pair dataset (its metadata or plan identity);
+    None for a single-text dataset."""
+    pairs = metadata.get("pairs")
+    return None if pairs is None else len(pairs["roles"])
+
+
+def role_runs(identity: dict, start: int, stop: int) -> list[tuple[int, int, str]]:
+    """The texts [start, stop) cut into runs of one role, [(a, b, role)]: single texts are all
+    queries; pair mode's first num_texts / m texts are (module docstring)."""
+    width = pair_width(identity)
+    queries = identity["num_texts"] if width is None else identity["num_texts"] // width
+    runs = [(start, min(stop, queries), QUERY), (max(start, queries), stop, DOCUMENT)]
+    return [(a, b, role) for a, b, role in runs if a < b]

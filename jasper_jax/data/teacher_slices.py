@@ -25,7 +25,7 @@ from jax.experimental import multihost_utils
 
 from jasper_jax.data import chunk_vectors
 from jasper_jax.data.dataset_build import atomic_file, block_path, write_atomically
-from jasper_jax.data.teacher_plan import DTYPES, slice_blocks, slice_marker
+from jasper_jax.data.teacher_plan import DTYPES, role_runs, slice_blocks, slice_marker
 from jasper_jax.data.teachers import compute_teacher_vectors
 from jasper_jax.errors import UserError
 
@@ -111,6 +111,7 @@ def encode_slice(parts, plan, texts, teachers, index, progress, chunker, group: 
     Every process of ``group`` computes every block (one SPMD program); block k of the to-do
     list is saved by ``group.writes(k)``, each file atomically, vectors [rows, D] in the plan's
     storage dtype (and the chunk payload first in chunk mode: the .npy marks a block done).
+    A block of a pair dataset is encoded in runs of one role, each with that role's prompts.
     """
     marker = slice_marker(parts, index, plan["num_shards"])
     if group.agree(np.int32(marker.exists())):  # the lead's view: every process does the same
@@ -124,7 +125,12 @@ def encode_slice(parts, plan, texts, teachers, index, progress, chunker, group: 
     show = progress and group.lead
     with tqdm.tqdm(total=total, unit="text", disable=not show, smoothing=0.05) as bar:
         for k, (start, stop) in enumerate(todo):
-            vectors = compute_teacher_vectors(texts[start:stop], teachers, bar=bar)
+            vectors = np.concatenate(
+                [
+                    compute_teacher_vectors(texts[a:b], teachers, bar=bar, role=role)
+                    for a, b, role in role_runs(plan["identity"], start, stop)
+                ]
+            )
             payload = None
             if chunker is not None:
                 payload = chunk_vectors.encode_chunks(

@@ -21,6 +21,7 @@ import numpy as np
 import tqdm
 from jax.sharding import Mesh
 
+from jasper_jax.data.pairs import DOCUMENT, QUERY
 from jasper_jax.data.teacher_assets import KNOWN_TEACHERS, resolve_model_folder
 from jasper_jax.data.teacher_backends import (
     can_time_both,
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class Teacher:
-    """One teacher model. ``encode(texts) -> [len(texts), dim]`` float32, unnormalised."""
+    """One teacher model. ``encode(texts) -> [len(texts), dim]`` float32, unnormalised, with
+    ``prompt``; loaded ones take ``encode(texts, prompt=OTHER)`` too (:meth:`encode_as`)."""
 
     name: str
     folder: str
@@ -58,16 +60,33 @@ class Teacher:
     )
     head: str | None = None  # a projection head chosen with `:head=` ("dense_8192")
     compute_dtype: str | None = None  # "bfloat16" when not float32 (vectors differ slightly)
+    document_prompt: str | None = None  # a pair dataset's documents' (`prompt`: its queries')
 
     def describe(self) -> dict:
         """JSON-ready description stored in the dataset metadata (no callables)."""
         fields = dataclasses.asdict(self)
         fields.pop("encode")
         fields.pop("count_truncated")
-        for name in ("max_length", "head", "compute_dtype"):
+        for name in ("max_length", "head", "compute_dtype", "document_prompt"):
             if fields[name] is None:  # identities of datasets built before the field
                 fields.pop(name)
         return fields
+
+    def encode_as(self, texts: list[str], role: str = QUERY) -> np.ndarray:
+        """[len(texts), dim] float32, unnormalised: ``texts`` with the prompt of ``role``
+        ("query": ``prompt``, "document": ``document_prompt``)."""
+        return self._with_prompt(self.encode, texts, role)
+
+    def count_as(self, texts: list[str], role: str = QUERY) -> int:
+        """How many of ``texts``, with the prompt of ``role``, are cut at the token limit
+        (``count_truncated`` must not be None)."""
+        return self._with_prompt(self.count_truncated, texts, role)
+
+    def _with_prompt(self, call: Callable, texts: list[str], role: str):
+        """``call(texts)`` with the prompt of ``role``: the bound one (``prompt``) is passed
+        on only when it differs, so an ``encode(texts)`` of one prompt serves both roles."""
+        prompt = {QUERY: self.prompt, DOCUMENT: self.document_prompt}[role]
+        return call(texts) if prompt == self.prompt else call(texts, prompt=prompt)
 
 
 def folder_fingerprints(folder: pathlib.Path) -> tuple[str, str]:
@@ -144,10 +163,10 @@ def _jax_encoder(
         ) from err
     dim = model.config.hidden_size if head == POOLED else int(head.removeprefix("dense_"))
 
-    def encode(texts: list[str]) -> np.ndarray:
+    def encode(texts: list[str], prompt: str | None = prompt) -> np.ndarray:
         return encoder.encode(texts, head=head, prompt=prompt, max_length=max_length)
 
-    def count(texts: list[str]) -> int:
+    def count(texts: list[str], prompt: str | None = prompt) -> int:
         return encoder.count_truncated(texts, prompt=prompt, max_length=max_length)
 
     return encode, int(dim), count
@@ -169,13 +188,13 @@ def _torch_encoder(
     if max_length:
         model.max_seq_length = max_length
 
-    def encode(texts: list[str]) -> np.ndarray:
+    def encode(texts: list[str], prompt: str | None = prompt) -> np.ndarray:
         vectors = model.encode(texts, batch_size=batch_size, prompt=prompt, show_progress_bar=False)
         return np.asarray(vectors, dtype=np.float32)
 
     tokenizer = from_hf(model.tokenizer)
 
-    def count(texts: list[str]) -> int:
+    def count(texts: list[str], prompt: str | None = prompt) -> int:
         return tokenizer.tokenize(texts, model.max_seq_length, prompt).truncated
 
     return encode, int(model.get_embedding_dimension()), count
@@ -207,12 +226,14 @@ def load_teacher(
     max_length: int | None = None,
     sample: Sequence[str] = (),
     runtime: Runtime | None = None,
+    document_prompt: str | None = None,
 ) -> Teacher:
-    """Load a teacher; ``prompt`` is prefixed to every text.
+    """Load a teacher; ``prompt`` is prefixed to every text, ``document_prompt`` to a pair
+    dataset's documents instead (``Teacher.encode_as``).
 
     spec: a bundled name or a folder, with options (`parse_teacher_spec`): `:head=8192` runs
-    that projection head (our port only), `:prompt_name=query` / `:prompt=TEXT` this teacher's
-    own prompt instead of ``prompt``.
+    that projection head (our port only), `:prompt_name=query` / `:prompt=TEXT` (and their
+    `document_` twins) this teacher's own prompts instead of the arguments.
     backend: "jax" runs our Flax port of the folder (BERT / MPNet / Qwen2 / Qwen3 / Mistral
     sentence-transformers models, NV-Embed; the only choice on TPU); "torch" runs
     sentence-transformers (CPU); "auto" takes jax where the architecture is supported, else
@@ -230,17 +251,15 @@ def load_teacher(
     spec = parsed.source
     folder = resolve_model_folder(spec, what="teacher")
     prompt = teacher_prompt(parsed, folder, prompt)
+    document_prompt = teacher_prompt(parsed, folder, document_prompt, DOCUMENT)
     model_fp, tokenizer_fp = folder_fingerprints(folder)
     key = f"{model_fp}:{tokenizer_fp}"
     port_only = (runtime.port_only() if runtime else None) or (
         f"head={parsed.head}" if parsed.head is not None else None
     )
     backend, timed = _first_backend(parsed, backend, key, sample, port_only)
-    encode, dim, count = (
-        (None, 0, None)
-        if backend == "torch"
-        else _jax_encoder(folder, prompt, batch_size, max_length, parsed.head, runtime)
-    )
+    load_jax = lambda: _jax_encoder(folder, prompt, batch_size, max_length, parsed.head, runtime)
+    encode, dim, count = (None, 0, None) if backend == "torch" else load_jax()
     ported = encode is not None
     if not ported:
         if backend == "jax":
@@ -257,6 +276,7 @@ def load_teacher(
     return Teacher(
         name, str(folder), dim, prompt, model_fp, tokenizer_fp, encode,
         max_length=max_length, count_truncated=count, head=head, compute_dtype=dtype,
+        document_prompt=document_prompt,
     )  # fmt: skip
 
 
@@ -303,8 +323,9 @@ def compute_teacher_vectors(
     encode_batch: int = 256,
     progress: bool = True,
     bar: tqdm.tqdm | None = None,
+    role: str = QUERY,
 ) -> np.ndarray:
-    """Concatenated per-teacher unit vectors.
+    """Concatenated per-teacher unit vectors of ``texts`` with the prompts of ``role``.
 
     Returns: [len(texts), sum(teacher.dim)] float32. Teacher k occupies columns
     ``offset_k : offset_k + dim_k`` (offsets in teacher order). A row where any teacher gave a
@@ -326,7 +347,7 @@ def compute_teacher_vectors(
             for start in range(0, len(texts), encode_batch):
                 rows = order[start : start + encode_batch]
                 batch = [texts[i] for i in rows]
-                raw = teacher.encode(batch)
+                raw = teacher.encode_as(batch, role)
                 if raw.shape != (len(batch), teacher.dim):
                     raise UserError(
                         f"teacher {teacher.name!r} returned shape {raw.shape} for "
@@ -341,14 +362,25 @@ def compute_teacher_vectors(
     return out
 
 
-def count_truncated(texts: list[str], teachers: Sequence[Teacher], batch: int = 4096) -> dict:
+def count_truncated(
+    texts: list[str],
+    teachers: Sequence[Teacher],
+    batch: int = 4096,
+    runs: Sequence[tuple[int, int, str]] | None = None,
+) -> dict:
     """{teacher name: texts it cuts at its token limit}, by tokenising only (teachers that cannot
-    tell are left out). Such a text's vector describes its first tokens only."""
+    tell are left out). Such a text's vector describes its first tokens only. ``runs``: the
+    (start, stop, role) ranges of ``texts`` and their roles' prompts (default: all queries)."""
     counts = {}
+    runs = [(0, len(texts), QUERY)] if runs is None else runs
     for teacher in teachers:
         if teacher.count_truncated is None:
             continue
-        n = sum(teacher.count_truncated(texts[i : i + batch]) for i in range(0, len(texts), batch))
+        n = sum(
+            teacher.count_as(texts[i : min(i + batch, stop)], role)
+            for start, stop, role in runs
+            for i in range(start, stop, batch)
+        )
         counts[teacher.name] = int(n)
         if n:
             limit = f"{teacher.max_length} tokens" if teacher.max_length else "its max_seq_length"
