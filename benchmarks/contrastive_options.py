@@ -29,16 +29,13 @@ import numpy as np
 
 from benchmarks.common import report, table
 
+# Variant -> overrides of the embedded default's `pairs` recipe (stage 3 on pair data,
+# distillation + InfoNCE with a learned temperature): "both" is that recipe as it is.
+DISTILL_OFF = {"loss.cosine": 0.0, "loss.similarity": 0.0, "loss.relative_similarity": 0.0}
 VARIANTS: dict[str, dict] = {
     "distill": {"loss.infonce": 0.0},
-    "contrastive": {
-        "loss.cosine": 0.0,
-        "loss.similarity": 0.0,
-        "loss.relative_similarity": 0.0,
-        "loss.infonce": 1.0,
-        "loss.learn_temperature": True,
-    },
-    "both": {"loss.infonce": 1.0, "loss.learn_temperature": True},
+    "contrastive": DISTILL_OFF,
+    "both": {},
 }
 # (a, b): a - b is bootstrapped on every head and quantisation.
 DIFFERENCES = (("both", "distill"), ("contrastive", "distill"), ("both", "contrastive"))
@@ -46,28 +43,11 @@ HEADS = ("dense_1152", "dense_256", "dense_128")
 QUANTS = ("float", "binary")
 
 
-def spread_pairs(pairs, n: int):
-    """`n` pair rows evenly spaced over `pairs` (WordNet order is by synset: the first rows
-    would all come from one branch of the hierarchy)."""
-    from jasper_jax.data.pairs import PairRows
-
-    if n >= len(pairs):
-        return pairs
-    keep = np.linspace(0, len(pairs) - 1, n).round().astype(int)
-    pick = lambda column: [column[i] for i in keep]
-    return PairRows(
-        pick(pairs.queries),
-        pick(pairs.positives),
-        pick(pairs.negatives),
-        f"{pairs.source} ({n} rows spread)",
-    )
-
-
 def build_pairs(out: Path, n: int, teachers: tuple[str, ...]) -> Path:
     from jasper_jax.data.pair_dataset import build_pair_dataset
     from jasper_jax.data.pairs import read_pairs
 
-    pairs = spread_pairs(read_pairs("embedded", split="train", negatives=1), n)
+    pairs = read_pairs("embedded", split="train", negatives=1).spread(n)
     build_pair_dataset(pairs, list(teachers), out / "pairs")
     return out / "pairs"
 
@@ -85,7 +65,7 @@ def train_variant(demo: Path, out: Path, name: str, pairs_dir: Path, steps: int)
         **VARIANTS[name],
     }
     start = time.perf_counter()
-    result = train_and_evaluate(stage_settings(3, overrides), out / name)
+    result = train_and_evaluate(stage_settings("pairs", overrides), out / name)
     if result["status"] != "finished":
         sys.exit(f"{name}: training stopped ({result['status']}); re-run to resume")
     return time.perf_counter() - start
@@ -93,22 +73,11 @@ def train_variant(demo: Path, out: Path, name: str, pairs_dir: Path, steps: int)
 
 def score_model(model, heldout, heads, max_length: int) -> dict:
     """Per head: fidelity and float retrieval (`HeldOut.score`), binary retrieval, and the
-    per-query nDCG@10 gains of both (for the bootstrap). Queries take the model's query
-    prompt, every other text its document prompt."""
+    per-query nDCG@10 gains of both (for the bootstrap); role prompts as `encode_heldout`."""
     from jasper_jax.encode import TextEncoder
+    from jasper_jax.evaluation.heldout import encode_heldout
 
-    encoder = TextEncoder(model, batch_size=64)
-    document = model.prompts.get("document") or None
-    vectors = encoder.encode_heads(
-        heldout.texts, heads=heads, prompt=document, max_length=max_length
-    )
-    if model.prompts.get("query"):
-        queries = [heldout.texts[i] for i in heldout.query_rows]
-        asked = encoder.encode_heads(
-            queries, heads=heads, prompt=model.prompts["query"], max_length=max_length
-        )
-        for head in heads:
-            vectors[head][heldout.query_rows] = asked[head]
+    vectors = encode_heldout(TextEncoder(model, batch_size=64), heldout, heads, max_length)
     return {head: score_vectors(heldout, v) for head, v in vectors.items()}
 
 
@@ -130,7 +99,7 @@ def score_vectors(heldout, vectors: np.ndarray) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--workdir", default="runs/demo", help="a `jasper-jax demo` workdir")
-    p.add_argument("--pairs", type=int, default=4800, help="WordNet train pairs to build")
+    p.add_argument("--pairs", type=int, default=0, help="WordNet train pairs (0: data.train_pairs)")
     p.add_argument("--steps", type=int, default=150, help="stage-3 steps of every variant")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"from {list(VARIANTS)}")
     args = p.parse_args()
@@ -141,10 +110,11 @@ def main() -> None:
     from jasper_jax.demo.main import load_heldout, retrieval_task, stage_settings
     from jasper_jax.run_folder import load_workdir_model
 
-    s = stage_settings(3, {})
+    s = stage_settings("pairs", {})
     out = demo / "contrastive"
     heldout = load_heldout(demo / "data" / "validation", s, retrieval_task(quick=False))
     began = time.perf_counter()
+    args.pairs = args.pairs or s.data.train_pairs
     pairs_dir = build_pairs(out, args.pairs, s.teachers)
     seconds = {"teacher pass": time.perf_counter() - began}
     results = {}

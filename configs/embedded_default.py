@@ -32,9 +32,19 @@ TEXT_LOSS = dict(similarity=20.0, relative_similarity=2.0)
 LONG = dict(max_length=256, max_chunks=12, batch_size=8, lr=5e-5, steps=40)
 
 
+# Stage 3 on pairs (`get_config("pairs")`, what the demo's stage 3 runs): WordNet usage examples
+# with their definitions and one neighbouring definition as a hard negative, every text with its
+# teacher vectors; distillation on all of them plus InfoNCE (learned temperature) on the pairs.
+# Measured against distillation alone and InfoNCE alone on the same data (README, "Distillation
+# and contrastive training").
+PAIRS = dict(infonce=1.0, negatives=1)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "long":
         return _long_documents(get_config("3"))
+    if arg == "pairs":
+        return _pairs(get_config("3"))
     stage = int(arg or 1)
     if stage not in STAGES:
         raise ValueError(f"embedded_default has stages {sorted(STAGES)}; got {arg!r}")
@@ -104,6 +114,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.worker_count = 0
     c.data.eval_texts = 1000
     c.data.train_texts = 12000  # corpus texts the demo encodes with the teachers
+    c.data.train_pairs = 4800  # WordNet train pairs the demo encodes for get_config("pairs")
     c.data.corpus = "embedded"
     c.data.text_eval_dir = ""  # stage 4: teacher data showing the text side did not move
     c.data.eval_images = 500  # stage 4: held-out images (recall@1 among groups of 100)
@@ -162,6 +173,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # Contrastive image<->caption term: distillation alone pulls every image towards the
         # mean caption (held-out recall@1 ~2%); with it, images separate (~20% at 300 steps).
         c.loss.infonce = 10.0
+    return c
+
+
+def _pairs(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`get_config("pairs")`: stage 3 on a pair dataset (`jasper-jax teachers --pairs`), batches
+    of 64 (query, positive, negative) rows, distillation + InfoNCE with a learned temperature."""
+    c.data.negatives = PAIRS["negatives"]
+    c.loss.infonce = PAIRS["infonce"]
+    c.loss.learn_temperature = True
     return c
 
 

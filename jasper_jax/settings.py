@@ -61,6 +61,7 @@ class DataSettings:
     worker_count: int = 0
     eval_texts: int = 1000
     train_texts: int = 12000
+    train_pairs: int = 4800
     corpus: str = "embedded"
     text_eval_dir: str = ""
     eval_images: int = 500

@@ -31,7 +31,7 @@ def pairs_dir(tmp_path_factory) -> Path:
 
 
 def pair_settings(setup, pairs_dir, **overrides):
-    fields = {"data.train_dir": str(pairs_dir), "data.eval_dir": "", **overrides}
+    fields = {"data.train_dir": str(pairs_dir), **overrides}
     return tiny_settings(setup, 3, **fields)
 
 
@@ -74,7 +74,8 @@ def test_pair_batches_tokenize_each_role_with_its_prompt(tiny_setup, pairs_dir):
 def both_run(tiny_setup, pairs_dir, tmp_path_factory) -> Path:  # noqa: F811
     workdir = tmp_path_factory.mktemp("both") / "run"
     s = pair_settings(tiny_setup, pairs_dir, **BOTH, **PROMPTS)
-    assert train_and_evaluate(s, workdir)["status"] == "finished"
+    result = train_and_evaluate(s, workdir)  # held-out fidelity too (single-text eval set)
+    assert result["status"] == "finished" and "dense_16" in result["eval"]
     return workdir
 
 

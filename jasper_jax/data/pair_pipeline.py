@@ -31,17 +31,11 @@ from jasper_jax.data.pipeline import (
     check_batching,
     global_batch_loader,
 )
-from jasper_jax.data.teacher_dataset import open_teacher_dataset
+from jasper_jax.data.teacher_dataset import open_teacher_dataset, pair_width
 from jasper_jax.errors import UserError
 from jasper_jax.vectors import unit_rows
 
 PAIR_KEYS = ("input_ids", "attention_mask", "teacher")
-
-
-def stored_negatives(metadata: dict) -> int | None:
-    """k of a pair teacher dataset (hard negatives stored per row); None for single texts."""
-    pairs = metadata.get("pairs")
-    return None if pairs is None else int(pairs["negatives"])
 
 
 def used_negatives(metadata: dict, wanted: int, data_dir) -> int:
@@ -50,7 +44,7 @@ def used_negatives(metadata: dict, wanted: int, data_dir) -> int:
     Raises:
       UserError: `wanted` exceeds what the dataset stores.
     """
-    stored = stored_negatives(metadata) or 0
+    stored = (pair_width(metadata) or 2) - 2
     if wanted > stored:
         raise UserError(
             f"config field data.negatives={wanted}, but the pair dataset {str(data_dir)!r} "
@@ -138,7 +132,7 @@ def make_pair_pipeline(
         batch_size, max_length, process_index, process_count, length_groups, pad_multiple
     )
     source, metadata = open_teacher_dataset(data_dir)
-    if stored_negatives(metadata) is None:
+    if pair_width(metadata) is None:
         raise UserError(
             f"teacher dataset {str(data_dir)!r} holds single texts, not pairs; fix: build it "
             "with `jasper-jax teachers --pairs SPEC`, or set loss.infonce=0 for distillation"

@@ -16,6 +16,8 @@ import pathlib
 import re
 from collections.abc import Iterator
 
+import numpy as np
+
 from jasper_jax.data.corpus import EMBEDDED, _decoded_lines, load_embedded_records
 from jasper_jax.data.corpus_hf import hf_batches, open_hf_split
 from jasper_jax.errors import UserError
@@ -56,6 +58,16 @@ class PairRows:
         """The m columns of texts: queries, positives, then each negative slot."""
         slots = [[row[j] for row in self.negatives] for j in range(self.negative_count)]
         return [list(self.queries), list(self.positives), *slots]
+
+    def spread(self, n: int) -> PairRows:
+        """`n` rows evenly spaced over these (all of them when n >= len): the embedded pairs
+        follow WordNet's synset order, so the first n would all come from one branch."""
+        if n >= len(self):
+            return self
+        keep = np.linspace(0, len(self) - 1, n).round().astype(int)
+        pick = lambda column: [column[i] for i in keep]
+        source = f"{self.source} ({n} rows spread)"
+        return PairRows(pick(self.queries), pick(self.positives), pick(self.negatives), source)
 
     @staticmethod
     def roles(width: int) -> tuple[str, ...]:

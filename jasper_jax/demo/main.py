@@ -28,13 +28,15 @@ import numpy as np
 from jasper_jax.config import load_settings
 from jasper_jax.data.corpus import load_corpus
 from jasper_jax.data.eval_records import sorted_records
+from jasper_jax.data.pair_dataset import build_pair_dataset
+from jasper_jax.data.pairs import read_pairs
 from jasper_jax.data.teacher_assets import resolve_model_folder
 from jasper_jax.data.teacher_dataset import build_teacher_dataset, open_teacher_dataset
 from jasper_jax.demo.long_documents import run_long_documents
 from jasper_jax.demo.vision import run_stage4
 from jasper_jax.encode import TextEncoder
 from jasper_jax.errors import UserError
-from jasper_jax.evaluation.heldout import HeldOut, heldout_texts
+from jasper_jax.evaluation.heldout import HeldOut, encode_heldout, heldout_texts
 from jasper_jax.evaluation.learning_table import Row, markdown_table, plot_learning
 from jasper_jax.evaluation.retrieval import RetrievalTask, wordnet_task
 from jasper_jax.models.embedder import POOLED
@@ -45,8 +47,10 @@ from jasper_jax.train.loop import train_and_evaluate
 
 log = logging.getLogger("jasper_jax.demo")
 CONFIG = "configs/embedded_default.py"
+PAIRS_NEGATIVES = 1  # hard negatives per WordNet pair (a neighbouring synset's definition)
 QUICK = {
     "data.train_texts": 256,
+    "data.train_pairs": 128,
     "data.eval_texts": 128,
     "data.batch_size": 16,
     "data.max_length": 32,
@@ -61,6 +65,7 @@ QUICK = {
 # halved the step time (README, "The larger run").
 LARGE = {
     "data.train_texts": 36000,
+    "data.train_pairs": 12000,
     "train.checkpoint_every": 200,
 }
 LARGE_STEPS = {1: 0, 2: 400, 3: 900}
@@ -69,8 +74,14 @@ LARGE_STEPS = {1: 0, 2: 400, 3: 900}
 RETRIEVAL = {"full": (1000, None), "quick": (64, 256)}
 
 
-def stage_settings(stage: int, overrides: dict[str, Any]) -> Settings:
-    """The embedded default's stage with the demo's overrides (field name -> value)."""
+# The recipe each text stage runs (embedded_default's get_config argument): stage 3 trains on
+# pairs with distillation + InfoNCE, which beat distillation alone (README).
+RECIPES = {1: "1", 2: "2", 3: "pairs"}
+
+
+def stage_settings(stage: int | str, overrides: dict[str, Any]) -> Settings:
+    """The embedded default's stage (or named recipe) with the demo's overrides (field name ->
+    value)."""
     return load_settings(f"{CONFIG}:{stage}", overrides)
 
 
@@ -89,11 +100,15 @@ def spread_sample(texts: list[str], n: int) -> list[str]:
     return [texts[i] for i in np.linspace(0, len(texts) - 1, n).round().astype(int)]
 
 
-def build_teacher_data(workdir: Path, s: Settings, task: RetrievalTask) -> tuple[Path, Path]:
-    """Teacher datasets (kept if already built) for `data.train_texts` train texts spread over
-    the train split, and the held-out set: `data.eval_texts` texts spread over the held-out
-    split, then every text of the retrieval `task`."""
-    out = {}
+def build_teacher_data(workdir: Path, s: Settings, task: RetrievalTask) -> dict[str, Path]:
+    """Teacher datasets (kept if already built): "train", `data.train_texts` train texts spread
+    over the train split; "pairs", `data.train_pairs` WordNet train pairs (usage example,
+    definition, one neighbouring definition) spread the same way; "validation", the held-out
+    set: `data.eval_texts` texts spread over the held-out split, then every text of `task`."""
+    out = {"pairs": workdir / "data" / "pairs"}
+    pairs = read_pairs(s.data.corpus, split="train", negatives=PAIRS_NEGATIVES)
+    log.info("teacher vectors for %d train pairs with %s", s.data.train_pairs, list(s.teachers))
+    build_pair_dataset(pairs.spread(s.data.train_pairs), list(s.teachers), out["pairs"])
     validation = spread_sample(load_corpus(s.data.corpus, split="validation"), s.data.eval_texts)
     texts = {
         "train": spread_sample(load_corpus(s.data.corpus, split="train"), s.data.train_texts),
@@ -103,7 +118,7 @@ def build_teacher_data(workdir: Path, s: Settings, task: RetrievalTask) -> tuple
         log.info("teacher vectors for %d %s texts with %s", len(rows), split, list(s.teachers))
         out[split] = workdir / "data" / split
         build_teacher_dataset(rows, list(s.teachers), out[split])
-    return out["train"], out["validation"]
+    return out
 
 
 def load_heldout(eval_dir: Path, s: Settings, task: RetrievalTask) -> HeldOut:
@@ -122,7 +137,7 @@ def student_evaluator(heldout: HeldOut, s: Settings):
     def evaluate(model, mesh=None) -> dict[str, dict[str, float]]:
         encoder = TextEncoder(model, mesh=mesh, batch_size=s.data.batch_size, dtype=s.dtype)
         heads = model.config.head_names or (POOLED,)
-        vectors = encoder.encode_heads(heldout.texts, heads=heads, max_length=s.data.max_length)
+        vectors = encode_heldout(encoder, heldout, heads, s.data.max_length)
         return {name: heldout.score(v) for name, v in vectors.items()}
 
     return evaluate
@@ -133,15 +148,20 @@ def initial_scores(s: Settings, evaluate) -> dict[str, dict[str, float]]:
     return evaluate(load_any_model(resolve_model_folder(s.model.init_hf)))
 
 
-def run_text_stages(workdir: Path, overrides: dict[str, Any], evaluate, steps=None) -> list[dict]:
-    """Stages 1-3, each from the previous one's checkpoint; held-out scores at the start of each
-    stage (closed-form heads included) and at its end, kept in `stageN/heldout.json` so that a
-    resumed demo still has the start of a finished stage."""
+def run_text_stages(
+    workdir: Path, overrides: dict[str, Any], evaluate, steps=None, pairs: Path | None = None
+) -> list[dict]:
+    """Stages 1-3 (`RECIPES`; stage 3 on the `pairs` teacher dataset), each from the previous
+    one's checkpoint; held-out scores at the start of each stage (closed-form heads included)
+    and at its end, kept in `stageN/heldout.json` so that a resumed demo still has the start
+    of a finished stage."""
     rows, previous = [], ""
     for stage in (1, 2, 3):
         stage_dir = workdir / f"stage{stage}"
         extra = {"train.steps": steps[stage]} if steps else {}
-        s = stage_settings(stage, {**overrides, **extra, "init_from": previous})
+        if RECIPES[stage] == "pairs":
+            extra["data.train_dir"] = str(pairs)
+        s = stage_settings(RECIPES[stage], {**overrides, **extra, "init_from": previous})
         start = time.perf_counter()
         result = train_and_evaluate(s, stage_dir, evaluator=evaluate)
         if result["status"] != "finished":
@@ -194,13 +214,16 @@ def run_demo(workdir: Path, quick: bool, large: bool, long: bool, vision: bool) 
     base = stage_settings(1, overrides)
     task = retrieval_task(quick)
     start = time.perf_counter()
-    train_dir, eval_dir = build_teacher_data(workdir, base, task)
-    overrides.update({"data.train_dir": str(train_dir), "data.eval_dir": str(eval_dir)})
+    data = build_teacher_data(workdir, base, task)
+    eval_dir = data["validation"]
+    overrides.update({"data.train_dir": str(data["train"]), "data.eval_dir": str(eval_dir)})
     teacher_seconds = time.perf_counter() - start
     heldout = load_heldout(eval_dir, base, task)
     evaluate = student_evaluator(heldout, base)
     initial = initial_scores(base, evaluate)
-    rows = run_text_stages(workdir, overrides, evaluate, LARGE_STEPS if large else None)
+    rows = run_text_stages(
+        workdir, overrides, evaluate, LARGE_STEPS if large else None, data["pairs"]
+    )
     text_seconds = time.perf_counter() - start - teacher_seconds
     learning = learning_rows(heldout, initial, rows)
     plot = plot_learning(learning, workdir / "demo_results.png", "held-out scores over the stages")

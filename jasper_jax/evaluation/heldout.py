@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from jasper_jax.encode import TextEncoder
 from jasper_jax.evaluation import retrieval
 from jasper_jax.fidelity import fidelity_metrics
 from jasper_jax.vectors import unit_rows
@@ -96,3 +97,23 @@ class HeldOut:
         }
         out[TARGET] = self.score(self.stored)
         return out
+
+
+def encode_heldout(
+    encoder: TextEncoder, heldout: HeldOut, heads: Sequence[str], max_length: int | None = None
+) -> dict[str, np.ndarray]:
+    """Every held-out text once per head, [N, d] each: the retrieval task's queries with the
+    model's query prompt, every other text (documents, fidelity rows) with its document
+    prompt; no prompt where the model has none."""
+    prompts = encoder.model.prompts
+    vectors = encoder.encode_heads(
+        heldout.texts, heads=heads, prompt=prompts.get("document") or None, max_length=max_length
+    )
+    if prompts.get("query"):
+        queries = [heldout.texts[i] for i in heldout.query_rows]
+        asked = encoder.encode_heads(
+            queries, heads=heads, prompt=prompts["query"], max_length=max_length
+        )
+        for head in heads:
+            vectors[head][heldout.query_rows] = asked[head]
+    return vectors

@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from jasper_jax.data.eval_records import load_eval_arrays, load_eval_chunks
-from jasper_jax.data.pair_pipeline import make_pair_pipeline, stored_negatives, used_negatives
+from jasper_jax.data.pair_pipeline import make_pair_pipeline, used_negatives
 from jasper_jax.data.pipeline import make_text_pipeline, require_chunks
 from jasper_jax.data.teacher_assets import resolve_model_folder
-from jasper_jax.data.teacher_dataset import open_teacher_dataset
+from jasper_jax.data.teacher_dataset import open_teacher_dataset, pair_width
 from jasper_jax.encode import TextEncoder
 from jasper_jax.encode_chunks import ChunkEncoder
 from jasper_jax.errors import UserError
@@ -105,7 +105,7 @@ class TextTask:
         keys = cls.batch_keys
         if s.data.max_chunks:
             keys = (*keys, "chunk_spans", "chunk_mask", "chunk_teacher")
-        learn = pairs and s.loss.learn_temperature
+        learn = pairs and s.loss.learn_temperature and s.loss.infonce > 0
         return cls(
             config, loaded, teacher_dim, model, keys, pairs, learn, s.loss.infonce_temperature
         )
@@ -179,7 +179,11 @@ class TextTask:
     def loaded_model(self, s: Settings, params: Any) -> LoadedModel:
         """The student with `params`, usable by `TextEncoder` and evaluators."""
         prompts = {k: v for k, v in student_prompts(s).items() if v}
-        return LoadedModel(self.config, params, self.folder, s.data.max_length, prompts)
+        default = "document" if prompts.get("document") else None
+        model_params = {k: v for k, v in params.items() if k != LOSS_PARAMS}
+        return LoadedModel(
+            self.config, model_params, self.folder, s.data.max_length, prompts, default
+        )
 
     def head_features(self, params: Any, batch: dict) -> jax.Array:
         """[B, hidden] float32: what the heads read for this batch (no dropout)."""
@@ -236,7 +240,7 @@ def student_prompts(s: Settings) -> dict[str, str]:
 def check_pair_settings(s: Settings, metadata: dict) -> bool:
     """Whether the train data is a pair dataset; raises UserError for settings it cannot
     serve (InfoNCE without pairs, more negatives than stored, chunks with pairs)."""
-    pairs = stored_negatives(metadata) is not None
+    pairs = pair_width(metadata) is not None
     if s.loss.infonce > 0 and not pairs:
         raise UserError(
             f"config field loss.infonce={s.loss.infonce} needs pair data, but data.train_dir "
