@@ -148,3 +148,29 @@ def test_teacher_spec_document_prompt_options():
     assert (got.document_prompt_name, got.document_prompt, got.prompt) == ("passage", "x", "y")
     with pytest.raises(UserError, match="document_prompt="):
         parse_teacher_spec("m:document_prompt_name=")
+
+
+@pytest.mark.parametrize(
+    "lines, flags, words",
+    [
+        ([{"query": "q"}], [], "line 1"),  # no positive
+        (
+            [{"query": "a", "positive": "b", "negatives": ["c"]}, {"query": "d", "positive": "e"}],
+            [],
+            "--negatives K",
+        ),
+        ([{"query": "a", "positive": "b", "negatives": ["c"]}], ["--negatives", "2"], "line 1"),
+    ],
+)
+def test_cli_bad_pair_rows_exit_2_with_one_line(tmp_path, capsys, lines, flags, words):
+    """A row missing a field, negatives of unequal count (no --negatives), fewer negatives than
+    --negatives asks: one line naming the row or the fix, exit 2, nothing written."""
+    import json
+
+    source = tmp_path / "pairs.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["teachers", "--pairs", str(source), *flags, "--teacher", "all-MiniLM-L6-v2"]
+    assert main([*argv, "--output", str(out)]) == 2
+    assert words in _one_error_line(capsys.readouterr().err)
+    assert not out.exists()
