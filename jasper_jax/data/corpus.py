@@ -86,15 +86,21 @@ def read_corpus(path_or_name: str, split: str | None = None) -> CorpusTexts:
             f"{', '.join(_SUFFIXES)}, 'hf:PATH[:SPLIT][:FIELD]' or 'tfds:NAME[:SPLIT][:FEATURE]'; "
             "fix: rename or convert it"
         )
-    if split is not None:
-        raise UserError(
-            f"split={split!r} given for the file corpus {path_or_name!r}; a file is one split; "
-            "fix: drop the split, or pass one file per split"
-        )
-    if not path.is_file():
-        raise UserError(f"corpus file {str(path)!r} does not exist; fix: check the path")
+    check_file_source(path, split, f"the file corpus {path_or_name!r}", "corpus file")
     texts = _jsonl_texts(path) if ".jsonl" in path.name else _lines(path)
     return _keep_nonempty(texts, str(path))
+
+
+def check_file_source(path: pathlib.Path, split: str | None, given: str, kind: str) -> None:
+    """Raises UserError for a split given to a file (one file is one split) or a missing file;
+    `given` and `kind` name the source in the message."""
+    if split is not None:
+        raise UserError(
+            f"split={split!r} given for {given}; a file is one split; fix: drop the split, or "
+            "pass one file per split"
+        )
+    if not path.is_file():
+        raise UserError(f"{kind} {str(path)!r} does not exist; fix: check the path")
 
 
 def load_embedded_records(split: str) -> list[dict]:
@@ -163,18 +169,27 @@ def _lines(path: pathlib.Path) -> Iterator[str]:
         yield line
 
 
-def _jsonl_texts(path: pathlib.Path) -> Iterator[str]:
+def jsonl_values(path: pathlib.Path, example: str) -> Iterator[tuple[int, str, object]]:
+    """(1-based line number, line, decoded JSON value) of a .jsonl(.gz) file; a blank line gives
+    the value None. A line that is not JSON raises UserError showing `example` as the fix."""
     for number, line in _decoded_lines(path):
         if not line.strip():
-            yield ""  # a blank line is an empty text: skipped and counted
+            yield number, line, None
             continue
         try:
-            record = json.loads(line)
+            yield number, line, json.loads(line)
         except json.JSONDecodeError as err:
             raise UserError(
-                f"{str(path)!r} line {number} is not valid JSON ({err.msg}); expected one object "
-                'like {"text": "..."} per line'
+                f"{str(path)!r} line {number} is not valid JSON ({err.msg}); fix: write one "
+                f"object like {example} per line"
             ) from None
+
+
+def _jsonl_texts(path: pathlib.Path) -> Iterator[str]:
+    for number, line, record in jsonl_values(path, '{"text": "..."}'):
+        if record is None:
+            yield ""  # a blank line is an empty text: skipped and counted
+            continue
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise UserError(

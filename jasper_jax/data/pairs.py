@@ -11,14 +11,18 @@ negative documents. Column order everywhere (teacher dataset, pipeline, losses):
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 import re
 from collections.abc import Iterator
 
 import numpy as np
 
-from jasper_jax.data.corpus import EMBEDDED, _decoded_lines, load_embedded_records
+from jasper_jax.data.corpus import (
+    EMBEDDED,
+    check_file_source,
+    jsonl_values,
+    load_embedded_records,
+)
 from jasper_jax.data.corpus_hf import hf_batches, open_hf_split
 from jasper_jax.errors import UserError
 
@@ -145,13 +149,7 @@ def _pair_file(spec: str, split: str | None) -> pathlib.Path:
     path = pathlib.Path(spec).expanduser()
     if not path.name.endswith((".jsonl", ".jsonl.gz")):
         raise UserError(f"pairs {spec!r} have an unknown form; expected {_FORMS}; fix: convert")
-    if split is not None:
-        raise UserError(
-            f"split={split!r} given for the pair file {spec!r}; a file is one split; fix: drop "
-            "the split, or pass one file per split"
-        )
-    if not path.is_file():
-        raise UserError(f"pair file {str(path)!r} does not exist; fix: check the path")
+    check_file_source(path, split, f"the pair file {spec!r}", "pair file")
     return path
 
 
@@ -190,17 +188,10 @@ def _neighbour_glosses(glosses: list[str], index: int, k: int) -> list[str]:
 
 
 def _jsonl_records(path: pathlib.Path) -> Iterator[tuple[str, object]]:
-    for number, line in _decoded_lines(path):
-        if not line.strip():
-            continue  # a blank line (e.g. at the end) is no row
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(
-                f"{str(path)!r} line {number} is not valid JSON ({err.msg}); fix: write one "
-                'object like {"query": "...", "positive": "...", "negatives": [...]} per line'
-            ) from None
-        yield f"line {number}", record
+    example = '{"query": "...", "positive": "...", "negatives": [...]}'
+    for number, _, record in jsonl_values(path, example):
+        if record is not None:  # a blank line (e.g. at the end) is no row
+            yield f"line {number}", record
 
 
 def _hf_records(spec: str, path_text: str, split: str | None) -> Iterator[tuple[str, dict]]:

@@ -145,35 +145,31 @@ class TextTask:
         }
 
     def pipeline(self, s: Settings):
+        common = dict(
+            batch_size=s.data.batch_size,
+            max_length=s.data.max_length,
+            seed=s.seed,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            worker_count=s.data.worker_count,
+            length_groups=s.data.length_groups,
+            pad_multiple=s.data.pad_multiple,
+        )
         if self.pairs:
             return make_pair_pipeline(
                 s.data.train_dir,
                 self.folder,
-                batch_size=s.data.batch_size,
-                max_length=s.data.max_length,
-                seed=s.seed,
                 negatives=s.data.negatives,
                 query_prompt=s.data.query_prompt,
                 document_prompt=s.data.document_prompt,
-                process_index=jax.process_index(),
-                process_count=jax.process_count(),
-                worker_count=s.data.worker_count,
-                length_groups=s.data.length_groups,
-                pad_multiple=s.data.pad_multiple,
+                **common,
             )
         return make_text_pipeline(
             s.data.train_dir,
             self.folder,
-            batch_size=s.data.batch_size,
-            max_length=s.data.max_length,
-            seed=s.seed,
             prompt=s.data.document_prompt or None,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-            worker_count=s.data.worker_count,
             max_chunks=s.data.max_chunks,
-            length_groups=s.data.length_groups,
-            pad_multiple=s.data.pad_multiple,
+            **common,
         )
 
     def loaded_model(self, s: Settings, params: Any) -> LoadedModel:
