@@ -38,7 +38,8 @@ class EvalModel:
       outputs: output names, the default first.
       encode_fn: (texts, prompt, outputs) -> {output: [N, dim] float32 unit rows}.
       parameters: {"total": n, ...} counts of float parameters (encoder + the default head).
-      query_prompt: text prepended to retrieval queries (documents get none).
+      query_prompt: text prepended to retrieval queries.
+      document_prompt: text prepended to documents and the fidelity texts (default none).
       timed_fn: what `texts_per_second` times, when `encode_fn` may read a cache (default:
         `encode_fn`).
     """
@@ -51,6 +52,7 @@ class EvalModel:
     query_prompt: str | None = None
     source: str = ""
     timed_fn: Callable[[Sequence[str], str | None, Sequence[str]], dict] | None = None
+    document_prompt: str | None = None
 
     @property
     def default_output(self) -> str:
@@ -137,8 +139,10 @@ def student_model(path: str | Path, name: str = "student", batch_size: int = 64)
         **{h: count_tree(heads[h]) for h in heads},
     }
     parameters["total"] = parameters["encoder"] + parameters.get(default, 0)
-    query = model.prompts.get("query") or None
-    return EvalModel(name, "student", outputs, encode, parameters, query, str(path))
+    query, document = (model.prompts.get(role) or None for role in ("query", "document"))
+    return EvalModel(
+        name, "student", outputs, encode, parameters, query, str(path), document_prompt=document
+    )
 
 
 def teacher_model(spec: str, batch_size: int = 64, cache_dir: Path | None = None) -> EvalModel:

@@ -64,10 +64,11 @@ def combined_target(per_teacher: Sequence[np.ndarray]) -> np.ndarray:
 def encode_all(
     model: EvalModel, texts: list[str], task: retrieval.RetrievalTask
 ) -> dict[str, Encoded]:
-    """Every output of `model` on held-out texts, prompted queries, and documents."""
-    held = model.encode(texts)
+    """Every output of `model` on held-out texts, prompted queries, and documents (held-out
+    texts and documents with the model's document prompt)."""
+    held = model.encode(texts, prompt=model.document_prompt)
     queries = model.encode(task.queries, prompt=model.query_prompt)
-    docs = model.encode(task.documents)
+    docs = model.encode(task.documents, prompt=model.document_prompt)
     return {name: Encoded(held[name], queries[name], docs[name]) for name in model.outputs}
 
 
@@ -90,6 +91,7 @@ def _model_result(model: EvalModel, encoded: dict[str, Encoded], target, task, s
         "source": model.source,
         "default_output": model.default_output,
         "query_prompt": model.query_prompt,
+        "document_prompt": model.document_prompt,
         "parameters": model.parameters,
         "texts_per_second": speed,
         "rows": robustness_rows(encoded, target, task.relevant),
