@@ -35,6 +35,12 @@ STAGES = {
     4: dict(trainable="vision", heads=(TEACHER_DIM, *REDUCED_HEADS), lr=1e-4, steps=3500, batch=96),
 }
 
+# The student's query prompt (stella / Jasper config_sentence_transformers.json, "s2p_query";
+# PAPER 1.1); documents get none. Exported as the folder's sentence-transformers prompts.
+QUERY_PROMPT = (
+    "Instruct: Given a web search query, retrieve relevant passages that answer the query.\nQuery: "
+)
+
 _embedded = import_config_module(Path(__file__).with_name("embedded_default.py"))
 
 
@@ -67,6 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.teachers = ("nvidia/NV-Embed-v2", "dunzhang/stella_en_1.5B_v5")  # precomputed offline
     c.data.batch_size = s["batch"]
+    c.data.query_prompt = QUERY_PROMPT
     c.data.max_length = 512
     c.data.pad_multiple = 128  # length-grouped batches of 128..512 tokens: four compiles
     c.data.eval_texts = 5000
