@@ -63,6 +63,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-length", type=int, default=None, help="tokens; default: the model's")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh shape")
+    p.add_argument(
+        "--backend",
+        choices=("jax", "onnx", "onnx-int8"),
+        default="jax",
+        help="onnx / onnx-int8: run the export folder's ONNX graph (`export --onnx`) on "
+        "onnxruntime, fp32 or dynamically quantized int8; --model is then the export folder",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -72,6 +79,10 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
+    if args.backend != "jax":
+        from jasper_jax.commands.encode_onnx import encode_onnx_main  # onnxruntime: on demand
+
+        return encode_onnx_main(args)
     if args.images:
         if args.chunks:
             raise UserError("--chunks applies to texts; drop it with --images")

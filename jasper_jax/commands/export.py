@@ -25,6 +25,15 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="replace a previous export at --output (a folder holding jasper_export.json; "
         "never the workdir, the current folder or a parent of them)",
     )
+    p.add_argument(
+        "--onnx",
+        nargs="*",
+        default=None,
+        metavar="HEAD",
+        help="also write OUT/onnx/<head>.onnx and <head>_int8.onnx: token ids -> that head's "
+        "unit vector (pooling, Dense, Normalize inside); no HEAD: the default head "
+        "(needs `pip install 'jasper-jax[onnx]'`)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -36,10 +45,14 @@ def main(args: argparse.Namespace) -> int:
         default_head=args.default_head,
         overwrite=args.overwrite,
         max_seq_length=args.max_seq_length,
+        onnx_heads=args.onnx,
     )
     heads = ", ".join(f"2_Dense_{d}" for d in summary["heads"]) or "none"
     print(
         f"exported step {summary['step']} to {summary['output']} (heads: {heads}; default: "
         f"{summary['default_head']}{'; vision/ tower' if summary['vision'] else ''})"
     )
+    if summary.get("onnx"):
+        onnx_heads = ", ".join(summary["onnx"])
+        print(f"ONNX graphs (fp32, int8) of {onnx_heads} in {summary['output']}/onnx")
     return 0

@@ -8,11 +8,13 @@ The folder (`st_folder.py`) gets a model card (`model_card.py`) and the marker
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jasper_jax.errors import UserError
 from jasper_jax.export.model_card import model_card, workdir_evaluation
+from jasper_jax.export.onnx_graph import check_onnx_packages, resolve_onnx_heads, write_onnx
 from jasper_jax.export.output_folder import (
     MARKER,
     check_output,
@@ -74,18 +76,25 @@ def export_workdir(
     default_head: str | None = None,
     overwrite: bool = False,
     max_seq_length: int | None = None,
+    onnx_heads: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Exports a workdir's checkpoint (latest or `step`) to `output`; returns a summary dict
-    (heads, default_head, pooling, tokenizer_files, vision, output, step).
+    (heads, default_head, pooling, tokenizer_files, vision, output, step, onnx).
+
+    `onnx_heads` (None: no ONNX): also write `OUT/onnx/` (`onnx_graph.py`) for these heads,
+    [] meaning the default head.
 
     Raises:
       UserError: not a workdir, no checkpoint, NaN/inf parameters, unknown head, an existing
         output without `overwrite`, or one `overwrite` may not replace (checked before anything
-        is written); another export writing `output`.
+        is written); another export writing `output`; `onnx_heads` without the onnx extra
+        installed, or naming a head the model lacks (checked before anything is written).
       OSError: writing failed (e.g. disk full); the temporary folder is removed and an existing
         output is left as it was.
     """
     output = Path(output).resolve()  # symlinks and `.` resolved before any comparison
+    if onnx_heads is not None:
+        check_onnx_packages("--onnx")
     check_output(output, overwrite, workdir)
     with claimed_output(output):
         check_output(output, overwrite, workdir)  # again: it may have appeared meanwhile
@@ -93,8 +102,12 @@ def export_workdir(
         check_finite_params(source, workdir)
         head = resolve_default_head(source.text, default_head)
         max_len = int(max_seq_length or source.text.max_seq_length)
+        if onnx_heads is not None:
+            onnx_heads = resolve_onnx_heads(source.text, onnx_heads, head)
         with staging_folder(output) as tmp:
             summary = build_folder(source, workdir, tmp, head, max_len)
+            if onnx_heads is not None:
+                summary["onnx"] = write_onnx(tmp, source.text, onnx_heads, summary)
             check_output(output, overwrite, workdir)  # made meanwhile by something unlocked
             install_folder(tmp, output)
     log.info("exported %s step %d to %s", workdir, source.meta["step"], output)
