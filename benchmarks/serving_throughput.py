@@ -3,7 +3,7 @@ reference), our JAX encoder, and the folder's ONNX graphs fp32 and int8 on onnxr
 texts, batch size, head and thread count for all four; the ratio is against
 sentence-transformers in the same run.
 
-python benchmarks/serving_throughput.py --model EXPORT [--n 2048] [--batch 32] [--threads N]
+python -m benchmarks.serving_throughput --model EXPORT [--n 2048] [--batch 32] [--threads N]
 
 EXPORT is a `jasper-jax export --onnx` folder. Each encoder gets one warm-up pass over the first
 batches, then `--repeats` timed passes; the best pass counts (the least disturbed by others).
