@@ -23,6 +23,7 @@ from jasper_jax.commands.encode_io import (
     text_writer,
     write_outputs,
 )
+from jasper_jax.commands.encode_precision import PrecisionPlan, add_precision_args
 from jasper_jax.data.images import list_images
 from jasper_jax.encode import TextEncoder, check_finite, check_finite_model, resolve_head
 from jasper_jax.encode_images import ImageEncoder
@@ -70,6 +71,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="onnx / onnx-int8: run the export folder's ONNX graph (`export --onnx`) on "
         "onnxruntime, fp32 or dynamically quantized int8; --model is then the export folder",
     )
+    add_precision_args(p)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,6 +81,7 @@ def main(args: argparse.Namespace) -> int:
         raise UserError(f"--batch-size {args.batch_size}: must be at least 1")
     if args.max_length is not None and args.max_length < 2:
         raise UserError(f"--max-length {args.max_length}: must be at least 2 tokens")
+    plan = PrecisionPlan.from_args(args)  # refusals, calibration read: before any compute
     if args.backend != "jax":
         from jasper_jax.commands.encode_onnx import encode_onnx_main  # onnxruntime: on demand
 
@@ -92,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
     texts = read_texts(args.input)
     model = load_any_model(args.model)
     check_finite_model(model.params, args.model)
-    resolve_head(model.config, args.head)  # fail before any compile
+    head = resolve_head(model.config, args.head)  # fail before any compile
+    plan.check_head(head)
     encoder = TextEncoder(
         model,
         dtype=args.dtype,
@@ -104,12 +108,15 @@ def main(args: argparse.Namespace) -> int:
         texts, head=args.head, prompt=prompt, max_length=args.max_length, progress=True
     )
     check_finite(vectors, "vectors", line_of=args.input)
-    write_outputs({args.output: npy_writer(vectors)})
+    truncated = encoder.last_truncated
+    stored = plan.store(vectors, plan.ranges(encoder, head, vectors.shape[1], args.max_length))
+    write_outputs({args.output: npy_writer(stored)})
     log.info(
-        "wrote %s: %d x %d float32 (%d texts reached max length and were truncated)",
+        "wrote %s: %d vectors as %s (%d texts reached max length and were truncated)",
         args.output,
-        *vectors.shape,
-        encoder.last_truncated,
+        len(vectors),
+        plan.describe(stored, vectors.shape[1]),
+        truncated,
     )
     return 0
 

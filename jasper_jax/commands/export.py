@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from jasper_jax.calibration import CalibrationTexts
 from jasper_jax.export import export_workdir
 
 
@@ -34,10 +35,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "unit vector (pooling, Dense, Normalize inside); no HEAD: the default head "
         "(needs `pip install 'jasper-jax[onnx]'`)",
     )
+    p.add_argument(
+        "--calibration",
+        default=None,
+        metavar="TEXTS",
+        help="UTF-8 file, one text per line (e.g. a sample of the corpus you will store): "
+        "write OUT/calibration.json, every output's per-dimension min/max on these texts "
+        "(document prompt), which `encode --precision int8|uint8` uses",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     """Exports, then prints one line: step, output, heads, default head, vision tower."""
+    calibration = CalibrationTexts.from_file(args.calibration) if args.calibration else None
     summary = export_workdir(
         args.workdir,
         args.output,
@@ -46,6 +56,7 @@ def main(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         max_seq_length=args.max_seq_length,
         onnx_heads=args.onnx,
+        calibration=calibration,
     )
     heads = ", ".join(f"2_Dense_{d}" for d in summary["heads"]) or "none"
     print(
@@ -55,4 +66,7 @@ def main(args: argparse.Namespace) -> int:
     if summary.get("onnx"):
         onnx_heads = ", ".join(summary["onnx"])
         print(f"ONNX graphs (fp32, int8) of {onnx_heads} in {summary['output']}/onnx")
+    if summary.get("calibration"):
+        count = summary["calibration"]["count"]
+        print(f"int8 calibration ranges ({count} texts) in {summary['output']}/calibration.json")
     return 0

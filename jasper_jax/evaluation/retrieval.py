@@ -6,7 +6,7 @@ held-out definitions, and the one relevant document is the query's own synset's 
 ("the way something is with respect to its main attributes"). Scores: nDCG@10 and recall@1.
 
 Ranking is exact (brute force): cosine for float vectors, Hamming distance on packed sign bits
-for binary-quantised vectors.
+for binary-quantised vectors (`jasper_jax.precision`, as `encode --precision ubinary`).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import dataclasses
 
 import numpy as np
 
+from jasper_jax import precision
 from jasper_jax.data.corpus import load_embedded_records
 from jasper_jax.errors import UserError
 
@@ -71,17 +72,14 @@ def wordnet_task(max_queries: int | None = 1000, max_documents: int | None = Non
 
 
 def binarize(x: np.ndarray) -> np.ndarray:
-    """Sign bits packed 8 per byte: [N, d] float -> [N, ceil(d / 8)] uint8 (bit 1 where x > 0)."""
-    return np.packbits(x > 0, axis=1)
+    """Sign bits packed 8 per byte: [N, d] float -> [N, ceil(d / 8)] uint8 (bit 1 where x > 0):
+    the rows `jasper-jax encode --precision ubinary` writes (`jasper_jax.precision`)."""
+    return precision.quantize(x, "ubinary")
 
 
 def hamming_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """[Na, B] x [Nb, B] packed bits -> [Na, Nb] int32 counts of differing bits."""
-    out = np.empty((len(a), len(b)), np.int32)
-    for start in range(0, len(a), 64):  # bounds the [rows, Nb, B] temporary
-        xor = np.bitwise_xor(a[start : start + 64, None, :], b[None, :, :])
-        out[start : start + 64] = np.bitwise_count(xor).sum(axis=-1)
-    return out
+    return precision.hamming_distances(a, b)
 
 
 def sign_vectors(x: np.ndarray) -> np.ndarray:

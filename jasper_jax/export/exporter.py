@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jasper_jax.calibration import CalibrationTexts, write_export_calibration
 from jasper_jax.errors import UserError
 from jasper_jax.export.model_card import model_card, workdir_evaluation
 from jasper_jax.export.onnx_graph import check_onnx_packages, resolve_onnx_heads, write_onnx
@@ -55,7 +56,7 @@ def build_folder(
     source: RunModel, workdir: str | Path, folder: Path, head: str, max_len: int
 ) -> dict[str, Any]:
     """Writes the whole export into the (empty, temporary) `folder`; returns its summary."""
-    summary = write_text_model(source.text, folder, head, max_len)
+    summary = write_text_model(source.text, folder, head, max_len, source.meta.get("mrl_dims"))
     if source.vision is not None:
         write_vision_model(
             source.vision, source.vision_params, folder / VISION_DIR, source.image_tokens
@@ -77,12 +78,15 @@ def export_workdir(
     overwrite: bool = False,
     max_seq_length: int | None = None,
     onnx_heads: Sequence[str] | None = None,
+    calibration: CalibrationTexts | None = None,
 ) -> dict[str, Any]:
     """Exports a workdir's checkpoint (latest or `step`) to `output`; returns a summary dict
     (heads, default_head, pooling, tokenizer_files, vision, output, step, onnx).
 
     `onnx_heads` (None: no ONNX): also write `OUT/onnx/` (`onnx_graph.py`) for these heads,
     [] meaning the default head.
+    `calibration`: also write `OUT/calibration.json`, the int8 ranges of every output on these
+    texts (`jasper_jax.calibration`).
 
     Raises:
       UserError: not a workdir, no checkpoint, NaN/inf parameters, unknown head, an existing
@@ -106,6 +110,10 @@ def export_workdir(
             onnx_heads = resolve_onnx_heads(source.text, onnx_heads, head)
         with staging_folder(output) as tmp:
             summary = build_folder(source, workdir, tmp, head, max_len)
+            if calibration is not None:
+                summary["calibration"] = write_export_calibration(
+                    tmp, source.text, calibration, max_len
+                )
             if onnx_heads is not None:
                 summary["onnx"] = write_onnx(tmp, source.text, onnx_heads, summary)
             check_output(output, overwrite, workdir)  # made meanwhile by something unlocked
