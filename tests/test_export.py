@@ -297,6 +297,37 @@ def test_vision_tower_exports_as_siglip_vision_model(workdir, tmp_path, monkeypa
     )
     # The text part of the same export is unchanged by the tower.
     assert load_model(out).config.heads
+    _check_vision_folder_without_jasper(out, tower, vision)
+
+
+def _check_vision_folder_without_jasper(out: Path, tower, vision) -> None:
+    """OUT/vision/ alone (transformers + torch) turns an image into our pooled image tokens:
+    its preprocessor config is our training preprocessing, its bridge file says how to pool."""
+    import torch
+    import transformers
+    from PIL import Image
+
+    from jasper_jax.data.images import to_pixels
+    from jasper_jax.models.adaptive_pool import adaptive_avg_pool_2d
+
+    assert not (out / "jasper_bridge.json").exists()  # one place: beside the tower
+    bridge = json.loads((out / "vision" / "jasper_bridge.json").read_text())
+    width = json.loads((out / "config.json").read_text())["hidden_size"]
+    rgb = np.random.default_rng(1).integers(0, 256, (51, 37, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)  # not square, not 28 px: the resize matters
+    processor = transformers.SiglipImageProcessor.from_pretrained(str(out / "vision"))
+    theirs = processor(images=image, return_tensors="pt")["pixel_values"]
+    ours_pixels = to_pixels(image, 28)[None]  # what training feeds the tower
+    np.testing.assert_allclose(theirs.numpy().transpose(0, 2, 3, 1), ours_pixels, atol=1e-5)
+
+    model = transformers.SiglipVisionModel.from_pretrained(str(out / "vision")).eval()
+    pool = torch.nn.AdaptiveAvgPool2d((bridge["image_tokens"], width))
+    with torch.no_grad():
+        their_tokens = pool(model(pixel_values=theirs).last_hidden_state).numpy()
+    patches = tower.apply({"params": vision}, ours_pixels).last_hidden_state
+    our_tokens = np.asarray(adaptive_avg_pool_2d(patches, (bridge["image_tokens"], width)))
+    assert their_tokens.shape == our_tokens.shape == (1, 9, width)
+    np.testing.assert_allclose(their_tokens, our_tokens, atol=1e-4)
 
 
 def test_heads_on_the_raw_pooled_vector_export_and_match(tiny_setup, tmp_path, texts):  # noqa: F811

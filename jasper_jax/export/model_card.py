@@ -63,7 +63,41 @@ def _heads_section(summary: dict) -> list[str]:
         " re-export with `--default-head dense_<dim>`, or point the Dense entry of `modules.json`"
         " at another `2_Dense_<dim>` folder (`jasper_jax.export.set_default_head(folder, 256)`).",
         "",
+        *_serving_lines(summary),
+        "",
     ]
+
+
+def _serving_lines(summary: dict) -> list[str]:
+    """How each server picks a head, and where a server computes something else."""
+    dense = f"2_Dense_{min(summary['heads'])}" if summary["heads"] else "2_Dense_<dim>"
+    lines = [
+        "Picking a head when serving:",
+        "",
+        f"- Text Embeddings Inference: `--dense-path {dense}` (one Dense folder; without it, the"
+        " Dense that `modules.json` names).",
+        "- vLLM: runs the first Dense in `modules.json`; switch it with"
+        " `jasper_jax.export.set_default_head(folder, dim)` (it also moves the Matryoshka"
+        " fields of `config.json`), then serve the folder.",
+        "- sentence-transformers: `modules.json` as well (`set_default_head`), or"
+        " `SentenceTransformer(folder, truncate_dim=...)` only on a Matryoshka head.",
+    ]
+    matryoshka = summary.get("matryoshka")
+    if matryoshka:
+        widths = ", ".join(map(str, matryoshka["dims"]))
+        lines.append(
+            f"- `{matryoshka['head']}` was trained with Matryoshka prefixes ({widths}):"
+            " `config.json` says so while it is the default head, so vLLM accepts a"
+            " `dimensions` request of these widths; other heads are not cut."
+        )
+    if summary.get("normalize_pooled") and summary["heads"]:
+        lines.append(
+            "- The heads read the unit-length pooled vector (a `Normalize` before the Dense)."
+            " Text Embeddings Inference and vLLM skip that Normalize and apply the Dense to the"
+            " raw pooled vector, so there only the `pooled` head gives this model's vectors;"
+            " serve the heads with sentence-transformers or jasper-jax (ONNX) instead."
+        )
+    return lines
 
 
 def model_prompts(meta: dict) -> dict[str, str]:
@@ -117,8 +151,12 @@ def _usage(summary: dict) -> list[str]:
             "patches = tower(pixel_values=pixels).last_hidden_state  # [batch, patches, hidden]",
             "```",
             "",
+            "`vision/preprocessor_config.json` is the training preprocessing (RGB, bicubic resize"
+            " to the square image size, mean/std 0.5): "
+            "`SiglipImageProcessor.from_pretrained('PATH/TO/THIS/FOLDER/vision')` gives `pixels`.",
             "Jasper feeds these patch states, adaptive-average-pooled to the text model's width, "
-            "in place of the image tokens' embeddings; jasper-jax runs the whole image path.",
+            "in place of the image tokens' embeddings (`vision/jasper_bridge.json`); jasper-jax "
+            "runs the whole image path.",
             "",
         ]
     return lines

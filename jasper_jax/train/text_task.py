@@ -135,6 +135,7 @@ class TextTask:
             "teachers": meta.get("teachers", []),
             "stage": s.stage,
             "config": s.name,
+            "mrl_dims": list(s.loss.mrl_dims),  # the export's Matryoshka metadata
         }
 
     def identity(self) -> dict:
