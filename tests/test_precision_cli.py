@@ -151,8 +151,10 @@ def test_refusals_exit_2_and_leave_the_output_alone(exported, files, tmp_path, c
     missing = str(tmp_path / "none.txt")
     err = _refused(["--precision", "int8", "--calibration", missing], out, capsys, bare, files)
     assert "does not exist" in err
-    err = _refused(["--precision", "int8", "--chunks", "sentences:8"], out, capsys, exported, files)
-    assert "drop --chunks" in err
+    images = ["encode", "--model", str(exported), "--images", str(tmp_path), "--output", str(out)]
+    assert main([*images, "--precision", "binary"]) == 2
+    err = capsys.readouterr().err
+    assert "drop --images" in err and len(err.strip().splitlines()) == 1
     err = _refused(["--precision", "ubinary", "--backend", "onnx"], out, capsys, exported, files)
     assert "drop --backend onnx" in err
 
@@ -172,3 +174,25 @@ def test_export_refuses_missing_calibration_texts_before_writing(workdir, tmp_pa
     assert main([*argv, "--calibration", str(tmp_path / "none.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_chunks_store_documents_and_chunks_in_the_precision(exported, files, tmp_path):
+    from sentence_transformers import quantize_embeddings
+
+    saved = json.loads((exported / "calibration.json").read_text())["outputs"]["dense_32"]
+    ranges = np.array([saved["min"], saved["max"]], np.float32)
+    chunks = ("--head", "32", "--chunks", "sentences:8")
+    assert _encode(exported, files["store"], tmp_path / "f.npy", *chunks) == 0
+    floats = {
+        "": np.load(tmp_path / "f.npy"),
+        ".chunks.npy": np.load(tmp_path / "f.npy.chunks.npy"),
+    }
+    assert len(floats[".chunks.npy"]) > len(floats[""])  # some documents gave several chunks
+    for precision in ("int8", "ubinary"):
+        out = tmp_path / f"{precision}.npy"
+        assert _encode(exported, files["store"], out, *chunks, "--precision", precision) == 0
+        for suffix, x in floats.items():
+            expected = quantize_embeddings(x, precision=precision, ranges=ranges)
+            np.testing.assert_array_equal(np.load(f"{out}{suffix}"), expected)
+        listing = Path(f"{out}.chunks.jsonl").read_text()
+        assert listing == (tmp_path / "f.npy.chunks.jsonl").read_text()

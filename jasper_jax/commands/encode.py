@@ -91,7 +91,7 @@ def main(args: argparse.Namespace) -> int:
             raise UserError("--chunks applies to texts; drop it with --images")
         return encode_images_main(args)
     if args.chunks:
-        return encode_chunks_main(args)
+        return encode_chunks_main(args, plan)
     texts = read_texts(args.input)
     model = load_any_model(args.model)
     check_finite_model(model.params, args.model)
@@ -115,7 +115,7 @@ def main(args: argparse.Namespace) -> int:
         "wrote %s: %d vectors as %s (%d texts reached max length and were truncated)",
         args.output,
         len(vectors),
-        plan.describe(stored, vectors.shape[1]),
+        plan.describe(*vectors.shape),
         truncated,
     )
     return 0

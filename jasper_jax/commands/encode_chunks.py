@@ -6,6 +6,8 @@ Outputs, each written atomically::
 
     OUTPUT                 [N, dim] float32 document vectors (row i = document i)
     OUTPUT.chunks.npy      [M, dim] float32 chunk vectors, grouped by document
+                           (both in --precision's dtype and width, `encode_precision.py`; int8
+                           and uint8 use the same ranges of the head for both)
     OUTPUT.chunks.jsonl    one line per chunk: {"document", "start", "end", "text"}
 
 A .txt input keeps blank lines as empty documents (row i is line i); a .jsonl input skips
@@ -30,6 +32,7 @@ from jasper_jax.commands.encode_io import (
     text_writer,
     write_outputs,
 )
+from jasper_jax.commands.encode_precision import PrecisionPlan
 from jasper_jax.encode import TextEncoder, check_finite, check_finite_model, resolve_head
 from jasper_jax.encode_chunks import ChunkEncoder
 from jasper_jax.errors import UserError
@@ -63,8 +66,10 @@ def read_documents(path: str | Path, with_spans: bool) -> tuple[list[str], list 
     return documents, spans if with_spans else None
 
 
-def encode_chunks_main(args: argparse.Namespace) -> int:
-    """`--chunks SPEC`: document and chunk vectors of one pass, three files written together."""
+def encode_chunks_main(args: argparse.Namespace, plan: PrecisionPlan | None = None) -> int:
+    """`--chunks SPEC`: document and chunk vectors of one pass, three files written together,
+    stored as `plan` says (None: float32)."""
+    plan = plan or PrecisionPlan("float32")
     given = args.chunks == "given"
     documents, spans = read_documents(args.input, given)
     if not documents:
@@ -72,6 +77,7 @@ def encode_chunks_main(args: argparse.Namespace) -> int:
     model = load_any_model(args.model)
     check_finite_model(model.params, args.model)
     head = resolve_head(model.config, args.head)  # fail before any compile
+    plan.check_head(head)
     encoder = TextEncoder(
         model,
         dtype=args.dtype,
@@ -89,6 +95,8 @@ def encode_chunks_main(args: argparse.Namespace) -> int:
     )
     check_finite(result.documents[head], "document vectors")
     check_finite(result.chunks[head], "chunk vectors")
+    dim = result.documents[head].shape[1]
+    ranges = plan.ranges(encoder, head, dim, args.max_length)
     listing = "".join(
         json.dumps(
             {"document": int(i), "start": int(a), "end": int(b), "text": documents[i][a:b]},
@@ -99,18 +107,19 @@ def encode_chunks_main(args: argparse.Namespace) -> int:
     )
     write_outputs(
         {
-            args.output: npy_writer(result.documents[head]),
-            f"{args.output}.chunks.npy": npy_writer(result.chunks[head]),
+            args.output: npy_writer(plan.store(result.documents[head], ranges)),
+            f"{args.output}.chunks.npy": npy_writer(plan.store(result.chunks[head], ranges)),
             f"{args.output}.chunks.jsonl": text_writer(listing),
         }
     )
     log.info(
         "wrote %s (%d documents) and %s.chunks.npy (%d chunks; %d cut by the max length and "
-        "left out)",
+        "left out) as %s",
         args.output,
         len(documents),
         args.output,
         len(result.owner),
         result.dropped,
+        plan.describe(len(result.owner), dim),
     )
     return 0

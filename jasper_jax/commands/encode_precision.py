@@ -1,6 +1,8 @@
 """`jasper-jax encode --precision P [--calibration TEXTS]`: the vectors as they are stored.
 
-Output `.npy` per precision (row i = line i; `jasper_jax.precision` has the arithmetic):
+Texts, and with `--chunks` the document and chunk vectors alike; not `--images` (ranges are
+measured on texts) nor the ONNX backends. Output `.npy` per precision (row i = line i;
+`jasper_jax.precision` has the arithmetic):
 
     float32   float32 [N, dim]                 (the default; unit vectors)
     float16   float16 [N, dim]
@@ -32,7 +34,14 @@ from jasper_jax.calibration import (
     load_calibration,
 )
 from jasper_jax.errors import UserError
-from jasper_jax.precision import PRECISIONS, SCALAR, bytes_per_vector, quantize
+from jasper_jax.precision import (
+    PRECISIONS,
+    SCALAR,
+    STORED_DTYPES,
+    bytes_per_vector,
+    quantize,
+    stored_width,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +86,7 @@ class PrecisionPlan:
         """Checks the flags and reads the calibration source; refuses before any compute.
 
         Raises:
-          UserError: --precision other than float32 with --images, --chunks or an ONNX backend;
+          UserError: --precision other than float32 with --images or an ONNX backend;
             --calibration without int8/uint8; int8/uint8 with no calibration to use.
         """
         precision = getattr(args, "precision", "float32")
@@ -91,13 +100,12 @@ class PrecisionPlan:
         if precision != "float32":
             for flag, given in (
                 ("--images", args.images),
-                ("--chunks", args.chunks),
                 (f"--backend {args.backend}", args.backend != "jax"),
             ):
                 if given:
                     raise UserError(
-                        f"--precision {precision} is supported for texts with --backend jax; "
-                        f"drop {flag}, or encode in float32 and call "
+                        f"--precision {precision} is supported for texts (and --chunks) with "
+                        f"--backend jax; drop {flag}, or encode in float32 and call "
                         "jasper_jax.precision.quantize on the vectors"
                     )
         if not scalar:
@@ -141,8 +149,9 @@ class PrecisionPlan:
         """float32 vectors [N, dim] -> the rows to write (module docstring)."""
         return quantize(vectors, self.precision, ranges)
 
-    def describe(self, stored: np.ndarray, dim: int) -> str:
-        """'int8 [N, dim], B bytes per vector' for the log line."""
-        shape = "x".join(map(str, stored.shape))
+    def describe(self, rows: int, dim: int) -> str:
+        """'int8 (int8 [rows x width], B bytes per dim-d vector)' for the log line."""
+        dtype = np.dtype(STORED_DTYPES[self.precision]).name
+        width = stored_width(self.precision, dim)
         per = bytes_per_vector(self.precision, dim)
-        return f"{self.precision} ({stored.dtype} [{shape}], {per} bytes per {dim}-d vector)"
+        return f"{self.precision} ({dtype} [{rows} x {width}], {per} bytes per {dim}-d vector)"
