@@ -14,6 +14,7 @@ from jasper_jax.evaluation import retrieval, robustness
 from jasper_jax.evaluation.mteb_adapter import MtebEncoder
 from jasper_jax.evaluation.retrieval import paired_bootstrap
 from jasper_jax.export import export_workdir
+from jasper_jax.precision import quantize
 from jasper_jax.run_folder import load_workdir_model
 from tests.test_export import workdir  # noqa: F401
 from tests.train_fixtures import tiny_setup  # noqa: F401
@@ -85,6 +86,10 @@ def test_robustness_rows_cover_prefixes_and_binary_and_are_perfect_on_the_target
     assert full["cosine"] == pytest.approx(1.0) and full["spearman"] == pytest.approx(1.0)
     assert full["nn_recall_at_10"] == 1.0 and full["recall_at_1"] == 1.0
     assert "cosine" not in rows[-1]  # binary rows report no cosine
+    for r in rows:  # bytes per vector: what `encode --precision float32|ubinary` stores
+        precision = "ubinary" if r["quant"] == "binary" else "float32"
+        assert r["bytes"] == quantize(robustness.truncate(held, r["dim"]), precision)[0].nbytes
+    assert [r["bytes"] for r in rows] == [32 * 4, 32 // 8, 64 * 4, 64 // 8, 96 * 4, 96 // 8]
     truncated = robustness.truncate(held, 32)
     np.testing.assert_allclose(np.linalg.norm(truncated, axis=1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(

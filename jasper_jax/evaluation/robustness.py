@@ -1,8 +1,9 @@
 """Quality under truncation and quantisation (as jina-embeddings-v5 reports it).
 
 For every output of a model (each head, the pooled vector) and every Matryoshka prefix of it
-(the first d dims, re-normalised), in float32 and binary-quantised (sign bits) form: fidelity
-to the teacher target on held-out texts and the retrieval scores of the WordNet task.
+(the first d dims, re-normalised), in float32 and binary-quantised (sign bits, as `encode
+--precision ubinary` stores them) form: fidelity to the teacher target on held-out texts and the
+retrieval scores of the WordNet task.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import numpy as np
 
 from jasper_jax.evaluation import retrieval
 from jasper_jax.fidelity import fidelity_metrics
+from jasper_jax.precision import bytes_per_vector
 from jasper_jax.vectors import unit_rows
 
 PREFIX_DIMS = (32, 64, 128, 256, 512, 768, 1024, 2048, 4096)
@@ -74,7 +76,8 @@ def robustness_rows(
                         "dim": dim,
                         "prefix": dim < enc.dim,
                         "quant": quant,
-                        "bytes": dim * 4 if quant == "float32" else -(-dim // 8),
+                        # eval's binary rows are the `encode --precision ubinary` bytes
+                        "bytes": bytes_per_vector("ubinary" if quant == "binary" else quant, dim),
                         **metrics,
                     }
                 )
