@@ -1,6 +1,7 @@
 """`jasper-jax export`: the folder loads in sentence-transformers and transformers, encodes like
 our JAX code for every head, re-imports to identical parameters; bad input is refused cleanly."""
 
+import io
 import json
 import os
 import shutil
@@ -307,17 +308,20 @@ def _check_vision_folder_without_jasper(out: Path, tower, vision) -> None:
     import transformers
     from PIL import Image
 
-    from jasper_jax.data.images import to_pixels
+    from jasper_jax.data.images import open_rgb, to_pixels
     from jasper_jax.models.adaptive_pool import adaptive_avg_pool_2d
 
     assert not (out / "jasper_bridge.json").exists()  # one place: beside the tower
     bridge = json.loads((out / "vision" / "jasper_bridge.json").read_text())
     width = json.loads((out / "config.json").read_text())["hidden_size"]
-    rgb = np.random.default_rng(1).integers(0, 256, (51, 37, 3), dtype=np.uint8)
-    image = Image.fromarray(rgb)  # not square, not 28 px: the resize matters
+    # Not square, not 28 px (the resize matters), half transparent (training composites over
+    # white, as transformers' RGB conversion does).
+    rgba = np.random.default_rng(1).integers(0, 256, (51, 37, 4), dtype=np.uint8)
+    png = io.BytesIO()
+    Image.fromarray(rgba, "RGBA").save(png, "PNG")
     processor = transformers.SiglipImageProcessor.from_pretrained(str(out / "vision"))
-    theirs = processor(images=image, return_tensors="pt")["pixel_values"]
-    ours_pixels = to_pixels(image, 28)[None]  # what training feeds the tower
+    theirs = processor(images=Image.open(png), return_tensors="pt")["pixel_values"]
+    ours_pixels = to_pixels(open_rgb(png.getvalue()), 28)[None]  # what training feeds the tower
     np.testing.assert_allclose(theirs.numpy().transpose(0, 2, 3, 1), ours_pixels, atol=1e-5)
 
     model = transformers.SiglipVisionModel.from_pretrained(str(out / "vision")).eval()

@@ -303,6 +303,17 @@ def test_heads_on_the_unit_pooled_vector_are_flagged_for_servers(exports, tmp_pa
     ]
 
 
+def test_model_card_says_how_each_server_picks_a_head(exports):
+    from jasper_jax.export.model_card import model_card
+
+    card = (exports["qwen2"][1] / "README.md").read_text()
+    assert "`--dense-path 2_Dense_32`" in card and "set_default_head(folder, dim)" in card
+    assert "Matryoshka prefixes (64, 128, 384)" in card
+    assert "skip that Normalize" not in card  # these heads read the raw pooled vector
+    summary = {"heads": [384, 32], "default_head": "dense_384", "normalize_pooled": True}
+    assert "skip that Normalize" in model_card({"stage": 3}, summary, None)
+
+
 # ---- the reader can fail ---------------------------------------------------------------------
 
 
