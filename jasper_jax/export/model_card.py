@@ -74,8 +74,9 @@ def _serving_lines(summary: dict) -> list[str]:
     lines = [
         "Picking a head when serving:",
         "",
-        f"- Text Embeddings Inference: `--dense-path {dense}` (one Dense folder; without it, the"
-        " Dense that `modules.json` names).",
+        f"- Text Embeddings Inference: `--dense-path {dense}` (without it, the Dense that"
+        " `modules.json` names; TEI takes the flag only when `modules.json` names one Dense, so"
+        " switch a `pooled` default to a head first).",
         "- vLLM: runs the first Dense in `modules.json`; switch it with"
         " `jasper_jax.export.set_default_head(folder, dim)` (it also moves the Matryoshka"
         " fields of `config.json`), then serve the folder.",
