@@ -47,15 +47,9 @@ class CalibrationTexts:
     sha256: str
 
     @classmethod
-    def from_file(cls, path: str | Path) -> CalibrationTexts:
-        """One text per line, as `jasper-jax encode --input` reads it.
-
-        Raises:
-          UserError: missing, not UTF-8, or holding no text.
-        """
-        from jasper_jax.commands.encode_io import read_texts
-
-        texts = read_texts(path)
+    def from_file(cls, path: str | Path, texts: list[str]) -> CalibrationTexts:
+        """`texts`: the lines of `path` as `jasper-jax encode --input` reads them (the commands
+        read them; this records their source and warns when they are few)."""
         if len(texts) < FEW_TEXTS:
             log.warning(
                 "calibrating on %d texts from %s: ranges from fewer than %d texts are narrow "

@@ -129,6 +129,7 @@ class TextEncoder:
         self.params = sharding.place(model.params, shardings, stored)
         self._in_sharding = sharding.batch_sharding(self.mesh, 2)
         self._fns: dict[str, Any] = {}
+        self.last_truncated = 0  # texts the last encode() cut at max_length
 
     @property
     def tokenizer(self) -> Any:

@@ -2,9 +2,9 @@
 and small functions. Read from the source (ast), so nothing is imported.
 
 Layers, highest first (a module may import its own layer or lower, never higher):
-  cli -> commands -> demo, config -> train / evaluation / export -> data / encode* / run_folder
-  -> models, tokenizer -> settings, losses, sharding, paths, errors, locks, fidelity, fingerprint,
-  compile_cache.
+  cli -> commands -> demo, config -> train / evaluation / export / onnx_encoder -> data / encode*
+  / run_folder / calibration -> models, tokenizer -> settings, losses, sharding, paths, errors,
+  locks, fidelity, fingerprint, vectors, precision, compile_cache.
 """
 
 from __future__ import annotations
@@ -23,11 +23,13 @@ LAYERS = {
     "jasper_jax.train": 4,
     "jasper_jax.evaluation": 4,
     "jasper_jax.export": 4,
+    "jasper_jax.onnx_encoder": 4,
     "jasper_jax.data": 3,
     "jasper_jax.encode": 3,
     "jasper_jax.encode_chunks": 3,
     "jasper_jax.encode_images": 3,
     "jasper_jax.run_folder": 3,
+    "jasper_jax.calibration": 3,
     "jasper_jax.models": 2,
     "jasper_jax.tokenizer": 2,
     "jasper_jax.settings": 1,
@@ -40,6 +42,7 @@ LAYERS = {
     "jasper_jax.fidelity": 1,
     "jasper_jax.fingerprint": 1,
     "jasper_jax.vectors": 1,
+    "jasper_jax.precision": 1,
     "jasper_jax.compile_cache": 1,
     "jasper_jax": 0,  # the package's __init__ (version only)
 }

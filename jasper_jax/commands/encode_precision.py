@@ -33,6 +33,7 @@ from jasper_jax.calibration import (
     calibrate,
     load_calibration,
 )
+from jasper_jax.commands.encode_io import read_texts
 from jasper_jax.errors import UserError
 from jasper_jax.precision import (
     PRECISIONS,
@@ -111,7 +112,9 @@ class PrecisionPlan:
         if not scalar:
             return cls(precision)
         if calibration:
-            return cls(precision, texts=CalibrationTexts.from_file(calibration))
+            return cls(
+                precision, texts=CalibrationTexts.from_file(calibration, read_texts(calibration))
+            )
         path = Path(args.model) / CALIBRATION_FILE
         if not path.is_file():
             raise UserError(

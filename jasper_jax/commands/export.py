@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from jasper_jax.calibration import CalibrationTexts
+from jasper_jax.commands.encode_io import read_texts
 from jasper_jax.export import export_workdir
 
 
@@ -47,7 +48,9 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Exports, then prints one line: step, output, heads, default head, vision tower."""
-    calibration = CalibrationTexts.from_file(args.calibration) if args.calibration else None
+    calibration = None
+    if args.calibration:
+        calibration = CalibrationTexts.from_file(args.calibration, read_texts(args.calibration))
     summary = export_workdir(
         args.workdir,
         args.output,
