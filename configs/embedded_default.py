@@ -39,6 +39,10 @@ LONG = dict(max_length=256, max_chunks=12, batch_size=8, lr=5e-5, steps=40)
 # and contrastive training").
 PAIRS = dict(infonce=1.0, negatives=1)
 
+# Named variants -> the stage whose workdir they start from (launch/tpu.sh chains on this):
+# "long" continues stage 3; "pairs" is stage 3 on pair data, after stage 2 (as the demo runs it).
+VARIANTS = {"long": 3, "pairs": 2}
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg == "long":

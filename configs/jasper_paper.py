@@ -35,6 +35,9 @@ STAGES = {
     4: dict(trainable="vision", heads=(TEACHER_DIM, *REDUCED_HEADS), lr=1e-4, steps=3500, batch=96),
 }
 
+# Named variants -> the stage whose workdir they start from (launch/tpu.sh chains on this).
+VARIANTS = {"long": 3}  # stage 3 continued on long documents
+
 # The student's query prompt (stella / Jasper config_sentence_transformers.json, "s2p_query";
 # PAPER 1.1); documents get none. Exported as the folder's sentence-transformers prompts.
 QUERY_PROMPT = (

@@ -28,10 +28,18 @@ Settings (flag, or environment variable):
                                              v2-alpha-tpuv5, v2-alpha-tpuv6e)
   --bucket gs://B[/P]    JASPER_BUCKET       workdirs go to gs://B/P/RUN/stageN (orbax writes
                                              there directly); required on multi-host slices
-  --config FILE[:STAGE]  JASPER_CONFIG       e.g. configs/jasper_paper.py:2
-                                             (default: configs/embedded_default.py:1)
+  --config FILE[:VARIANT] JASPER_CONFIG      a stage number or a named variant of the file,
+                                             e.g. configs/jasper_paper.py:2 or :long (default:
+                                             configs/embedded_default.py:1); the file itself
+                                             is asked which exist ($JASPER_PYTHON or python3
+                                             with the project installed reads it)
   --workdir DIR                              override the stage's workdir
   --run-name NAME                            folder under the bucket (default: config file name)
+  --copy-model [FIELD=]SRC                   train: first copy the model folder SRC (local, or
+                                             gs://...) to ~/jasper-models/ on every worker and
+                                             set --config.FIELD to that copy (FIELD defaults
+                                             to model.init_hf; repeatable, e.g. also
+                                             model.vision.init_hf=gs://B/siglip)
   --config.a.b=VALUE                         passed to `jasper-jax train` as is (repeatable)
 
 Options:
@@ -52,6 +60,8 @@ Examples:
   launch/tpu.sh --project P --zone us-central2-b --accelerator v4-8 --teachers setup
   launch/tpu.sh --project P --zone us-east5-a --accelerator v5p-64 --bucket gs://my-bucket \
       --config configs/jasper_paper.py:2 train --config.data.train_dir=gs://my-bucket/data/train
+  launch/tpu.sh ... --config configs/jasper_paper.py:long \
+      --copy-model gs://my-bucket/models/stella_en_1.5B_v5 train --config.data.train_dir=...
 EOF
 }
 
@@ -101,6 +111,12 @@ parse_args() {
       --teachers) TEACHERS=1 ;;
       --detach) DETACH=1 ;;
       --config.*=*) OVERRIDES+=("$1") ;;
+      --copy-model)
+        (($# >= 2)) || die "--copy-model needs a value: [FIELD=]LOCAL_DIR or [FIELD=]gs://PATH"
+        COPIES+=("$2")
+        shift
+        ;;
+      --copy-model=*) COPIES+=("${1#*=}") ;;
       --config.*) die "override '$1' needs a value: write it as --config.section.field=VALUE" ;;
       --name | --project | --zone | --accelerator | --runtime | --bucket | --config | --workdir | \
         --run-name | --source | --repo | --ref | --output)
@@ -174,22 +190,87 @@ check_accelerator() {
   fi
 }
 
-# Sets CONFIG_FILE, STAGE and RUN_NAME; the file must exist in this checkout (it is what workers get).
+# Sets CONFIG_FILE, VARIANT, STAGE_DIR (the workdir's folder: stageN or the variant's name),
+# FROM_DIR (the folder of the stage it starts from, "" for none) and RUN_NAME. The file must
+# exist in this checkout (it is what workers get); the variant is checked by the file itself.
 check_config() {
-  local file="${CONFIG%%:*}" stage=""
-  if [[ "$CONFIG" == *:* ]]; then stage="${CONFIG#*:}"; fi
+  local file="${CONFIG%%:*}" variant="1"
+  if [[ "$CONFIG" == *:* ]]; then variant="${CONFIG#*:}"; fi
   [[ "$file" == *.py || "$file" == */* ]] || file="configs/$file.py"
   [[ -f "$REPO_ROOT/$file" ]] ||
     die "config file '$file' does not exist in $REPO_ROOT; use a path relative to the repository root, e.g. --config configs/embedded_default.py:1 or configs/jasper_paper.py:2"
-  if [[ -n "$stage" && ! "$stage" =~ ^[1-9][0-9]*$ ]]; then
-    die "config '$CONFIG': the stage after ':' must be a number, e.g. $file:2"
-  fi
+  [[ "$variant" =~ ^[A-Za-z0-9_-]+$ ]] ||
+    die "config '$CONFIG': after ':' comes a stage number or a variant name (letters, digits, '-', '_'), e.g. $file:2 or $file:long"
   CONFIG_FILE="$file"
-  STAGE="${stage:-1}"
+  VARIANT="$variant"
+  read_config
   if [[ -z "$RUN_NAME" ]]; then
     RUN_NAME="${file##*/}"
     RUN_NAME="${RUN_NAME%.py}"
   fi
+}
+
+stage_dir() { # a variant's workdir folder: stageN for stage numbers, else the variant's name
+  if [[ "$1" =~ ^[0-9]+$ ]]; then printf 'stage%s' "$1"; else printf '%s' "$1"; fi
+}
+
+# Asks the config file (through jasper_jax.config, in Python) whether VARIANT exists, which
+# stage it is and which variant's workdir it starts from (numbers: the previous stage; names:
+# the file's VARIANTS table), and validates it with the overrides `train` will pass. A wrong
+# variant or override: one line naming the fix, exit 2, before any cloud command.
+read_config() {
+  local python="${JASPER_PYTHON:-python3}" answer stage from
+  command -v "$python" >/dev/null 2>&1 ||
+    die "reading the config needs Python with this project installed: '$python' not found; set JASPER_PYTHON to the project's venv python"
+  local -a overrides=("${OVERRIDES[@]}")
+  local i
+  for i in "${!COPY_FIELDS[@]}"; do # what --copy-model passes (the worker's $HOME stands as ~)
+    overrides+=("--config.${COPY_FIELDS[$i]}=~/$MODELS_DIR/${COPY_NAMES[$i]}")
+  done
+  answer="$(cd "$REPO_ROOT" && JAX_PLATFORMS=cpu "$python" - "$REPO_ROOT" "$CONFIG_FILE" \
+    "$VARIANT" "${overrides[@]}" <<'PY'
+import sys
+from pathlib import Path
+
+root, file, variant, *overrides = sys.argv[1:]
+sys.path.insert(0, root)
+
+
+def fail(message: str) -> None:
+    print(f"tpu.sh: error: config '{file}:{variant}': {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+try:
+    from jasper_jax.config import apply_overrides, import_config_module, validate_config
+    from jasper_jax.errors import one_line
+except ImportError as e:
+    fail(f"reading it needs this project's packages ({e}); set JASPER_PYTHON to its venv python")
+try:
+    module = import_config_module(Path(root, file))
+    stages = [str(s) for s in getattr(module, "STAGES", {})]
+    named = {str(k): str(v) for k, v in getattr(module, "VARIANTS", {}).items()}
+    known = stages + list(named)
+    if known and variant not in known:
+        fail(f"no such variant; {file} has {', '.join(known)}, e.g. {file}:{known[-1]}")
+    config = module.get_config(variant)
+    stage = int(config.stage)
+    start = named.get(variant, str(stage - 1) if stage > 1 else "")
+    given = any(o.startswith("--config.init_from=") for o in overrides)
+    apply_overrides(config, ([] if given or not start else ["--config.init_from=x"]) + overrides)
+    validate_config(config)
+except SystemExit:
+    raise
+except Exception as e:  # the config file is user code: whatever it raises, in one line
+    fail(one_line(e))
+print(stage, start or "-")
+PY
+  )" || exit 2
+  read -r stage from <<<"$answer"
+  CONFIG_STAGE="$stage"
+  STAGE_DIR="$(stage_dir "$VARIANT")"
+  FROM_DIR=""
+  if [[ "$from" != - ]]; then FROM_DIR="$(stage_dir "$from")"; fi
 }
 
 check_bucket() {
@@ -198,6 +279,40 @@ check_bucket() {
   BUCKET="${BUCKET%/}"
   [[ "$BUCKET" =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^[:space:]]*)?$ ]] ||
     die "bucket '$BUCKET' is not a bucket name; use --bucket gs://BUCKET or gs://BUCKET/PREFIX"
+}
+
+# --copy-model [FIELD=]SRC -> COPY_FIELDS, COPY_SOURCES (gs:// or an absolute local folder) and
+# COPY_NAMES (the copy's folder under ~/jasper-models on every worker).
+check_copies() {
+  local spec field src name o
+  for spec in "${COPIES[@]}"; do
+    field="model.init_hf" src="$spec"
+    if [[ "$spec" =~ ^([A-Za-z_][A-Za-z0-9_.]*)=(.*)$ ]]; then
+      field="${BASH_REMATCH[1]}" src="${BASH_REMATCH[2]}"
+    fi
+    if [[ "$src" == gs://* ]]; then
+      src="${src%/}"
+      [[ "$src" =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^[:space:]]*)?$ ]] ||
+        die "--copy-model '$spec': '$src' is not a gs:// path; use gs://BUCKET/PATH/TO/MODEL"
+    else
+      [[ -d "$src" ]] ||
+        die "--copy-model '$spec': '$src' is not a local folder; give the model's folder (with config.json) or a gs:// path"
+      src="$(cd "$src" && pwd)"
+    fi
+    name="${src##*/}"
+    [[ "$name" =~ ^[A-Za-z0-9_][A-Za-z0-9._-]*$ ]] ||
+      die "--copy-model '$spec': the folder name '$name' needs plain letters, digits, '.', '-' or '_'; rename or link it"
+    for o in "${COPY_NAMES[@]}"; do
+      [[ "$o" != "$name" ]] || die "--copy-model: two models named '$name'; rename one folder"
+    done
+    for o in "${COPY_FIELDS[@]}"; do
+      [[ "$o" != "$field" ]] || die "--copy-model: two models for $field; give one"
+    done
+    for o in "${OVERRIDES[@]}"; do
+      [[ "$o" != "--config.$field="* ]] || die "--copy-model sets $field to its copy; drop '$o'"
+    done
+    COPY_FIELDS+=("$field") COPY_SOURCES+=("$src") COPY_NAMES+=("$name")
+  done
 }
 
 # The stage's workdir: on the bucket (shared by all hosts), or local to worker 0 on one host.
@@ -209,7 +324,7 @@ resolve_workdir() {
       die "$ACCELERATOR has $HOSTS hosts, which must share one workdir: set --bucket gs://BUCKET (or JASPER_BUCKET); checkpoints are written there directly"
     WORKDIR_BASE="runs/$RUN_NAME" # relative to the code folder on the worker
   fi
-  [[ -n "$WORKDIR" ]] || WORKDIR="$WORKDIR_BASE/stage$STAGE"
+  [[ -n "$WORKDIR" ]] || WORKDIR="$WORKDIR_BASE/$STAGE_DIR"
   if [[ "$WORKDIR" != gs://* ]] && ((HOSTS > 1)); then
     die "--workdir '$WORKDIR' is local, but the $HOSTS hosts of $ACCELERATOR must share it: use a gs:// path"
   fi
@@ -231,7 +346,11 @@ validate() {
   if ((${#OVERRIDES[@]})) && [[ "$COMMAND" != train ]]; then
     die "--config.* overrides apply to 'train' only (got them with '$COMMAND')"
   fi
+  if ((${#COPIES[@]})) && [[ "$COMMAND" != train ]]; then
+    die "--copy-model applies to 'train' only (got it with '$COMMAND')"
+  fi
   if [[ "$COMMAND" == train || "$COMMAND" == fetch ]]; then
+    check_copies
     check_config
     check_bucket
     resolve_workdir
@@ -268,6 +387,7 @@ scp_cmd() { # scp_cmd WORKER SRC... DEST
 # ~/jasper-venv (TPU images ship Python 3.10, the project needs 3.11: uv fetches it).
 REMOTE_DIR="jasper-jax"
 REMOTE_VENV="jasper-venv"
+MODELS_DIR="jasper-models" # --copy-model's copies, outside the code folder `setup` replaces
 ACTIVATE="cd \"\$HOME/$REMOTE_DIR\" && . \"\$HOME/$REMOTE_VENV/bin/activate\""
 
 # --- commands -------------------------------------------------------------------------------
@@ -334,24 +454,45 @@ cmd_setup() {
   ssh_cmd all "set -e; $get_code; python3 -m pip install --user --quiet uv; export PATH=\"\$HOME/.local/bin:\$PATH\"; test -x $REMOTE_VENV/bin/python || uv venv --python 3.11 $REMOTE_VENV; $ACTIVATE && $install && python -c 'import jax; print(jax.process_index(), jax.local_devices())'"
 }
 
+# Copies each --copy-model source to ~/jasper-models/NAME on every worker (replacing an older
+# copy): a gs:// path by `gcloud storage rsync` on each worker (only changed files move), a local
+# folder by one scp to all workers.
+cmd_copy_models() {
+  local i src name
+  for i in "${!COPY_SOURCES[@]}"; do
+    src="${COPY_SOURCES[$i]}" name="${COPY_NAMES[$i]}"
+    note "${COPY_FIELDS[$i]}: $src -> ~/$MODELS_DIR/$name on every worker"
+    if [[ "$src" == gs://* ]]; then
+      ssh_cmd all "set -e; mkdir -p $MODELS_DIR/$name; gcloud storage rsync --recursive --delete-unmatched-destination-objects $(quote_words "$src") $MODELS_DIR/$name"
+    else
+      ssh_cmd all "rm -rf $MODELS_DIR/$name && mkdir -p $MODELS_DIR"
+      scp_cmd all --recurse "$src" "$NAME:$MODELS_DIR/"
+    fi
+  done
+}
+
 train_words() {
-  TRAIN_WORDS=(jasper-jax train --config "$CONFIG_FILE:$STAGE" --workdir "$WORKDIR")
+  TRAIN_WORDS=(jasper-jax train --config "$CONFIG_FILE:$VARIANT" --workdir "$WORKDIR")
   local o has_init=0
   for o in "${OVERRIDES[@]}"; do
     if [[ "$o" == --config.init_from=* ]]; then has_init=1; fi
   done
-  if ((STAGE > 1 && !has_init)); then
-    # A stage starts from the previous stage's weights unless told otherwise.
-    TRAIN_WORDS+=(--config.init_from="$WORKDIR_BASE/stage$((STAGE - 1))")
+  if [[ -n "$FROM_DIR" ]] && ((!has_init)); then
+    # A stage starts from the weights of the one the config names (stage N: N-1) unless told.
+    TRAIN_WORDS+=(--config.init_from="$WORKDIR_BASE/$FROM_DIR")
   fi
   TRAIN_WORDS+=("${OVERRIDES[@]}")
 }
 
 cmd_train() {
-  local train log="jasper-logs/$RUN_NAME-stage$STAGE.log"
+  local train i log="jasper-logs/$RUN_NAME-$STAGE_DIR.log"
   train_words
   train="$(quote_words "${TRAIN_WORDS[@]}")"
-  note "$ACCELERATOR: $HOSTS host(s); workdir $WORKDIR"
+  for i in "${!COPY_FIELDS[@]}"; do # $HOME: expanded by the worker's shell
+    train+=" --config.${COPY_FIELDS[$i]}=\"\$HOME/$MODELS_DIR/${COPY_NAMES[$i]}\""
+  done
+  note "$ACCELERATOR: $HOSTS host(s); $CONFIG_FILE:$VARIANT (stage $CONFIG_STAGE); workdir $WORKDIR"
+  cmd_copy_models
   # No per-worker flags: on a slice `jasper-jax train` initialises jax.distributed itself.
   if ((DETACH)); then
     ssh_cmd all "$ACTIVATE && mkdir -p \"\$HOME/jasper-logs\" && nohup $train > \"\$HOME/$log\" 2>&1 < /dev/null & echo started on \$(hostname)"
@@ -377,13 +518,13 @@ cmd_logs() {
 }
 
 cmd_fetch() {
-  local remote_export="exports/$RUN_NAME-stage$STAGE" out="${OUTPUT:-exports}"
+  local remote_export="exports/$RUN_NAME-$STAGE_DIR" out="${OUTPUT:-exports}"
   local export_words
   # CPU: worker 0 alone cannot use the TPUs of a multi-host slice, and export needs none.
   export_words="JAX_PLATFORMS=cpu $(quote_words jasper-jax export --workdir "$WORKDIR" --output "$remote_export")"
   run mkdir -p "$out"
   if [[ -n "$BUCKET" ]]; then
-    local gcs="$BUCKET/$RUN_NAME/export/$RUN_NAME-stage$STAGE"
+    local gcs="$BUCKET/$RUN_NAME/export/$RUN_NAME-$STAGE_DIR"
     ssh_cmd 0 "$ACTIVATE && $export_words && gcloud storage cp -r $(quote_words "$remote_export" "${gcs%/*}/")"
     run gcloud storage cp -r "$gcs" "$out/"
   else
@@ -414,7 +555,8 @@ main() {
   CONFIG="${JASPER_CONFIG:-configs/embedded_default.py:1}"
   WORKDIR="" RUN_NAME="" SOURCE="copy" REPO_URL="" REF="" OUTPUT="" COMMAND=""
   DRY_RUN=0 QUEUED="" SPOT=0 INTERNAL_IP=0 TEACHERS=0 DETACH=0 HOSTS=1 GENERATION=""
-  OVERRIDES=()
+  OVERRIDES=() COPIES=() COPY_FIELDS=() COPY_SOURCES=() COPY_NAMES=()
+  CONFIG_FILE="" VARIANT="" CONFIG_STAGE="" STAGE_DIR="" FROM_DIR=""
   parse_args "$@"
   validate
   case "$COMMAND" in

@@ -20,6 +20,7 @@ import pytest
 from packaging.specifiers import SpecifierSet
 
 from jasper_jax.cli import build_parser
+from jasper_jax.config import import_config_module, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch" / "tpu.sh"
@@ -44,7 +45,8 @@ def tpu_sh(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         [BASH, str(SCRIPT), *args],
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        # The script asks the config files (through jasper_jax.config) with this Python.
+        env={**os.environ, "JASPER_PYTHON": sys.executable, **(env or {})},
         timeout=60,
     )
 
@@ -431,7 +433,14 @@ def test_settings_from_environment():
         (["--accelerator", "v5e-8", "create"], "--accelerator v5litepod-8"),
         (["--accelerator", "v4-12", "create"], "multiples of 8"),
         (["--config", "configs/nope.py:1", "train"], "'configs/nope.py' does not exist"),
-        (["--config", "configs/embedded_default.py:x", "train"], "must be a number"),
+        (["--config", "configs/embedded_default.py:x", "train"], "no such variant"),
+        (["--config", "jasper_paper:pairs", "train"], "has 1, 2, 3, 4, long"),
+        (["--config", "jasper_paper:a/b", "train"], "a stage number or a variant name"),
+        (["train", "--config.optim.lrr=1"], "no field 'lrr'"),
+        (["--copy-model", "/no/such/model", "train"], "is not a local folder"),
+        (["--copy-model", "gs://B A D/m", "train"], "is not a gs:// path"),
+        (["--copy-model", "gs://bk-1/m", "create"], "applies to 'train' only"),
+        (["--copy-model", "gs://bk-1/m", "train", "--config.model.init_hf=x"], "drop '--config"),
         (["--bucket", "gs://B A D", "train"], "use --bucket gs://BUCKET"),
         (["train", "--config.optim.lr"], "--config.section.field=VALUE"),
         (["create", "--config.optim.lr=1"], "apply to 'train' only"),
@@ -465,3 +474,109 @@ def test_missing_gcloud_stops_unless_dry_run(tmp_path):
     assert "install the Google Cloud CLI" in r.stderr and "--dry-run" in r.stderr
     r = tpu_sh("--dry-run", *WHERE, "create", env={"PATH": str(bare)})
     assert r.returncode == 0 and "tpu-vm create" in r.stdout
+
+
+def recipe_variants() -> list[tuple[str, str, str]]:
+    """Every (config file, variant, variant it starts from or "") that configs/ defines: stage
+    numbers (`STAGES`, each from the one before) and named variants (`VARIANTS`: name -> the
+    stage it starts from)."""
+    found = []
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        module = import_config_module(path)
+        file = f"configs/{path.name}"
+        for n in sorted(module.STAGES):
+            found.append((file, str(n), str(n - 1) if n > 1 else ""))
+        found += [(file, name, str(start)) for name, start in module.VARIANTS.items()]
+    return found
+
+
+def test_variants_table_names_every_variant_get_config_knows():
+    """`VARIANTS` (what the launcher reads) = the names `get_config` answers to."""
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        names = set(re.findall(r'\barg == "(\w+)"', path.read_text()))
+        assert names == set(import_config_module(path).VARIANTS), path
+    assert {("configs/jasper_paper.py", "long"), ("configs/embedded_default.py", "pairs")} <= {
+        (f, v) for f, v, _ in recipe_variants()
+    }
+
+
+@pytest.mark.parametrize("file, variant, start", recipe_variants())
+def test_every_recipe_variant_trains_and_fetches_in_a_chain(file, variant, start):
+    """Each variant of every config: the dry run exits 0, every worker gets `train` with that
+    config:variant in its own workdir, starting from the workdir the stage it continues wrote;
+    fetch exports that same workdir."""
+    where = ["--accelerator", "v4-32", "--bucket", "gs://bk-1", "--config", f"{file}:{variant}"]
+    r = tpu_sh("--dry-run", *WHERE, *where, "train")
+    assert r.returncode == 0, r.stderr
+    [ssh] = printed_commands(r.stdout)
+    assert flag(ssh, "--worker") == "all"
+    args, overrides = cli_args(remote_train_argv(flag(ssh, "--command")))
+    assert (args.command, args.config) == ("train", f"{file}:{variant}")
+    assert args.workdir.startswith("gs://bk-1/")
+    if start:
+        from_dir = train_workdir(*where[:4], "--config", f"{file}:{start}")
+        assert overrides == [f"--config.init_from={from_dir}"] and from_dir != args.workdir
+    else:
+        assert overrides == []
+    # What a worker runs loads (stage 4 included, which needs init_from).
+    assert load_config(args.config, overrides).stage in (1, 2, 3, 4)
+    mkdir, ssh, copy_down = printed_commands(tpu_sh("--dry-run", *WHERE, *where, "fetch").stdout)
+    exported = shlex.split(flag(ssh, "--command"))
+    assert exported[exported.index("--workdir") + 1] == args.workdir
+
+
+def test_unknown_variant_is_one_line_listing_the_real_ones(fake_gcloud):
+    env, calls = fake_gcloud
+    for path in sorted((ROOT / "configs").glob("*.py")):
+        r = tpu_sh(*WHERE, "--config", f"configs/{path.name}:longer", "train", env=env)
+        assert r.returncode == 2 and calls() == []
+        [line] = r.stderr.strip().splitlines()
+        listed = line.split(" has ", 1)[1].split(", e.g.")[0].split(", ")
+        assert sorted(listed) == sorted(v for f, v, _ in recipe_variants() if f.endswith(path.name))
+
+
+def test_copy_model_reaches_every_worker_before_training(fake_gcloud, worker, tmp_path):
+    """--copy-model: a local folder (scp to all workers) and a gs:// path (rsync on every
+    worker) are copied before `train`, replacing an older copy, and the worker's `train`
+    reads its config fields from exactly those copies."""
+    env, calls = fake_gcloud
+    model = tmp_path / "stella_en_1.5B_v5"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "qwen2"}')
+    vision = "model.vision.init_hf=gs://bk-1/models/siglip-so400m/"
+    args = [*WHERE, "--accelerator", "v4-32", "--bucket", "gs://bk-1", "--config",
+            "jasper_paper:4", "--copy-model", str(model), "--copy-model", vision,
+            "train", *TRICKY[:1]]  # fmt: skip
+    dry = tpu_sh("--dry-run", *args)
+    real = tpu_sh(*args, env=env)
+    assert real.returncode == 0, real.stderr
+    executed = [["gcloud", *c] for c in calls()]
+    assert executed == printed_commands(dry.stdout)
+    assert all(flag(c, "--worker") == "all" for c in executed)
+    assert [c[4] for c in executed] == ["ssh", "scp", "ssh", "ssh"]  # train comes last
+    clear, scp, sync, train = executed
+
+    home, run, worker_calls, installed = worker
+    installed()
+    stale = home / "jasper-models" / model.name / "old.bin"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("a previous copy")
+    run(flag(clear, "--command"))
+    source, target = [a for a in scp[5:] if not a.startswith("--")]
+    assert "--recurse" in scp and source == str(model) and target.startswith("jasper-tpu:")
+    shutil.copytree(source, home / target.split(":", 1)[1] / Path(source).name)  # what scp does
+    run(flag(sync, "--command"))
+    run(flag(train, "--command"))
+    rsync, jasper = worker_calls()
+    assert rsync["args"][:2] == ["storage", "rsync"] and "--recursive" in rsync["args"]
+    src, dest = rsync["args"][-2:]
+    assert src == "gs://bk-1/models/siglip-so400m"
+
+    parsed, overrides = cli_args(["jasper-jax", *jasper["args"]])
+    config = load_config(parsed.config, overrides)
+    copied = Path(config.model.init_hf)
+    assert copied.parent == home / "jasper-models" and not stale.exists()
+    assert sorted(p.name for p in copied.iterdir()) == ["config.json"]
+    assert (copied / "config.json").read_text() == (model / "config.json").read_text()
+    assert Path(config.model.vision.init_hf) == Path(rsync["cwd"]) / dest
+    assert config.optim.lr == 3e-5 and config.init_from.endswith("/stage3")
