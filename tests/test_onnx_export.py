@@ -107,6 +107,8 @@ def test_folder_holds_both_graphs_and_their_description(bert_export):
         assert (bert_export / "onnx" / f"{head}.onnx").is_file()
         assert (bert_export / "onnx" / f"{head}_int8.onnx").is_file()
     assert not [p for p in bert_export.parent.iterdir() if p.name.startswith(".out.")]
+    card = (bert_export / "README.md").read_text()
+    assert "`onnx/<head>.onnx`" in card and "`dense_384`, `pooled`" in card
 
 
 def test_graph_has_dynamic_batch_and_sequence_axes(bert_export):

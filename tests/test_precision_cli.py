@@ -63,6 +63,9 @@ def _encode(model: Path, text_file: Path, out: Path, *flags: str) -> int:
 
 def test_export_calibration_is_the_min_max_of_our_jax_vectors(exported, files):
     saved = json.loads((exported / "calibration.json").read_text())
+    card = (exported / "README.md").read_text()  # the model card names the file and its texts
+    assert "`calibration.json`" in card and f"{saved['texts']['count']} texts" in card
+    assert "onnx/" not in card  # no --onnx: no ONNX line
     texts = files["calib"].read_text(encoding="utf-8").splitlines()
     assert saved["texts"]["count"] == 120 and saved["texts"]["prompt"] == "passage: "
     assert saved["texts"]["sha256"] == hashlib.sha256(files["calib"].read_bytes()).hexdigest()

@@ -62,11 +62,15 @@ def build_folder(
             source.vision, source.vision_params, folder / VISION_DIR, source.image_tokens
         )
     summary["vision"] = source.vision is not None
-    card = model_card(source.meta, summary, workdir_evaluation(workdir))
-    (folder / "README.md").write_text(card, encoding="utf-8")
     write_json(folder / MARKER, marker_record(workdir, source.meta["step"], head))
     honour_umask(folder, directory=True)  # mkdtemp made it 0700
     return summary
+
+
+def write_card(source: RunModel, workdir: str | Path, folder: Path, summary: dict) -> None:
+    """README.md, written last: it names every file the export holds (ONNX, calibration)."""
+    card = model_card(source.meta, summary, workdir_evaluation(workdir))
+    (folder / "README.md").write_text(card, encoding="utf-8")
 
 
 def export_workdir(
@@ -116,6 +120,7 @@ def export_workdir(
                 )
             if onnx_heads is not None:
                 summary["onnx"] = write_onnx(tmp, source.text, onnx_heads, summary)
+            write_card(source, workdir, tmp, summary)
             check_output(output, overwrite, workdir)  # made meanwhile by something unlocked
             install_folder(tmp, output)
     log.info("exported %s step %d to %s", workdir, source.meta["step"], output)

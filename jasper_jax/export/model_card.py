@@ -163,6 +163,29 @@ def _usage(summary: dict) -> list[str]:
     return lines
 
 
+def _compact_section(summary: dict) -> list[str]:
+    """The ONNX graphs and int8 ranges this export holds (`--onnx`, `--calibration`)."""
+    lines = []
+    if summary.get("onnx"):
+        heads = ", ".join(f"`{h}`" for h in summary["onnx"])
+        lines += [
+            f"- `onnx/<head>.onnx` and `onnx/<head>_int8.onnx` for {heads}: token ids and"
+            " attention mask in, the head's unit vector out (pooling, Dense and Normalize inside"
+            " the graph; `onnx/onnx.json` says how they were built). Run them with onnxruntime"
+            " or `jasper-jax encode --model FOLDER --backend onnx|onnx-int8`.",
+        ]
+    calibration = summary.get("calibration")
+    if calibration:
+        lines += [
+            f"- `calibration.json`: per-dimension int8 ranges of every head, measured on"
+            f" {calibration.get('count', '?')} texts of `{calibration.get('file', '?')}`;"
+            " `jasper-jax encode --precision int8|uint8` reads them (binary and ubinary need"
+            " none). Pass them as `ranges` to sentence-transformers' `quantize_embeddings` to"
+            " store the same bytes.",
+        ]
+    return ["## ONNX and compact vectors", "", *lines, ""] if lines else []
+
+
 def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
     """Markdown model card.
 
@@ -193,6 +216,7 @@ def model_card(meta: dict, summary: dict, evaluation: dict | None) -> str:
         "",
         *_heads_section(summary),
         *_usage(summary),
+        *_compact_section(summary),
     ]
     if evaluation:
         lines += _evaluation_section(evaluation)
