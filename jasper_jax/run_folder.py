@@ -5,7 +5,8 @@
                               stage 4 adds the SigLIP tower ("vision") and "image_tokens"
     WORKDIR/checkpoints/STEP  orbax checkpoints: "state", "data" and "integrity"
 
-`encode`, `eval`, `export` and a stage hand-off read a workdir through this module only.
+`encode`, `eval`, `export` and a stage hand-off (`train.checkpoint.restore_params`, through
+`first_verified` and `verify`) read a workdir through this module only.
 
 Integrity: each checkpoint holds, besides "state" and "data", an "integrity" item with the
 fingerprint of every state array (`fingerprint.py`), computed on device at save. Every read
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -142,8 +144,10 @@ def integrity_record(state: Any) -> dict:
     return {"algorithm": fingerprint.ALGORITHM, "arrays": fingerprint.tree_fingerprints(state)}
 
 
-def verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-    """Compares a restored state with the fingerprints its checkpoint recorded.
+def verify(manager: ocp.CheckpointManager, step: int, state: Any, partial: bool = False) -> None:
+    """Compares a restored state with the fingerprints its checkpoint recorded, on device (only
+    one uint32 per array comes to the host). `partial`: `state` holds a part of the checkpoint
+    (a stage hand-off's params): only its arrays are compared, each must have a record.
 
     Raises:
       DamagedCheckpoint: a fingerprint differs (or the record is unreadable).
@@ -165,6 +169,8 @@ def verify(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     if record.get("algorithm") != fingerprint.ALGORITHM:
         raise DamagedCheckpoint(f"unknown fingerprint algorithm {record.get('algorithm')!r}")
     actual = fingerprint.tree_fingerprints(state)
+    if partial:
+        recorded = {k: v for k, v in recorded.items() if k in actual}
     bad = fingerprint.mismatches(recorded, actual)
     if bad:
         raise DamagedCheckpoint(
@@ -179,14 +185,18 @@ def _read_verified(manager: ocp.CheckpointManager, step: int) -> Any:
     except Exception as e:  # orbax raises many types for truncated or damaged files
         raise DamagedCheckpoint(f"cannot be read: {one_line(e)}") from e
     verify(manager, step, restored["state"])
-    return restored["state"]
+    return restored["state"]["params"]
 
 
-def load_params(workdir: PathLike, step: int | None = None) -> tuple[Any, int]:
-    """(params as a host numpy tree, step) of a workdir's checkpoint: the latest that verifies,
-    or exactly `step`.
-
-    Used for stage hand-off (weights only, fresh optimiser) and for encode/eval/export.
+def first_verified(
+    workdir: PathLike,
+    step: int | None,
+    read: Callable[[ocp.CheckpointManager, int], Any],
+    state_handler: ocp.CheckpointHandler,
+) -> tuple[Any, int]:
+    """(`read(manager, step)`, step) of the latest checkpoint whose read verifies, falling back
+    past damaged ones with a warning, or of exactly `step`. `read` raises DamagedCheckpoint;
+    `state_handler` reads the "state" item (the pytree one can restore a part of it).
 
     Raises:
       UserError: no checkpoints/ folder, no such step, or no checkpoint that verifies.
@@ -200,7 +210,7 @@ def load_params(workdir: PathLike, step: int | None = None) -> tuple[Any, int]:
     manager = ocp.CheckpointManager(
         directory,
         item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
+            "state": state_handler,
             INTEGRITY: ocp.JsonCheckpointHandler(),
         },
         options=ocp.CheckpointManagerOptions(create=False),
@@ -212,25 +222,36 @@ def load_params(workdir: PathLike, step: int | None = None) -> tuple[Any, int]:
                 f"{directory} has no checkpoint {step if step is not None else ''} "
                 f"(available steps: {sorted(steps)})"
             )
-        # The latest that verifies (falling back past damaged ones), or exactly `step`.
         candidates = sorted(steps, reverse=True) if step is None else [step]
         damaged = []
         for candidate in candidates:
             try:
-                state = _read_verified(manager, candidate)
+                value = read(manager, candidate)
             except DamagedCheckpoint as e:
                 damaged.append(f"step {candidate}: {e}")
                 log.warning("checkpoint %s is damaged (%s)", directory / str(candidate), e)
                 continue
             if damaged:
                 log.warning("using checkpoint %s instead", directory / str(candidate))
-            return jax.device_get(state["params"]), candidate
+            return value, candidate
     finally:
         manager.close()
     raise UserError(
         f"no good checkpoint in {directory} ({'; '.join(damaged)}); restore it from a backup, "
         "pass --step of an intact one, or re-run the stage"
     )
+
+
+def load_params(workdir: PathLike, step: int | None = None) -> tuple[Any, int]:
+    """(params as a host numpy tree, step) of a workdir's checkpoint: the latest that verifies,
+    or exactly `step`. For encode/eval/export (a stage hand-off uses
+    `train.checkpoint.restore_params`).
+
+    Raises:
+      UserError: no checkpoints/ folder, no such step, or no checkpoint that verifies.
+    """
+    params, step = first_verified(workdir, step, _read_verified, ocp.StandardCheckpointHandler())
+    return jax.device_get(params), step
 
 
 # ---- the workdir as a model ------------------------------------------------------------------

@@ -2,7 +2,13 @@
 
 `WORKDIR/run.json` records what run the checkpoints belong to; a workdir holding another run's
 checkpoints is refused rather than mixed or overwritten. The folder's format, and reading the
-params of a checkpoint (stage hand-off, encode, export), live in `jasper_jax.run_folder`.
+params of a checkpoint (encode, export), live in `jasper_jax.run_folder`; a stage hand-off
+restores the previous stage's params straight into the new stage's shardings
+(`restore_params`, no host copy of the tree).
+
+Saves are asynchronous: `save` returns once the state is copied off the devices and its
+fingerprints are taken; the files are written in the background. `wait` (the loop calls it
+before it returns or raises) and `close` block until the last save is committed.
 
 Integrity: each checkpoint holds, besides "state" and "data", an "integrity" item with the
 fingerprint of every state array (`run_folder.integrity_record`), computed on device at save.
@@ -14,6 +20,7 @@ existed restore unverified, with a warning.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -21,6 +28,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from jasper_jax.errors import UserError, one_line
@@ -30,6 +38,7 @@ from jasper_jax.run_folder import (
     INTEGRITY,
     RUN_FILE,
     DamagedCheckpoint,
+    first_verified,
     integrity_record,
     verify,
 )
@@ -71,7 +80,10 @@ class Checkpointer:
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=keep,
                 create=True,
-                enable_async_checkpointing=False,
+                # Saves write in a background thread once the arrays are on the host
+                # (`save` returns then, so the next step may donate them); `wait` and `close`
+                # block until the last one is committed.
+                enable_async_checkpointing=True,
                 # Safe: the caller holds the workdir lock, so no live save owns them.
                 cleanup_tmp_directories=True,
             ),
@@ -109,6 +121,8 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any) -> None:
+        """Starts saving `state` and the iterator's position as checkpoint `step` (no-op when
+        it exists); the integrity record is computed on device now, from the same arrays."""
         if step in self.manager.all_steps():
             return
         self.manager.save(
@@ -120,6 +134,9 @@ class Checkpointer:
             ),
             force=True,
         )
+
+    def wait(self) -> None:
+        """Blocks until every save started so far is committed (before exit or a report)."""
         self.manager.wait_until_finished()
 
     def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[Any, int] | None:
@@ -174,3 +191,64 @@ class Checkpointer:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def restore_params(
+    workdir: PathLike, target: Any, step: int | None = None
+) -> tuple[dict[tuple[str, ...], jax.Array], int]:
+    """(flat params {path: array}, step) of a workdir's checkpoint (the latest that verifies,
+    or exactly `step`), restored straight into `target`'s shardings: each process reads only
+    the shards its devices hold, and no full tree passes through host memory (stage hand-off).
+
+    target: the new stage's params, a nested dict of `jax.ShapeDtypeStruct` with `sharding`.
+    Only paths both the checkpoint and `target` hold are restored (a new stage's heads or
+    tower are not in the checkpoint; a previous stage's extra params are left on disk); each
+    is verified against its recorded fingerprint, then cast to the target's dtype.
+
+    Raises:
+      UserError: as `load_params`, or a path both hold has another shape in the checkpoint.
+    """
+    flat = traverse_util.flatten_dict(target)
+    read = functools.partial(_restore_into, target=flat, workdir=workdir)
+    return first_verified(workdir, step, read, ocp.PyTreeCheckpointHandler())
+
+
+def _restore_into(manager: ocp.CheckpointManager, step: int, target: dict, workdir) -> dict:
+    """The part of checkpoint `step`'s params that `target` (flat) names, on its shardings."""
+    try:
+        stored = traverse_util.flatten_dict(manager.item_metadata(step)["state"].tree["params"])
+    except Exception as e:  # a missing or damaged metadata file
+        raise DamagedCheckpoint(f"its metadata cannot be read: {one_line(e)}") from e
+    common = {}
+    for path, want in target.items():
+        if path not in stored:
+            continue
+        if tuple(stored[path].shape) != tuple(want.shape):
+            raise UserError(
+                f"{'/'.join(path)} has shape {tuple(stored[path].shape)} in {workdir} step "
+                f"{step} but {tuple(want.shape)} in this config: model.heads or the student differ"
+            )
+        # The stored dtype first, so the fingerprints compare the bytes as written.
+        common[path] = jax.ShapeDtypeStruct(want.shape, stored[path].dtype, sharding=want.sharding)
+    if not common:
+        return {}
+    item = {"params": traverse_util.unflatten_dict(common)}
+    args = ocp.args.PyTreeRestore(
+        item=item,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True,  # the checkpoint's other arrays (optimiser, old heads) stay unread
+    )
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=args))["state"]
+    except Exception as e:  # orbax raises many types for truncated or damaged files
+        raise DamagedCheckpoint(f"cannot be read: {one_line(e)}") from e
+    verify(manager, step, restored, partial=True)
+    out = traverse_util.flatten_dict(restored["params"])
+    return {path: _as_dtype(x, target[path]) for path, x in out.items()}
+
+
+def _as_dtype(x: jax.Array, want: jax.ShapeDtypeStruct) -> jax.Array:
+    """`x` in `want`'s dtype, cast on device where it lives."""
+    if x.dtype == want.dtype:
+        return x
+    return jax.jit(lambda a: a.astype(want.dtype), out_shardings=want.sharding)(x)

@@ -113,6 +113,14 @@ class _Run:
 
 def _train_and_evaluate(s: Settings, workdir, evaluator) -> dict[str, Any]:
     run = _prepare(s, workdir)
+    try:
+        return _stage(s, workdir, evaluator, run)
+    finally:
+        run.checkpointer.close()  # waits for an asynchronous save still being written
+
+
+def _stage(s: Settings, workdir, evaluator, run: _Run) -> dict[str, Any]:
+    """Start state, steps and the final evaluation of a prepared stage."""
     state, start, start_scores = _start_state(s, run, workdir, evaluator)
     if s.train.steps == 0 and run.checkpointer.latest_step() is None:
         # A fit-only stage (closed-form heads, no gradient steps): its result is the start.
@@ -131,7 +139,6 @@ def _train_and_evaluate(s: Settings, workdir, evaluator) -> dict[str, Any]:
             result["step"], {f"eval/{k}": v for k, v in _flatten(result["eval"]).items()}
         )
     result.pop("state", None)
-    run.checkpointer.close()
     return result
 
 
@@ -282,6 +289,9 @@ def _run(s: Settings, workdir, step_fn, state, run: _Run, start: int) -> dict[st
         else:
             step = s.train.steps
     finally:
+        # The last (asynchronous) save is on disk before the loop reports or raises: a
+        # preempted process may be killed right after it returns.
+        checkpointer.wait()
         preemption.restore()
         writer.close()
     # Token lengths the step was compiled for (one program each; data.length_groups).

@@ -1,7 +1,8 @@
 """Where a fresh run's parameters come from (the loop's start-up order, steps 2 and 3).
 
-Random init (sharded) is overwritten by the task's pretrained weights (HF) and, with
-`init_from`, by the previous stage's parameters; heads that neither provides are fitted in
+With `init_from`, the previous stage's parameters (restored from its checkpoint straight into
+this stage's shardings: no host copy of the tree); the rest from the task's pretrained
+weights (HF); the rest at random init (sharded). Heads that neither provides are fitted in
 closed form (`model.head_init = "lstsq"`, see `head_init.py`) or keep their random init.
 """
 
@@ -21,9 +22,9 @@ from jasper_jax.data.pair_pipeline import flatten_pairs
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
 from jasper_jax.errors import UserError
 from jasper_jax.models.embedder import head_name
-from jasper_jax.run_folder import load_params
 from jasper_jax.settings import Settings
 from jasper_jax.train import head_init
+from jasper_jax.train.checkpoint import restore_params
 from jasper_jax.train.task import Task
 from jasper_jax.train.text_task import TextTask
 
@@ -32,24 +33,23 @@ FlatParams = dict[tuple[str, ...], Any]
 
 
 def initial_params(s: Settings, task: Task, shardings: Any, mesh: Any) -> tuple[Any, bool]:
-    """Random params (sharded), overwritten by HF weights or the previous stage's params; heads
-    neither provides are fitted in closed form with `model.head_init = "lstsq"`. Returns
-    (params, whether any head was fitted)."""
-    init = jax.jit(lambda rng: nn.meta.unbox(task.init(rng)), out_shardings=shardings)
-    params = traverse_util.flatten_dict(init(jax.random.key(s.seed)))
-    loaded, source = _loaded_params(s, task)
+    """The new stage's params, each created on its sharding (`shardings`): the previous
+    stage's (`init_from`, restored straight into these shardings), else the task's pretrained
+    weights (HF), else random init; heads neither provides are fitted in closed form with
+    `model.head_init = "lstsq"`. Returns (params, whether any head was fitted)."""
     flat_shardings = traverse_util.flatten_dict(shardings)
-    fresh = []
-    for path in params:
-        if path not in loaded:
-            fresh.append(path)
-            continue
-        if tuple(loaded[path].shape) != tuple(params[path].shape):
-            raise UserError(
-                f"{'/'.join(path)} has shape {loaded[path].shape} in {source} but "
-                f"{params[path].shape} in this config: model.heads or the student differ"
-            )
-        params[path] = jax.device_put(np.asarray(loaded[path], np.float32), flat_shardings[path])
+    shapes = jax.eval_shape(lambda rng: nn.meta.unbox(task.init(rng)), jax.random.key(s.seed))
+    target = {
+        path: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat_shardings[path])
+        for path, x in traverse_util.flatten_dict(shapes).items()
+    }
+    params, source = _previous_stage(s, target)
+    pretrained, hf_source = _pretrained(task, target, params)
+    params.update(pretrained)
+    source = " + ".join(filter(None, (source, hf_source)))
+    fresh = [path for path in target if path not in params]
+    params.update(_random_init(s, task, fresh, flat_shardings))
+    params = {path: params[path] for path in target}  # the model's order
     new_heads = sorted({p[1] for p in fresh if p[0] == "heads"})
     # Only text tasks have targets to regress on (stage 4 keeps the student's trained heads).
     fitted = bool(new_heads) and s.model.head_init == "lstsq" and isinstance(task, TextTask)
@@ -61,16 +61,45 @@ def initial_params(s: Settings, task: Task, shardings: Any, mesh: Any) -> tuple[
     return traverse_util.unflatten_dict(params), fitted
 
 
-def _loaded_params(s: Settings, task: Task) -> tuple[FlatParams, str]:
-    """(flat params to load, where they come from): the task's pretrained weights, overlaid by
-    the previous stage's where both have a path (stage 4's tower comes from the task alone)."""
+def _previous_stage(s: Settings, target: FlatParams) -> tuple[FlatParams, str]:
+    """(the previous stage's params that the new stage has, restored on the new stage's
+    shardings with no host copy of the tree; where they come from), or ({}, "")."""
+    if not s.init_from:
+        return {}, ""
+    params, step = restore_params(s.init_from, traverse_util.unflatten_dict(target))
+    return params, f"{s.init_from} step {step}"
+
+
+def _pretrained(task: Task, target: FlatParams, loaded: FlatParams) -> tuple[FlatParams, str]:
+    """(the task's pretrained weights for the paths `loaded` lacks, put on their shardings leaf
+    by leaf from the host arrays the task holds (the HF encoder, stage 4's tower); source)."""
     pretrained, source = task.pretrained()
-    loaded = traverse_util.flatten_dict(pretrained)
-    if s.init_from:
-        previous, step = load_params(s.init_from)
-        loaded = {**loaded, **traverse_util.flatten_dict(previous)}
-        source = f"{s.init_from} step {step} + {source}"
-    return loaded, source
+    out = {}
+    for path, value in traverse_util.flatten_dict(pretrained).items():
+        if path in loaded or path not in target:
+            continue
+        want = target[path]
+        if tuple(value.shape) != tuple(want.shape):
+            raise UserError(
+                f"{'/'.join(path)} has shape {tuple(value.shape)} in {source} but "
+                f"{tuple(want.shape)} in this config: model.heads or the student differ"
+            )
+        out[path] = jax.device_put(np.asarray(value, want.dtype), want.sharding)
+    return out, source
+
+
+def _random_init(s: Settings, task: Task, paths: list, flat_shardings: dict) -> FlatParams:
+    """Random init of `paths` only, on their shardings (XLA drops the other leaves' work, so
+    a hand-off never holds a second copy of the restored params)."""
+    if not paths:
+        return {}
+
+    def init(rng):
+        flat = traverse_util.flatten_dict(nn.meta.unbox(task.init(rng)))
+        return {path: flat[path] for path in paths}
+
+    out_shardings = {path: flat_shardings[path] for path in paths}
+    return jax.jit(init, out_shardings=out_shardings)(jax.random.key(s.seed))
 
 
 def _fit_heads(
