@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jasper_jax.calibration import CalibrationTexts
 from jasper_jax.cli import main
+from jasper_jax.commands.encode_io import read_texts
 from jasper_jax.config import to_settings
 from jasper_jax.export import export_workdir
 from jasper_jax.run_folder import is_workdir
@@ -60,9 +62,13 @@ def qwen2_workdir(tiny_setup, tmp_path_factory) -> Path:  # noqa: F811
 
 
 @pytest.fixture(scope="module")
-def bert_export(bert_workdir, tmp_path_factory) -> Path:
+def bert_export(bert_workdir, text_file, tmp_path_factory) -> Path:
+    """ONNX graphs of dense_384 and pooled, and int8 ranges measured on the 300 texts."""
     out = tmp_path_factory.mktemp("onnx_bert") / "out"
-    summary = export_workdir(bert_workdir, out, onnx_heads=["dense_384", "pooled"])
+    texts = CalibrationTexts.from_file(text_file, read_texts(text_file))
+    summary = export_workdir(
+        bert_workdir, out, onnx_heads=["dense_384", "pooled"], calibration=texts
+    )
     assert summary["onnx"] == ["dense_384", "pooled"]
     return out
 
@@ -133,6 +139,23 @@ def test_qwen2_onnx_fp32_matches_jax_encode(qwen2_workdir, text_file, tmp_path):
     out = tmp_path / "export"
     assert main(["export", "--workdir", str(qwen2_workdir), "--output", str(out), "--onnx"]) == 0
     _parity(qwen2_workdir, out, text_file, tmp_path, "dense_384")
+
+
+@pytest.mark.parametrize("backend", ["onnx", "onnx-int8"])
+def test_onnx_vectors_stored_in_each_precision(bert_export, text_file, tmp_path, backend):
+    """--precision on the ONNX backend = quantize() of its float output with the export's
+    calibration.json ranges (int8/uint8), as on the JAX backend."""
+    from jasper_jax.precision import quantize
+
+    flags = ("--head", "dense_384", "--backend", backend)
+    floats = _encode(bert_export, text_file, tmp_path / "f.npy", *flags)
+    saved = json.loads((bert_export / "calibration.json").read_text())["outputs"]["dense_384"]
+    ranges = np.array([saved["min"], saved["max"]], np.float32)
+    for precision in ("int8", "ubinary", "float16"):
+        got = _encode(bert_export, text_file, tmp_path / "p.npy", *flags, "--precision", precision)
+        want = quantize(floats, precision, ranges if precision == "int8" else None)
+        assert got.dtype == want.dtype and got.shape == want.shape, precision
+        np.testing.assert_array_equal(got, want, err_msg=precision)
 
 
 def test_int8_on_tiny_student_stays_close(bert_export, text_file, tmp_path):

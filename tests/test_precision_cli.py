@@ -158,8 +158,11 @@ def test_refusals_exit_2_and_leave_the_output_alone(exported, files, tmp_path, c
     assert main([*images, "--precision", "binary"]) == 2
     err = capsys.readouterr().err
     assert "drop --images" in err and len(err.strip().splitlines()) == 1
-    err = _refused(["--precision", "ubinary", "--backend", "onnx"], out, capsys, exported, files)
-    assert "drop --backend onnx" in err
+    calib = ["--calibration", str(files["calib"])]
+    err = _refused(
+        ["--precision", "int8", "--backend", "onnx", *calib], out, capsys, exported, files
+    )
+    assert "export ... --calibration" in err and "--backend onnx" in err
 
     damaged = tmp_path / "damaged"
     shutil.copytree(exported, damaged)

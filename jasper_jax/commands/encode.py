@@ -85,7 +85,7 @@ def main(args: argparse.Namespace) -> int:
     if args.backend != "jax":
         from jasper_jax.commands.encode_onnx import encode_onnx_main  # onnxruntime: on demand
 
-        return encode_onnx_main(args)
+        return encode_onnx_main(args, plan)
     if args.images:
         if args.chunks:
             raise UserError("--chunks applies to texts; drop it with --images")

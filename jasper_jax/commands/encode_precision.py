@@ -87,8 +87,8 @@ class PrecisionPlan:
         """Checks the flags and reads the calibration source; refuses before any compute.
 
         Raises:
-          UserError: --precision other than float32 with --images or an ONNX backend;
-            --calibration without int8/uint8; int8/uint8 with no calibration to use.
+          UserError: --precision other than float32 with --images; --calibration without
+            int8/uint8 or with an ONNX backend; int8/uint8 with no calibration to use.
         """
         precision = getattr(args, "precision", "float32")
         calibration = getattr(args, "calibration", None)
@@ -98,17 +98,18 @@ class PrecisionPlan:
                 f"--calibration sets int8/uint8 ranges; --precision {precision} uses none: "
                 "drop --calibration or pass --precision int8"
             )
-        if precision != "float32":
-            for flag, given in (
-                ("--images", args.images),
-                (f"--backend {args.backend}", args.backend != "jax"),
-            ):
-                if given:
-                    raise UserError(
-                        f"--precision {precision} is supported for texts (and --chunks) with "
-                        f"--backend jax; drop {flag}, or encode in float32 and call "
-                        "jasper_jax.precision.quantize on the vectors"
-                    )
+        if precision != "float32" and args.images:
+            raise UserError(
+                f"--precision {precision} is supported for texts (and --chunks); drop --images, "
+                "or encode in float32 and call jasper_jax.precision.quantize on the vectors"
+            )
+        if calibration and args.backend != "jax":
+            # Ranges are measured with the JAX encoder, which an ONNX run does not load.
+            raise UserError(
+                f"--calibration measures ranges with --backend jax; with --backend "
+                f"{args.backend} export the ranges once (`jasper-jax export ... --calibration "
+                "TEXTS.txt`, read from the folder's calibration.json) or drop --backend"
+            )
         if not scalar:
             return cls(precision)
         if calibration:
