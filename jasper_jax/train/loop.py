@@ -31,7 +31,8 @@ from jasper_jax.run_folder import CHECKPOINT_DIR, write_model_json
 from jasper_jax.settings import Settings
 from jasper_jax.train import checkpoint as ckpt
 from jasper_jax.train import state as st
-from jasper_jax.train.reporting import MetricWriter, Progress, step_flops
+from jasper_jax.train.flops import batch_flops
+from jasper_jax.train.reporting import MetricWriter, Progress, step_cost
 from jasper_jax.train.start import initial_params
 from jasper_jax.train.step import chunk_loss_config, loss_config, make_train_step
 from jasper_jax.train.task import Task, make_task
@@ -259,12 +260,14 @@ def _run(s: Settings, workdir, step_fn, state, run: _Run, start: int) -> dict[st
             if shape not in compiled:
                 began = time.perf_counter()
                 fn = step_fn.lower(state, batch).compile()
-                compiled[shape] = (fn, step_flops(fn))
+                # Analytic model FLOPs (MFU) beside XLA's count of the compiled program.
+                model = batch_flops(getattr(run.task, "config", None), run.paths, batch)
+                compiled[shape] = (fn, step_cost(fn, model and model.total, s.model.remat))
                 progress.exclude(time.perf_counter() - began)  # rates count steps only
-            fn, flops = compiled[shape]
+            fn, cost = compiled[shape]
             state, metrics = fn(state, batch)
             done = step + 1
-            progress.add_step(float(metrics["tokens"]), flops)
+            progress.add_step(float(metrics["tokens"]), cost)
             if int(metrics["bad_in_row"]) >= s.train.max_nonfinite_in_row:
                 raise TrainingStopped(
                     f"{label}: {s.train.max_nonfinite_in_row} updates in a row had a non-finite "
