@@ -9,7 +9,8 @@ compute every block; the causal flash kernels skip the blocks above the diagonal
 causal student's MFU is overstated by up to the attention share), late-chunking span pooling,
 and every projection head. Left out: norms, softmax, activations, embedding lookups, the
 optimiser, and the losses (the similarity losses are O(batch^2 x dim) per head: 0.4 GFLOP at
-batch 128 x 12288 next to ~1e17 for the 1.5B student; the teacher side is precomputed).
+batch 128 x 12288 next to ~6e14 for the 1.5B student at 128 x 512; the teacher side is
+precomputed).
 
 Forward counts once. Backward counts, per weight matmul, the weight gradient (1x) where its
 weight trains and the input gradient (1x) where any parameter earlier in the forward trains
