@@ -140,9 +140,10 @@ class TextEncoder:
         if heads not in self._fns:
 
             def run(params, ids, mask, pool_from):
-                return self.module.apply(
-                    {"params": params}, ids, mask, heads=heads, pool_from=pool_from
-                )
+                with sharding.mesh_context(self.mesh):  # flash shard_map, activation constraints
+                    return self.module.apply(
+                        {"params": params}, ids, mask, heads=heads, pool_from=pool_from
+                    )
 
             # Replicated outputs: every process (multi-host eval) can read the whole batch.
             self._fns[heads] = jax.jit(run, out_shardings=sharding.replicated(self.mesh))

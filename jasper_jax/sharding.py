@@ -8,6 +8,7 @@ that axis (e.g. BERT's 30522-row vocabulary on a 4-way tensor axis), so any mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -212,6 +213,36 @@ def parse_mesh_shape(text: str, flag: str = "--mesh-shape") -> tuple[int, int, i
             "(-1: all remaining devices)"
         )
     return shape  # type: ignore[return-value]
+
+
+def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
+    """Makes `mesh` the ambient (abstract) mesh while a function is traced, so that code deep in
+    the models can read it (`jax.sharding.get_abstract_mesh()`): the flash kernels' shard_map and
+    `constrain_activation`. Enter it inside the jitted function; None: a no-op."""
+    if mesh is None:
+        return contextlib.nullcontext()
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def constrain_activation(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+    """`x` pinned to the rules' mesh axes for its logical axis names on the ambient mesh; a
+    dimension named None, or that no rule's axis divides, is left to XLA (unconstrained, not
+    replicated). A no-op without an ambient mesh, on one device, inside a shard_map, or where
+    nothing is pinned (e.g. 3 rows on a 4-way batch axis).
+
+    Args:
+      x: an activation, e.g. hidden states [batch, seq, hidden].
+      logical: one logical name (or None) per dimension, e.g. ("act_batch", None, None).
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
+        return x
+    spec = spec_for(x.shape, logical, mesh)
+    if all(e is None for e in spec):
+        return x
+    free = PartitionSpec.UNCONSTRAINED  # unnamed, or no rule divides: XLA decides
+    spec = PartitionSpec(*(free if e is None else e for e in spec))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

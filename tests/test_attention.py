@@ -114,17 +114,19 @@ def test_auto_resolution():
     # on this machine (CPU) auto never picks a kernel it does not have
     assert jax.default_backend() == "cpu"
     assert resolve_implementation(s, k_len=8192, dtype=jnp.bfloat16, **kw) == "blockwise"
-    # accelerators: the fused kernels where applicable
+    # accelerators: the fused kernels where applicable (one device here: no layout to fit; the
+    # mesh cases are in tests/test_attention_mesh.py)
+    kw["mesh"] = jax.sharding.AbstractMesh((1,), ("data",))
     assert resolve_implementation(s, k_len=4096, dtype=jnp.bfloat16, backend="gpu", **kw) == "flash"
     assert (
         resolve_implementation(s, k_len=4096, dtype=jnp.float32, backend="gpu", **kw) == "blockwise"
     )
     assert resolve_implementation(s, k_len=4096, dtype=jnp.float32, backend="tpu", **kw) == "flash"
-    biased = dict(head_dim=128, has_bias=True)
+    biased = dict(kw, has_bias=True)
     assert resolve_implementation(s, k_len=4096, dtype=jnp.float32, backend="tpu", **biased) == (
         "blockwise"
     )
-    odd = dict(head_dim=72, has_bias=False)  # SigLIP-so400m heads: not lane-aligned
+    odd = dict(kw, head_dim=72)  # SigLIP-so400m heads: not lane-aligned
     assert resolve_implementation(s, k_len=4096, dtype=jnp.float32, backend="tpu", **odd) == (
         "blockwise"
     )
@@ -351,12 +353,12 @@ def test_pallas_tpu_wrapper_in_interpret_mode():
     compilation on a real TPU stays untested here.)"""
     from jax.experimental.pallas import tpu as pltpu
 
-    from jasper_jax.models.attention import _pallas_tpu
+    from jasper_jax.models.flash import pallas_tpu
 
     q, k, v = qkv(3, 150, 150, 4, 2, head_dim=16)
     mask = padding_mask(3, 150)
     dense = lambda q: attend(q, k, v, mask, causal=True, dtype=jnp.float32, settings=DENSE)
-    flash = lambda q: _pallas_tpu(q, k, v, mask, True, jnp.float32)
+    flash = lambda q: pallas_tpu(q, k, v, mask, causal=True, dtype=jnp.float32)
     cotangent = jnp.asarray(np.random.RandomState(4).randn(*q.shape), jnp.float32)
     cotangent = cotangent.at[-1].set(0.0)  # the empty row's output is not dense's
     with pltpu.force_tpu_interpret_mode():

@@ -6,13 +6,11 @@
   running sum) softmax in float32; neither the scores nor the [B, 1, L, L] mask are ever built.
   Each query block is a `jax.checkpoint`, so the backward pass recomputes one block at a time:
   memory O(block * k_len) forward and backward instead of O(q_len * k_len).
-- "flash": the fused kernels where the backend has them: cuDNN through
-  `jax.nn.dot_product_attention(implementation="cudnn")` on GPU (fp16/bf16 only), the Pallas
-  TPU kernel (`jax.experimental.pallas.ops.tpu.flash_attention`) on TPU. CI is CPU-only: the
-  TPU wrapper is checked against dense through Pallas' TPU interpreter (not Mosaic on a real
-  TPU); the cuDNN branch is untested. Both are small and guarded.
+- "flash": the fused kernels where the backend has them (cuDNN on GPU, Pallas on TPU), in a
+  `shard_map` over the ambient mesh; see `jasper_jax.models.flash` (and what of it is tested).
 - "auto": dense up to `block_size` keys (small scores, the tested path, what every shipped
-  config runs at); beyond that flash where available and applicable, else blockwise.
+  config runs at); beyond that flash where available, applicable and laid out without repeated
+  work on the ambient mesh (`flash.fits_mesh`), else blockwise.
 
 Masking follows the dense path everywhere: a masked score gets float32's most negative value
 added (not -inf), so a row whose keys are all masked (an empty padding row) averages every key
@@ -22,13 +20,13 @@ instead of producing NaN; blockwise reproduces that exactly, flash keeps such ro
 from __future__ import annotations
 
 import dataclasses
-import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import flash_attention as fa
 
 from jasper_jax.errors import UserError
+from jasper_jax.models import flash as fused
 from jasper_jax.models.layers import Dtype, attention_bias, dot_product_attention
 
 IMPLEMENTATIONS = ("auto", "dense", "blockwise", "flash")
@@ -65,28 +63,30 @@ def resolve_implementation(
     dtype: Dtype,
     has_bias: bool,
     backend: str | None = None,
+    batch: int = 1,
+    heads: int = 1,
+    mesh: Any = None,
 ) -> str:
     """The implementation `attend` runs: `settings.implementation`, or auto's choice.
 
-    backend: "cpu", "gpu" or "tpu"; None reads `jax.default_backend()`.
+    Auto takes a fused kernel only where it compiles and shards without repeated work: the
+    backend has one for this head_dim/dtype, no additive bias, and on the mesh (data x fsdp)
+    divides `batch` and tensor divides `heads` (per-device shapes; `flash.fits_mesh`). With no
+    mesh on a host of several devices the arrays' layout is unknown, so auto stays blockwise.
+
+    backend: "cpu", "gpu" or "tpu"; None: `flash.backend()` (`jax.default_backend()`).
+    mesh: a `Mesh`/`AbstractMesh`; None reads the ambient one (`sharding.mesh_context`).
     """
     if settings.implementation != "auto":
         return settings.implementation
     if k_len <= settings.block_size:
         return "dense"
-    if not has_bias and _flash_applicable(backend or jax.default_backend(), head_dim, dtype):
-        return "flash"
-    return "blockwise"
-
-
-def _flash_applicable(backend: str, head_dim: int, dtype: Dtype) -> bool:
-    """Conservative: auto only takes the (here untested) kernels in their documented sweet spot;
-    an explicit "flash" still tries them elsewhere."""
-    if backend == "gpu":  # cuDNN flash attention: half precision, head_dim <= 128, multiple of 8
-        half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        return half and head_dim <= 128 and head_dim % 8 == 0
-    # Pallas TPU: lane-aligned heads (Qwen2-1.5B's 128; not SigLIP-so400m's 72)
-    return backend == "tpu" and head_dim % 128 == 0
+    if has_bias or not fused.flash_applicable(backend or fused.backend(), head_dim, dtype):
+        return "blockwise"
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    if mesh.empty and jax.device_count() > 1:
+        return "blockwise"
+    return "flash" if fused.fits_mesh(mesh, batch, heads) else "blockwise"
 
 
 def attend(
@@ -117,7 +117,13 @@ def attend(
     if key_mask is None:
         key_mask = jnp.ones((k.shape[0], k.shape[1]), jnp.int32)
     impl = resolve_implementation(
-        settings, k_len=k.shape[1], head_dim=q.shape[-1], dtype=dtype, has_bias=bias is not None
+        settings,
+        k_len=k.shape[1],
+        head_dim=q.shape[-1],
+        dtype=dtype,
+        has_bias=bias is not None,
+        batch=q.shape[0],
+        heads=q.shape[2],
     )
     if impl == "dense":
         full = attention_bias(key_mask, causal)
@@ -125,7 +131,12 @@ def attend(
         return dot_product_attention(q, k, v, full, dtype)
     if impl == "blockwise":
         return blockwise_attention(q, k, v, key_mask, causal, dtype, settings.block_size, bias)
-    return _flash(q, k, v, key_mask, causal, dtype, bias)
+    if bias is not None:
+        raise UserError(
+            "attention 'flash' takes no additive bias (MPNet's relative positions); use "
+            "'blockwise' or 'auto'"
+        )
+    return fused.flash(q, k, v, key_mask, causal, dtype)
 
 
 def blockwise_attention(
@@ -229,63 +240,3 @@ def _bias_block(bias, q_start, k_start, bq, bk, kv_heads, group) -> jax.Array:
     if h == 1:
         return bias[:, :, None]
     return bias.reshape(b, kv_heads, group, *bias.shape[2:])
-
-
-def _flash(q, k, v, key_mask, causal, dtype, bias) -> jax.Array:
-    """Fused kernels (no GPU/TPU in CI: see the module docstring). On GPU, padding must be on the
-    right (cuDNN takes per-row key lengths), as every encoder here produces."""
-    backend = jax.default_backend()
-    if bias is not None:
-        raise UserError(
-            "attention 'flash' takes no additive bias (MPNet's relative positions); use "
-            "'blockwise' or 'auto'"
-        )
-    if backend == "gpu":
-        if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-            raise UserError(
-                f"attention 'flash' on GPU (cuDNN) needs bfloat16/float16 compute, got "
-                f"{jnp.dtype(dtype).name}; set dtype=bfloat16 or use 'blockwise'"
-            )
-        # cuDNN takes padding as per-row key lengths (right padding); an empty row gets one key
-        # so that it stays finite.
-        lengths = jnp.maximum(key_mask.astype(jnp.int32).sum(-1), 1)
-        q, k, v = (x.astype(dtype) for x in (q, k, v))
-        return jax.nn.dot_product_attention(
-            q, k, v, is_causal=causal, key_value_seq_lengths=lengths, implementation="cudnn"
-        )
-    if backend == "tpu":
-        return _pallas_tpu(q, k, v, key_mask, causal, dtype)
-    raise UserError(
-        f"attention 'flash' needs a GPU (cuDNN) or TPU (Pallas) backend; this one is "
-        f"{backend!r}: use 'blockwise' (any backend) or 'auto'"
-    )
-
-
-def _pallas_tpu(q, k, v, key_mask, causal, dtype) -> jax.Array:
-    """Pallas TPU flash attention; padding through segment ids, lengths padded to 128."""
-    batch, q_len, heads, head_dim = q.shape
-    k_len = k.shape[1]
-    group = heads // k.shape[2]
-    k, v = (jnp.repeat(x, group, axis=2) for x in (k, v))  # the kernel has no GQA
-    lq, lk = (-(-n // 128) * 128 for n in (q_len, k_len))
-
-    def layout(x, total):  # [B, L, H, D] -> [B, H, total, D]
-        x = jnp.pad(x.astype(dtype), [(0, 0), (0, total - x.shape[1]), (0, 0), (0, 0)])
-        return jnp.transpose(x, (0, 2, 1, 3))
-
-    # Queries are segment 1; real keys segment 1 where unmasked, 0 where masked or internal
-    # padding. An empty row keeps all its real keys (finite, as dense), never none.
-    real = jnp.arange(lk)[None] < k_len
-    mask = jnp.pad(key_mask.astype(jnp.int32), [(0, 0), (0, lk - k_len)])
-    empty = mask.sum(-1, keepdims=True) == 0
-    kv_seg = jnp.where(real & (empty | (mask > 0)), 1, 0).astype(jnp.int32)
-    segments = fa.SegmentIds(q=jnp.ones((batch, lq), jnp.int32), kv=kv_seg)
-    out = fa.flash_attention(
-        layout(q, lq),
-        layout(k, lk),
-        layout(v, lk),
-        segment_ids=segments,
-        causal=causal,
-        sm_scale=1.0 / math.sqrt(head_dim),
-    )
-    return jnp.transpose(out, (0, 2, 1, 3))[:, :q_len].astype(dtype)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from jasper_jax.models.attention import AttentionSettings, attend
-from jasper_jax.models.layers import Dense, Dtype, LayerNorm, remat_layer
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm, constrain_hidden, remat_layer
 from jasper_jax.models.layers import partitioned as _p
 
 _ACTIVATIONS = {
@@ -238,7 +238,8 @@ class _Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, deterministic):
+        x = constrain_hidden(x)
         for i in range(self.config.num_hidden_layers):
             layer = self.layer_cls(self.config, self.dtype, self.attention, name=f"layer_{i}")
-            x = layer(x, mask, deterministic)
+            x = constrain_hidden(layer(x, mask, deterministic))
         return x

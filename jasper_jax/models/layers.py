@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jasper_jax.errors import UserError
+from jasper_jax.sharding import constrain_activation
 
 Dtype = jnp.dtype | type
 
@@ -25,6 +26,12 @@ REMAT_POLICIES: dict[str, Callable | None] = {
     "full": None,  # nn.remat's default: nothing saveable
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def constrain_hidden(x: jax.Array) -> jax.Array:
+    """Hidden states [batch, seq, hidden] with rows split as the `act_batch` rule says, on the
+    ambient mesh (`sharding.constrain_activation`; a no-op without one)."""
+    return constrain_activation(x, ("act_batch", None, None))
 
 
 def partitioned(init: Callable, names: tuple[str | None, ...]) -> Callable:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from jasper_jax.models.attention import AttentionSettings, attend
 from jasper_jax.models.bert import BertEncoder, BertIntermediate, BertOutput
-from jasper_jax.models.layers import Dense, Dtype, LayerNorm
+from jasper_jax.models.layers import Dense, Dtype, LayerNorm, constrain_hidden
 from jasper_jax.models.layers import partitioned as _p
 
 
@@ -176,9 +176,10 @@ class _MPNetStack(nn.Module):
         )
         # [1, heads, seq, seq], shared by every layer; the padding mask is applied in `attend`.
         bias = jnp.transpose(table(buckets), (2, 0, 1))[None].astype(jnp.float32)
+        x = constrain_hidden(x)
         for i in range(cfg.num_hidden_layers):
             layer = self.layer_cls(cfg, self.dtype, self.attention, name=f"layer_{i}")
-            x = layer(x, mask, deterministic, bias)
+            x = constrain_hidden(layer(x, mask, deterministic, bias))
         return x
 
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from jasper_jax.errors import UserError
 from jasper_jax.models.attention import AttentionSettings, attend
-from jasper_jax.models.layers import Dense, Dtype, RMSNorm, remat_layer
+from jasper_jax.models.layers import Dense, Dtype, RMSNorm, constrain_hidden, remat_layer
 from jasper_jax.models.layers import partitioned as _p
 from jasper_jax.models.rope import RopeScaling, inverse_frequencies
 
@@ -275,7 +275,7 @@ class Qwen2Encoder(nn.Module):
                 embedding_init=_p(nn.initializers.normal(0.02), ("vocab", "embed")),
                 name="embed_tokens",
             )(input_ids)
-        x = inputs_embeds.astype(self.dtype)
+        x = constrain_hidden(inputs_embeds.astype(self.dtype))
         check_window(cfg, x.shape[1])
         positions = jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
         cos, sin = rope_tables(positions, cfg)
@@ -284,4 +284,5 @@ class Qwen2Encoder(nn.Module):
             x = layer_cls(cfg, self.dtype, self.attention, name=f"layers_{i}")(
                 x, attention_mask, cos, sin
             )
+            x = constrain_hidden(x)
         return RMSNorm(cfg.rms_norm_eps, self.dtype, name="norm")(x)

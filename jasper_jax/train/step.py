@@ -6,13 +6,16 @@ optimiser state keep their previous values, `skipped` and `bad_in_row` go up.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import Mesh
 
+from jasper_jax import sharding
 from jasper_jax.chunk_loss import chunk_alignment_loss
 from jasper_jax.losses import LossConfig, distillation_loss
 from jasper_jax.losses.pair_loss import LOG_TEMPERATURE, PAIRS, pair_loss
@@ -209,6 +212,7 @@ def make_train_step(
     loss_groups: int = 1,
     gradcache_chunks: int = 1,
     chunk_config: LossConfig | None = None,
+    mesh: Mesh | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """Builds the pure step; `paths` are the trainable parameters (see `state.trainable_paths`).
 
@@ -216,6 +220,9 @@ def make_train_step(
       per-block losses (see `in_batch_loss`).
     gradcache_chunks: > 1 encodes the batch in that many chunks (see `gradcache_value_and_grad`).
     chunk_config: chunk-alignment weights, for a chunk-mode forward (see `in_batch_loss`).
+    mesh: the step's mesh, ambient while it is traced (`sharding.mesh_context`) for the flash
+      kernels' shard_map and the activation constraints; None: neither (auto attention then
+      stays off the kernels on a host of several devices).
     """
     loss_of = in_batch_loss(loss_config, loss_groups, chunk_config)
 
@@ -246,16 +253,28 @@ def make_train_step(
             skipped=state.skipped + bad,
             bad_in_row=(state.bad_in_row + 1) * bad,
         )
-        metrics = {
-            **metrics,
-            "loss": loss,
-            "grad_norm": optax.global_norm(grads),
-            "lr": schedule(state.step),
-            "skipped": new_state.skipped,
-            "bad_in_row": new_state.bad_in_row,
-        }
-        if "attention_mask" in batch:
-            metrics["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
-        return new_state, metrics
+        extra = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return new_state, _step_metrics({**metrics, **extra}, new_state, batch)
 
-    return train_step
+    return _under_mesh(train_step, mesh)
+
+
+def _step_metrics(metrics: dict, new_state: TrainState, batch: Mapping) -> dict:
+    """The loss terms plus the skip counters and, for token batches, the real tokens."""
+    metrics = {**metrics, "skipped": new_state.skipped, "bad_in_row": new_state.bad_in_row}
+    if "attention_mask" in batch:
+        metrics["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
+    return metrics
+
+
+def _under_mesh(fn: Callable, mesh: Mesh | None) -> Callable:
+    """`fn` traced with `mesh` as the ambient mesh (unchanged for None)."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        with sharding.mesh_context(mesh):
+            return fn(*args)
+
+    return wrapped
