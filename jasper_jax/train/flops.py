@@ -10,8 +10,7 @@ causal student's MFU is overstated by up to the attention share), late-chunking 
 and every projection head. Left out: norms, softmax, activations, embedding lookups, the
 optimiser, and the losses (the similarity losses are O(batch^2 x dim) per head: 0.4 GFLOP at
 batch 128 x 12288 next to 1.8e14 (stage 1) to 5.3e14 (stage 3) for the 1.5B student at
-128 x 512; the teacher side is
-precomputed).
+128 x 512; the teacher side is precomputed).
 
 Forward counts once. Backward counts, per weight matmul, the weight gradient (1x) where its
 weight trains and the input gradient (1x) where any parameter earlier in the forward trains
