@@ -215,6 +215,7 @@ def _jitted_step(s: Settings, run: _Run):
         loss_groups=run.shards if s.loss.in_batch == "per_device" else 1,
         gradcache_chunks=s.data.batch_size // chunk,
         chunk_config=chunk_loss_config(s.loss) if s.data.max_chunks else None,
+        mesh=run.mesh,  # flash kernels under shard_map, activation constraints
     )
     return jax.jit(
         train_step,
