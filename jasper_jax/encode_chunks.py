@@ -70,10 +70,13 @@ class ChunkEncoder:
 
     def _fn(self, heads: tuple[str, ...]):
         if heads not in self._fns:
-            module = self.encoder.module
+            module, mesh = self.encoder.module, self.encoder.mesh
 
             def run(params, ids, mask, spans):
-                return module.apply({"params": params}, ids, mask, heads=heads, chunk_spans=spans)
+                with sharding.mesh_context(mesh):  # long documents: the flash kernels' shard_map
+                    return module.apply(
+                        {"params": params}, ids, mask, heads=heads, chunk_spans=spans
+                    )
 
             self._fns[heads] = jax.jit(run, out_shardings=sharding.replicated(self.encoder.mesh))
         return self._fns[heads]
