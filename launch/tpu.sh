@@ -35,6 +35,8 @@ Settings (flag, or environment variable):
                                              with the project installed reads it)
   --workdir DIR                              override the stage's workdir
   --run-name NAME                            folder under the bucket (default: config file name)
+  --after VARIANT                            start from that variant's workdir instead of the
+                                             one the config names, e.g. stage 4 after :pairs
   --copy-model [FIELD=]SRC                   train: first copy the model folder SRC (local, or
                                              gs://...) to ~/jasper-models/ on every worker and
                                              set --config.FIELD to that copy (FIELD defaults
@@ -119,7 +121,7 @@ parse_args() {
       --copy-model=*) COPIES+=("${1#*=}") ;;
       --config.*) die "override '$1' needs a value: write it as --config.section.field=VALUE" ;;
       --name | --project | --zone | --accelerator | --runtime | --bucket | --config | --workdir | \
-        --run-name | --source | --repo | --ref | --output)
+        --run-name | --after | --source | --repo | --ref | --output)
         (($# >= 2)) || die "$1 needs a value (see --help)"
         set_option "$1" "$2"
         shift
@@ -146,6 +148,7 @@ set_option() {
     --config) CONFIG="$2" ;;
     --workdir) WORKDIR="$2" ;;
     --run-name) RUN_NAME="$2" ;;
+    --after) AFTER="$2" ;;
     --source) SOURCE="$2" ;;
     --repo) REPO_URL="$2" ;;
     --ref) REF="$2" ;;
@@ -271,6 +274,13 @@ PY
   STAGE_DIR="$(stage_dir "$VARIANT")"
   FROM_DIR=""
   if [[ "$from" != - ]]; then FROM_DIR="$(stage_dir "$from")"; fi
+  if [[ -n "$AFTER" ]]; then
+    [[ "$AFTER" =~ ^[A-Za-z0-9_-]+$ && "$AFTER" != "$VARIANT" ]] ||
+      die "--after '$AFTER': name another variant of $CONFIG_FILE (a stage number or a name such as pairs), e.g. --config $CONFIG_FILE:4 --after pairs"
+    [[ -n "$FROM_DIR" ]] ||
+      die "--after '$AFTER': $CONFIG_FILE:$VARIANT starts from no earlier stage; drop --after"
+    FROM_DIR="$(stage_dir "$AFTER")"
+  fi
 }
 
 check_bucket() {
@@ -553,7 +563,7 @@ main() {
   RUNTIME="${JASPER_RUNTIME:-}"
   BUCKET="${JASPER_BUCKET:-}"
   CONFIG="${JASPER_CONFIG:-configs/embedded_default.py:1}"
-  WORKDIR="" RUN_NAME="" SOURCE="copy" REPO_URL="" REF="" OUTPUT="" COMMAND=""
+  WORKDIR="" RUN_NAME="" AFTER="" SOURCE="copy" REPO_URL="" REF="" OUTPUT="" COMMAND=""
   DRY_RUN=0 QUEUED="" SPOT=0 INTERNAL_IP=0 TEACHERS=0 DETACH=0 HOSTS=1 GENERATION=""
   OVERRIDES=() COPIES=() COPY_FIELDS=() COPY_SOURCES=() COPY_NAMES=()
   CONFIG_FILE="" VARIANT="" CONFIG_STAGE="" STAGE_DIR="" FROM_DIR=""

@@ -248,6 +248,21 @@ def test_explicit_init_from_and_workdir_win():
     assert overrides == ["--config.init_from=gs://b-1/other"]
 
 
+def test_after_starts_a_stage_from_another_variant():
+    """Stage 4 after the pairs variant (the demo's stage 3) starts from RUN/pairs."""
+    base = ["--dry-run", *WHERE, "--bucket", "gs://b-1", "--config", "embedded_default:4"]
+    r = tpu_sh(*base, "--after", "pairs", "train")
+    assert r.returncode == 0, r.stderr
+    [ssh] = printed_commands(r.stdout)
+    _, overrides = cli_args(remote_train_argv(flag(ssh, "--command")))
+    assert overrides == ["--config.init_from=gs://b-1/embedded_default/pairs"]
+    for bad, why in (("no/such", "name another variant"), ("4", "name another variant")):
+        r = tpu_sh(*base, "--after", bad, "train")
+        assert r.returncode == 2 and why in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    r = tpu_sh(*base[:-1], "embedded_default:1", "--after", "pairs", "train")
+    assert r.returncode == 2 and "drop --after" in r.stderr
+
+
 def test_run_executes_what_dry_run_prints_and_worker_sees_the_same_words(fake_gcloud, worker):
     env, calls = fake_gcloud
     args = [*WHERE, "--accelerator", "v4-32", "--bucket", "gs://my-bucket", "train", *TRICKY]
