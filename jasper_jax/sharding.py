@@ -224,6 +224,16 @@ def mesh_context(mesh: Mesh | None) -> contextlib.AbstractContextManager:
     return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
 
 
+def ambient_mesh() -> jax.sharding.AbstractMesh | None:
+    """The ambient mesh (`mesh_context`) where code inside a traced function must lay arrays
+    out for it; None without one, on one device, or inside a `shard_map` (arrays there are
+    per-device already)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
+        return None
+    return mesh
+
+
 def constrain_activation(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """`x` pinned to the rules' mesh axes for its logical axis names on the ambient mesh; a
     dimension named None, or that no rule's axis divides, is left to XLA (unconstrained, not
@@ -234,8 +244,8 @@ def constrain_activation(x: jax.Array, logical: Sequence[str | None]) -> jax.Arr
       x: an activation, e.g. hidden states [batch, seq, hidden].
       logical: one logical name (or None) per dimension, e.g. ("act_batch", None, None).
     """
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or jax.sharding.AxisType.Manual in mesh.axis_types:
+    mesh = ambient_mesh()
+    if mesh is None:
         return x
     spec = spec_for(x.shape, logical, mesh)
     if all(e is None for e in spec):

@@ -5,11 +5,7 @@ asynchronous checkpoint saves (donation-safe, exact resume after SIGTERM)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import threading
-import time
 
 import jax
 import jax.numpy as jnp
@@ -23,7 +19,12 @@ from jasper_jax.run_folder import CHECKPOINT_DIR, INTEGRITY, load_params
 from jasper_jax.train import checkpoint as ckpt
 from jasper_jax.train import loop
 from jasper_jax.train.start import initial_params
-from tests.train_fixtures import read_metrics, tiny_settings, tiny_setup  # noqa: F401
+from tests.train_fixtures import (  # noqa: F401
+    read_metrics,
+    sigterm_after_steps,
+    tiny_settings,
+    tiny_setup,
+)
 
 PREVIOUS_MESH, NEW_MESH = (8, 1, 1), (2, 2, 2)
 
@@ -178,16 +179,7 @@ def test_async_saves_resume_exactly_after_sigterm(tiny_setup, tmp_path):  # noqa
     reference = [m["train/loss"] for m in read_metrics(tmp_path / "a")]
     workdir = tmp_path / "b"
 
-    def kill_after_step_2():
-        deadline = time.time() + 300
-        while time.time() < deadline:
-            path = workdir / "tb" / "metrics.jsonl"
-            if path.exists() and len(read_metrics(workdir)) >= 2:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.01)
-
-    threading.Thread(target=kill_after_step_2, daemon=True).start()
+    sigterm_after_steps(workdir, 2, timeout=300)
     first = loop.train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), workdir)
     assert first["status"] == "preempted" and 2 <= first["step"] < 6
     assert load_params(workdir)[1] == first["step"]  # committed before train_and_evaluate returned

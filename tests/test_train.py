@@ -1,10 +1,6 @@
 """The train loop: stage masks, exact kill-and-resume, sharding invariance, bad input."""
 
 import hashlib
-import os
-import signal
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +12,13 @@ from jasper_jax.errors import UserError
 from jasper_jax.models import hf_io
 from jasper_jax.run_folder import load_params
 from jasper_jax.train.loop import TrainingStopped, train_and_evaluate
-from tests.train_fixtures import read_metrics, tiny_config, tiny_settings, tiny_setup  # noqa: F401
+from tests.train_fixtures import (  # noqa: F401
+    read_metrics,
+    sigterm_after_steps,
+    tiny_config,
+    tiny_settings,
+    tiny_setup,
+)
 
 
 def _flat(params) -> dict:
@@ -78,16 +80,7 @@ def test_kill_and_resume_gives_identical_losses(tiny_setup, tmp_path):  # noqa: 
 
     workdir = tmp_path / "b"
 
-    def kill_after_step_3():
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            path = workdir / "tb" / "metrics.jsonl"
-            if path.exists() and len(read_metrics(workdir)) >= 3:
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-            time.sleep(0.01)
-
-    threading.Thread(target=kill_after_step_3, daemon=True).start()
+    sigterm_after_steps(workdir, 3, timeout=120)
     first = train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), workdir)
     assert first["status"] == "preempted" and 3 <= first["step"] < 8
     second = train_and_evaluate(tiny_settings(tiny_setup, 3, **fields), workdir)

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -98,3 +102,19 @@ def read_metrics(workdir: Path) -> list[dict]:
     """The per-step train records of a run's metrics.jsonl (eval records left out)."""
     lines = (Path(workdir) / "tb" / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if "train/loss" in r]
+
+
+def sigterm_after_steps(workdir: Path, steps: int, timeout: float = 300.0) -> None:
+    """Sends this process SIGTERM (a preemption) once `workdir`'s run has logged `steps` train
+    steps, from a daemon thread; gives up after `timeout` seconds."""
+
+    def watch():
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            path = Path(workdir) / "tb" / "metrics.jsonl"
+            if path.exists() and len(read_metrics(workdir)) >= steps:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()

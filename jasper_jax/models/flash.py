@@ -30,8 +30,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import flash_attention as fa
-from jax.sharding import AbstractMesh, AxisType, PartitionSpec
+from jax.sharding import PartitionSpec
 
+from jasper_jax import sharding
 from jasper_jax.errors import UserError
 
 Dtype = jnp.dtype | type
@@ -43,15 +44,6 @@ LANES = 128  # the Pallas kernel's block edge; lengths are padded to a multiple 
 def backend() -> str:
     """The platform the kernels are chosen for (tests replace this to simulate "tpu")."""
     return jax.default_backend()
-
-
-def context_mesh() -> AbstractMesh | None:
-    """The ambient mesh if the kernels must be wrapped for it: None without one, on a single
-    device, or inside a `shard_map` already (arrays there are per-device)."""
-    mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or mesh.size == 1 or AxisType.Manual in mesh.axis_types:
-        return None
-    return mesh
 
 
 def _mesh_layout(mesh, batch: int, heads: int, kv_heads: int) -> tuple[tuple[str, ...], bool, bool]:
@@ -73,8 +65,9 @@ def fits_mesh(mesh, batch: int, heads: int) -> bool:
     if mesh is None or mesh.empty or mesh.size == 1:
         return True
     sizes = dict(mesh.shape)
-    shards = math.prod(sizes.get(a, 1) for a in BATCH_AXES)
-    return batch % shards == 0 and heads % sizes.get(HEAD_AXIS, 1) == 0
+    rows, split_heads, _ = _mesh_layout(mesh, batch, heads, heads)
+    every_row_axis = rows == tuple(a for a in BATCH_AXES if sizes.get(a, 1) > 1)
+    return every_row_axis and (split_heads or sizes.get(HEAD_AXIS, 1) == 1)
 
 
 def flash_applicable(platform: str, head_dim: int, dtype: Dtype) -> bool:
@@ -105,7 +98,7 @@ def flash(q, k, v, key_mask, causal: bool, dtype: Dtype) -> jax.Array:
             f"attention 'flash' needs a GPU (cuDNN) or TPU (Pallas) backend; this one is "
             f"{platform!r}: use 'blockwise' (any backend) or 'auto'"
         )
-    mesh = context_mesh()
+    mesh = sharding.ambient_mesh()
     local = functools.partial(kernel, causal=causal, dtype=dtype)
     if mesh is None:
         return local(q, k, v, key_mask)

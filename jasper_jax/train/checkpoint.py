@@ -223,11 +223,7 @@ def _restore_into(manager: ocp.CheckpointManager, step: int, target: dict, workd
     for path, want in target.items():
         if path not in stored:
             continue
-        if tuple(stored[path].shape) != tuple(want.shape):
-            raise UserError(
-                f"{'/'.join(path)} has shape {tuple(stored[path].shape)} in {workdir} step "
-                f"{step} but {tuple(want.shape)} in this config: model.heads or the student differ"
-            )
+        check_shape(path, stored[path].shape, want.shape, f"{workdir} step {step}")
         # The stored dtype first, so the fingerprints compare the bytes as written.
         common[path] = jax.ShapeDtypeStruct(want.shape, stored[path].dtype, sharding=want.sharding)
     if not common:
@@ -245,6 +241,16 @@ def _restore_into(manager: ocp.CheckpointManager, step: int, target: dict, workd
     verify(manager, step, restored, partial=True)
     out = traverse_util.flatten_dict(restored["params"])
     return {path: _as_dtype(x, target[path]) for path, x in out.items()}
+
+
+def check_shape(path: tuple[str, ...], have: tuple, want: tuple, source: str) -> None:
+    """Refuses a loaded parameter whose shape is not this config's (`source`: where it came
+    from, e.g. the previous stage's workdir and step, or the pretrained model)."""
+    if tuple(have) != tuple(want):
+        raise UserError(
+            f"{'/'.join(path)} has shape {tuple(have)} in {source} but {tuple(want)} in this "
+            "config: model.heads or the student differ"
+        )
 
 
 def _as_dtype(x: jax.Array, want: jax.ShapeDtypeStruct) -> jax.Array:

@@ -20,11 +20,10 @@ from flax import traverse_util
 from jasper_jax import sharding
 from jasper_jax.data.pair_pipeline import flatten_pairs
 from jasper_jax.data.teacher_dataset import open_teacher_dataset
-from jasper_jax.errors import UserError
 from jasper_jax.models.embedder import head_name
 from jasper_jax.settings import Settings
 from jasper_jax.train import head_init
-from jasper_jax.train.checkpoint import restore_params
+from jasper_jax.train.checkpoint import check_shape, restore_params
 from jasper_jax.train.task import Task
 from jasper_jax.train.text_task import TextTask
 
@@ -79,11 +78,7 @@ def _pretrained(task: Task, target: FlatParams, loaded: FlatParams) -> tuple[Fla
         if path in loaded or path not in target:
             continue
         want = target[path]
-        if tuple(value.shape) != tuple(want.shape):
-            raise UserError(
-                f"{'/'.join(path)} has shape {tuple(value.shape)} in {source} but "
-                f"{tuple(want.shape)} in this config: model.heads or the student differ"
-            )
+        check_shape(path, value.shape, want.shape, source)
         out[path] = jax.device_put(np.asarray(value, want.dtype), want.sharding)
     return out, source
 
