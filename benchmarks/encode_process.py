@@ -67,13 +67,11 @@ def matmul_flops_per_second(size: int = 2048, repeats: int = 10) -> float:
 
 
 def useful_flops(encoder_config, token_counts: list[int]) -> float:
-    """Matmul FLOPs of a BERT-style encoder on texts of these lengths, no padding: per layer and
-    token 2*(4h^2 + 2hi) for the projections and MLP, plus 4*n*h for scores and context."""
-    h = encoder_config.hidden_size
-    i = encoder_config.intermediate_size
-    layers = encoder_config.num_hidden_layers
-    per_token = 2 * (4 * h * h + 2 * h * i)
-    return float(sum(layers * n * (per_token + 4 * n * h) for n in token_counts))
+    """Forward matmul FLOPs of the encoder on texts of these lengths, no padding (the MFU
+    count of `jasper_jax.train.flops`, one text at a time)."""
+    from jasper_jax.train.flops import encoder_ops
+
+    return float(sum(op.flops for n in token_counts for op in encoder_ops(encoder_config, 1, n)))
 
 
 def steady(
