@@ -83,6 +83,15 @@ def load_since(start: CpuSnapshot = START) -> Load:
     return Load(start.load, now.load, max(others, 0.0) / wall)
 
 
+def memory_mb(field: str = "VmRSS") -> float:
+    """This process's memory figure `field` of /proc/self/status in MB (VmRSS: now; VmHWM: the
+    peak since start or since "5" was written to /proc/self/clear_refs). Linux only."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
 def cpu_model() -> str:
     """The CPU as /proc/cpuinfo names it, with family and model numbers: VMs of one name can
     be different generations (an "AMD EPYC" of family 25 runs AVX-512 at half the width of

@@ -30,13 +30,6 @@ MB = 1 << 20
 ACCEPT = 0.5  # remat + blockwise peak must be at most this fraction of plain
 
 
-def _rss_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def build(arch: str, length: int, remat: str, attention: str, block: int):
     """(jitted value_and_grad, params, inputs) of the tiny student at `length` tokens."""
     import flax.linen as nn
@@ -76,6 +69,8 @@ def build(arch: str, length: int, remat: str, attention: str, block: int):
 
 def child(args: argparse.Namespace) -> None:
     """One variant, fresh process: prints a JSON line, writes gradients to args.out."""
+    from benchmarks.common import memory_mb
+
     model, config, nn, jax, jnp, cosine_loss = build(
         args.arch, args.length, args.remat, args.attention, args.block
     )
@@ -96,12 +91,12 @@ def child(args: argparse.Namespace) -> None:
     compiled = step.lower(params, ids, mask, teacher).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes / MB
     jax.block_until_ready((params, ids, mask, teacher))
-    before = _rss_mb("VmRSS")
+    before = memory_mb("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     start = time.perf_counter()
     value, grads = jax.block_until_ready(compiled(params, ids, mask, teacher))
     seconds = time.perf_counter() - start
-    peak = _rss_mb("VmHWM") - before
+    peak = memory_mb("VmHWM") - before
     flat = {"/".join(map(str, k)): np.asarray(v) for k, v in _flatten(grads).items()}
     np.savez(args.out, **flat)
     print(json.dumps({"temp_mb": temp, "peak_mb": peak, "loss": float(value), "s": seconds}))

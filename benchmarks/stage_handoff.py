@@ -92,20 +92,13 @@ def write_previous(workdir: str, args) -> dict:
     return {"param_mb": sum(x.nbytes for x in jax.tree.leaves(params)) / MB}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/status", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def hand_off(workdir: str, path: str, args) -> dict:
     """One hand-off into the next stage's shardings; its peak RSS, time and fingerprints."""
     import jax
     import numpy as np
     from flax import traverse_util
 
+    from benchmarks.common import memory_mb
     from jasper_jax import fingerprint
     from jasper_jax.run_folder import load_params
     from jasper_jax.train.checkpoint import restore_params
@@ -117,7 +110,7 @@ def hand_off(workdir: str, path: str, args) -> dict:
         p: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=flat_sh[p])
         for p, x in traverse_util.flatten_dict(shapes).items()
     }
-    before, start = _rss_mb(), time.perf_counter()
+    before, start = memory_mb(), time.perf_counter()
     if path == "old":
         previous = traverse_util.flatten_dict(load_params(workdir)[0])
         params = {
