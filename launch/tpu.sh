@@ -283,11 +283,16 @@ PY
   fi
 }
 
+# gs://BUCKET[/PATH] with a valid bucket name (3-222 of a-z 0-9 . _ -) and no spaces.
+is_gs_path() {
+  [[ "$1" =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^[:space:]]*)?$ ]]
+}
+
 check_bucket() {
   if [[ -z "$BUCKET" ]]; then return 0; fi
   BUCKET="gs://${BUCKET#gs://}"
   BUCKET="${BUCKET%/}"
-  [[ "$BUCKET" =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^[:space:]]*)?$ ]] ||
+  is_gs_path "$BUCKET" ||
     die "bucket '$BUCKET' is not a bucket name; use --bucket gs://BUCKET or gs://BUCKET/PREFIX"
 }
 
@@ -302,7 +307,7 @@ check_copies() {
     fi
     if [[ "$src" == gs://* ]]; then
       src="${src%/}"
-      [[ "$src" =~ ^gs://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[^[:space:]]*)?$ ]] ||
+      is_gs_path "$src" ||
         die "--copy-model '$spec': '$src' is not a gs:// path; use gs://BUCKET/PATH/TO/MODEL"
     else
       [[ -d "$src" ]] ||
